@@ -1,0 +1,73 @@
+"""`batchgen` command line.
+
+Each subcommand lives in its own module exposing ``configure(parser)`` (adds its arguments) and
+``run(args) -> int`` (the exit code). Only the chosen subcommand's module is imported, so
+``batchgen --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "generate": ("batchgen.generate", "render prompts straight to image files (no Ray)"),
+    "run": ("batchgen.jobcli", "run a job spec (YAML) on a local or existing Ray cluster"),
+    "submit": ("batchgen.submit", "submit a job spec to a remote Ray cluster (Ray Jobs API)"),
+    "status": ("batchgen.jobcli", "show the progress of a job output folder or submitted job"),
+    "rerender": ("batchgen.jobcli", "re-render one item of a job from its manifest row"),
+    "compare": ("batchgen.compare", "compare two job outputs item by item (regression renders)"),
+    "export": ("batchgen.export", "export a job output as WebDataset shards or HF Parquet"),
+    "make-tiny-model": ("batchgen.tiny", "write a tiny random-weight checkpoint (diffusers layout)"),
+}
+
+
+def _chosen_command(argv: list[str]) -> str | None:
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg if arg in COMMANDS else None
+    return None
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="batchgen",
+        description="Distributed, reproducible batch image generation for Stable-Diffusion-family models.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    chosen = _chosen_command(argv)
+    for name, (module_name, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            module = importlib.import_module(module_name)
+            configure = getattr(module, f"configure_{name.replace('-', '_')}", None) or module.configure
+            runner = getattr(module, f"run_{name.replace('-', '_')}", None) or module.run
+            configure(p)
+            p.set_defaults(_run=runner)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import BatchgenError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args._run(args) or 0)
+    except (BatchgenError, ValueError, FileNotFoundError) as exc:
+        print(f"batchgen {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"batchgen {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
