@@ -1,0 +1,222 @@
+"""Checkpoint loading: the diffusers folder layout, weight files, strict key checks, fingerprints.
+
+A diffusers folder holds ``model_index.json`` and one sub-folder per component (``unet/``,
+``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``). Weights are safetensors: a single
+file (``diffusion_pytorch_model.safetensors``, ``model.safetensors``), its ``fp16`` variant
+(``diffusion_pytorch_model.fp16.safetensors``) or shards listed by an index
+(``diffusion_pytorch_model.safetensors.index.json``, variant ``...safetensors.index.fp16.json``).
+Pickle weights (``.bin``/``.ckpt``) are refused unless ``allow_pickle=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from .errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+WEIGHT_BASENAMES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+PICKLE_NAMES = {"diffusion_pytorch_model": "diffusion_pytorch_model.bin", "model": "pytorch_model.bin"}
+REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+BUILTIN_PREFIX = "builtin:"
+
+
+@dataclass
+class WeightFiles:
+    """The files one component's weights come from (one file, or the shards of an index)."""
+
+    component: str
+    files: list[Path]
+    index: Path | None = None
+    variant: str | None = None
+    pickle: bool = False
+
+
+@dataclass
+class CheckpointFolder:
+    """A resolved diffusers-layout folder and the files each component is loaded from."""
+
+    root: Path
+    model_index: dict
+    loaded_files: list[Path] = field(default_factory=list)
+
+    def component_dir(self, name: str) -> Path:
+        path = self.root / name
+        if not path.is_dir():
+            raise CheckpointError(f"{self.root}: component folder '{name}/' is missing (listed as required by the diffusers layout)")
+        return path
+
+    def read_json(self, relpath: str) -> dict:
+        path = self.root / relpath
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing component file '{relpath}'")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+        self.loaded_files.append(path)
+        return data
+
+
+def open_folder(path: str | Path) -> CheckpointFolder:
+    """Open a local diffusers-layout folder; errors name the missing file or folder."""
+    root = Path(path)
+    if not root.exists():
+        raise CheckpointError(f"model path {root} does not exist")
+    if root.is_file():
+        kind = "pickle" if root.suffix in {".ckpt", ".bin", ".pt", ".pth"} else "single-file"
+        raise CheckpointError(
+            f"{root}: is a {kind} checkpoint file; batchgen loads diffusers-layout folders "
+            "(model_index.json + unet/ vae/ text_encoder/ tokenizer/ scheduler/)"
+        )
+    index_path = root / "model_index.json"
+    if not index_path.is_file():
+        raise CheckpointError(f"{root}: missing component file 'model_index.json' (not a diffusers-layout folder)")
+    folder = CheckpointFolder(root=root, model_index={})
+    folder.model_index = folder.read_json("model_index.json")
+    for name in REQUIRED_COMPONENTS:
+        folder.component_dir(name)
+    return folder
+
+
+def find_weight_files(component_dir: Path, basename: str, variant: str | None, allow_pickle: bool = False) -> WeightFiles:
+    """Pick the weight files of a component: the requested variant first, else the plain files,
+    else (with a log line) the only variant present."""
+    component = component_dir.name
+
+    def candidates(var: str | None) -> WeightFiles | None:
+        suffix = f".{var}" if var else ""
+        single = component_dir / f"{basename}{suffix}.safetensors"
+        index = component_dir / f"{basename}.safetensors.index{suffix}.json"
+        if single.is_file():
+            return WeightFiles(component, [single], variant=var)
+        if index.is_file():
+            return WeightFiles(component, shard_files(index), index=index, variant=var)
+        return None
+
+    order = [variant, None] if variant else [None, "fp16"]
+    for var in order:
+        found = candidates(var)
+        if found is not None:
+            if variant and var != variant:
+                log.info("%s: no '%s' variant weights, using the plain files", component_dir, variant)
+            return found
+    pickle_path = component_dir / PICKLE_NAMES[basename]
+    if pickle_path.is_file():
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{pickle_path}: pickle weights are refused (they can run code when loaded); "
+                "convert them to safetensors, or pass allow_pickle=True if you trust the file"
+            )
+        return WeightFiles(component, [pickle_path], pickle=True)
+    wanted = f"{basename}.safetensors" + (f" (or variant '{variant}')" if variant else "")
+    raise CheckpointError(f"{component_dir}: missing component file '{wanted}' (no single file and no shard index)")
+
+
+def shard_files(index_path: Path) -> list[Path]:
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        weight_map = index["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{index_path}: not a safetensors shard index ({exc})") from None
+    files = sorted({index_path.parent / name for name in weight_map.values()})
+    for f in files:
+        if not f.is_file():
+            raise CheckpointError(f"{index_path}: missing shard file '{f.name}' listed in the index")
+    return files
+
+
+def read_state_dict(weights: WeightFiles) -> dict[str, torch.Tensor]:
+    """Read all tensors of a component (every shard) onto the CPU."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for path in weights.files:
+        try:
+            if weights.pickle:
+                part = torch.load(path, map_location="cpu", weights_only=True)
+            else:
+                part = load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise CheckpointError(f"{path}: cannot read weights ({exc})") from None
+        for key, value in part.items():
+            if key in state:
+                raise CheckpointError(f"{path}: key '{key}' appears in more than one shard")
+            state[key] = value
+    return state
+
+
+def load_weights_into(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str, ignore: Iterable[str] = ()) -> None:
+    """Copy ``state`` into ``module`` strictly: every key present, none extra, shapes equal.
+
+    ``source`` names the file(s) in error messages. ``ignore`` lists checkpoint keys that may be
+    present without a parameter (e.g. legacy buffers).
+    """
+    expected = module.state_dict()
+    ignore = set(ignore)
+    missing = sorted(k for k in expected if k not in state)
+    unexpected = sorted(k for k in state if k not in expected and k not in ignore)
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise CheckpointError(f"{source}: missing weight key(s) {missing[:5]}{more}")
+    if unexpected:
+        more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
+        raise CheckpointError(f"{source}: unexpected weight key(s) {unexpected[:5]}{more} for this model config")
+    for key, param in expected.items():
+        got = state[key]
+        if tuple(got.shape) != tuple(param.shape):
+            raise CheckpointError(
+                f"{source}: weight '{key}' has shape {tuple(got.shape)} in the checkpoint but the model "
+                f"config expects {tuple(param.shape)}"
+            )
+    module.load_state_dict({k: state[k] for k in expected}, strict=True)
+
+
+def load_component(folder: CheckpointFolder, name: str, module: torch.nn.Module, variant: str | None,
+                   allow_pickle: bool = False, convert=None, ignore: Iterable[str] = ()) -> WeightFiles:
+    """Load component ``name`` (unet, vae, text_encoder) of ``folder`` into ``module``."""
+    weights = find_weight_files(folder.component_dir(name), WEIGHT_BASENAMES[name], variant, allow_pickle)
+    state = read_state_dict(weights)
+    if convert is not None:
+        state = convert(state)
+    source = ", ".join(str(p) for p in ([weights.index] if weights.index else weights.files))
+    load_weights_into(module, state, source, ignore=ignore)
+    folder.loaded_files.extend(([weights.index] if weights.index else []) + weights.files)
+    return weights
+
+
+def fingerprint(root: Path, files: Iterable[Path]) -> str:
+    """sha256 over (relative path, sha256 of content) of every file a model was loaded from."""
+    lines = []
+    for path in sorted({Path(f) for f in files}):
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(chunk)
+        lines.append(f"{path.relative_to(root).as_posix()}\t{digest.hexdigest()}\n")
+    return hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()
+
+
+def resolve_model_uri(uri: str | Path, storage_config=None) -> Path:
+    """Turn a model URI into a local folder: builtin:NAME, a local path, file://, or s3:// (cached)."""
+    text = str(uri)
+    if text.startswith(BUILTIN_PREFIX):
+        from .tiny import builtin_model_path
+
+        return builtin_model_path(text[len(BUILTIN_PREFIX):])
+    if text.startswith("file://"):
+        return Path(text[len("file://"):])
+    if "://" in text:
+        from .storage import Location
+
+        return Path(Location.parse(text, storage_config).local_cache_copy())
+    return Path(text)

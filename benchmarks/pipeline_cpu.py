@@ -1,0 +1,83 @@
+"""images/s of batchgen's pipeline vs diffusers on the same tiny checkpoint and settings (CPU, fp32).
+
+    python benchmarks/pipeline_cpu.py [--images 16] [--batch 4] [--steps 20] [--size 128] [--sampler ddim]
+
+Prints both throughputs and their ratio (batchgen / diffusers), plus the max pixel difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REF_SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscreteScheduler",
+                  "dpmpp_2m": "DPMSolverMultistepScheduler"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--sampler", default="ddim", choices=sorted(REF_SCHEDULERS))
+    parser.add_argument("--variant", default="sd1", choices=["sd1", "sd2"])
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats; the best is reported")
+    args = parser.parse_args()
+
+    import diffusers
+
+    from batchgen import load_pipeline
+    from batchgen.tiny import make_tiny_model
+
+    path = Path(tempfile.mkdtemp()) / "tiny"
+    make_tiny_model(path, variant=args.variant, seed=0)
+    prompts = [f"benchmark prompt number {i}, a detailed painting" for i in range(args.images)]
+    seeds = list(range(args.images))
+
+    ours = load_pipeline(path, device="cpu", dtype=torch.float32)
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(str(path), safety_checker=None,
+                                                           requires_safety_checker=False, local_files_only=True)
+    ref.scheduler = getattr(diffusers, REF_SCHEDULERS[args.sampler]).from_config(ref.scheduler.config)
+    ref.set_progress_bar_config(disable=True)
+
+    def run_ours():
+        return ours.generate(prompts, seeds, sampler=args.sampler, steps=args.steps, width=args.size,
+                             height=args.size, micro_batch=args.batch)
+
+    def run_ref():
+        out = []
+        for i in range(0, args.images, args.batch):
+            gens = [torch.Generator().manual_seed(s) for s in seeds[i:i + args.batch]]
+            imgs = ref(prompts[i:i + args.batch], num_inference_steps=args.steps, width=args.size,
+                       height=args.size, generator=gens, output_type="np").images
+            out.extend((im * 255).round().astype(np.uint8) for im in imgs)
+        return out
+
+    def best_rate(fn):
+        fn()  # warm-up
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            result = fn()
+            times.append(time.perf_counter() - start)
+        return args.images / min(times), result
+
+    rate_ref, imgs_ref = best_rate(run_ref)
+    rate_ours, imgs_ours = best_rate(run_ours)
+    diff = max(int(np.abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(imgs_ours, imgs_ref))
+    print(f"settings: {args.images} images, {args.size}x{args.size}, {args.steps} steps, {args.sampler}, "
+          f"micro-batch {args.batch}, tiny {args.variant}, torch threads {torch.get_num_threads()}")
+    print(f"diffusers: {rate_ref:.2f} images/s")
+    print(f"batchgen:  {rate_ours:.2f} images/s")
+    print(f"ratio batchgen/diffusers: {rate_ours / rate_ref:.3f}")
+    print(f"max pixel difference vs diffusers: {diff} level(s)")
+
+
+if __name__ == "__main__":
+    main()
