@@ -1,4 +1,10 @@
-"""Full-pipeline parity with diffusers on tiny random checkpoints: same seeds -> same images (<= 1 level)."""
+"""Full-pipeline parity with diffusers on tiny random checkpoints: same seeds -> same images (<= 1 level).
+
+Every sampler, txt2img and img2img, on the SD1 tiny checkpoint (epsilon) and a spread of samplers on
+the SD2 one (v-prediction, linear projections, upcast attention). diffusers runs with the scheduler
+the sampler's name stands for, built with ``from_config`` of the checkpoint's scheduler config.
+(``flow_euler`` needs a flow-matching checkpoint; diffusers' SD pipelines cannot run it.)
+"""
 
 from __future__ import annotations
 
@@ -7,24 +13,58 @@ import pytest
 import torch
 
 from batchgen import load_pipeline
+from batchgen.sampling import SAMPLER_NAMES
 
 diffusers = pytest.importorskip("diffusers")
 
 PROMPTS = ["a red bicycle in the rain", "portrait of an old man, oil painting", ""]
 NEGATIVES = ["blurry", "", "low quality"]
 SEEDS = [0, 12345, 2**63 - 1]
-SIZE = 64
-STEPS = 6
-REF_SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler"}
+SIZE = 48
+STEPS = 5
+
+REFERENCE = {  # our name -> diffusers scheduler class and from_config options
+    "ddim": ("DDIMScheduler", {}),
+    "plms": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_karras": ("EulerDiscreteScheduler", {"use_karras_sigmas": True}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "euler_a_karras": ("EulerAncestralKarras", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "heun_karras": ("HeunDiscreteScheduler", {"use_karras_sigmas": True}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "lms_karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler",
+                        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
+    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+    "dpmpp_2m_sde_karras": ("DPMSolverMultistepScheduler",
+                            {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+SD1_SAMPLERS = [n for n in SAMPLER_NAMES if n != "flow_euler"]
+SD2_SAMPLERS = ["ddim", "euler", "euler_a", "heun_karras", "dpmpp_2m_sde_karras", "unipc", "plms"]
 
 
-def _reference(path, sampler, img2img):
-    kwargs = dict(safety_checker=None, requires_safety_checker=False, local_files_only=True)
-    cls = diffusers.StableDiffusionImg2ImgPipeline if img2img else diffusers.StableDiffusionPipeline
-    ref = cls.from_pretrained(str(path), **kwargs)
-    ref.scheduler = getattr(diffusers, REF_SCHEDULERS[sampler]).from_config(ref.scheduler.config)
-    ref.set_progress_bar_config(disable=True)
-    return ref
+def test_every_noise_sampler_has_a_reference():
+    assert sorted(REFERENCE) == sorted(SD1_SAMPLERS)
+
+
+class EulerAncestralKarras(diffusers.EulerAncestralDiscreteScheduler):
+    """diffusers 0.42's Euler-ancestral ignores use_karras_sigmas; the reference for `euler_a_karras`
+    is its ancestral step over EulerDiscreteScheduler(use_karras_sigmas=True)'s sigmas/timesteps."""
+
+    def set_timesteps(self, num_inference_steps, device=None):
+        super().set_timesteps(num_inference_steps, device=device)
+        karras = diffusers.EulerDiscreteScheduler.from_config(self.config, use_karras_sigmas=True)
+        karras.set_timesteps(num_inference_steps, device=device)
+        self.sigmas, self.timesteps = karras.sigmas.clone(), karras.timesteps.clone()
+
+
+def _scheduler(name, config):
+    cls_name, options = REFERENCE[name]
+    cls = EulerAncestralKarras if cls_name == "EulerAncestralKarras" else getattr(diffusers, cls_name)
+    return cls.from_config(config, **options)
 
 
 def _init_images():
@@ -43,49 +83,60 @@ def _max_level_diff(ours, ref):
 
 
 @pytest.fixture(scope="module")
-def pipelines(tiny_sd1, tiny_sd2):
-    return {"sd1": (tiny_sd1, load_pipeline(tiny_sd1, device="cpu", dtype=torch.float32)),
-            "sd2": (tiny_sd2, load_pipeline(tiny_sd2, device="cpu", dtype=torch.float32))}
+def models(tiny_sd1, tiny_sd2):
+    out = {}
+    for variant, path in (("sd1", tiny_sd1), ("sd2", tiny_sd2)):
+        txt = diffusers.StableDiffusionPipeline.from_pretrained(
+            str(path), safety_checker=None, requires_safety_checker=False, local_files_only=True)
+        txt.set_progress_bar_config(disable=True)
+        img = diffusers.StableDiffusionImg2ImgPipeline(**txt.components)
+        img.set_progress_bar_config(disable=True)
+        out[variant] = (load_pipeline(path, device="cpu", dtype=torch.float32), txt, img, dict(txt.scheduler.config))
+    return out
 
 
-@pytest.mark.parametrize("variant", ["sd1", "sd2"])
-@pytest.mark.parametrize("sampler", ["ddim", "euler"])
-@pytest.mark.parametrize("img2img", [False, True], ids=["txt2img", "img2img"])
-def test_images_match_diffusers(pipelines, variant, sampler, img2img):
+def _check(models, variant, sampler, img2img, guidance=7.5, prompts=PROMPTS, negatives=NEGATIVES, seeds=SEEDS):
     from PIL import Image
 
-    path, pipe = pipelines[variant]
-    ref = _reference(path, sampler, img2img)
-    generators = [torch.Generator().manual_seed(s) for s in SEEDS]
-    common = dict(negative_prompt=NEGATIVES, num_inference_steps=STEPS, guidance_scale=7.5, output_type="np",
-                  generator=generators)
+    ours_pipe, txt, img, config = models[variant]
+    ref = img if img2img else txt
+    ref.scheduler = _scheduler(sampler, config)
+    common = dict(negative_prompt=negatives, num_inference_steps=STEPS, guidance_scale=guidance, output_type="np",
+                  generator=[torch.Generator().manual_seed(s) for s in seeds])
+    kwargs = dict(negative_prompts=negatives, sampler=sampler, steps=STEPS, guidance_scale=guidance, width=SIZE,
+                  height=SIZE)
     if img2img:
-        inits = _init_images()
-        expected = ref(PROMPTS, image=[Image.fromarray(a) for a in inits], strength=0.7, **common).images
-        ours = pipe.generate(PROMPTS, SEEDS, negative_prompts=NEGATIVES, sampler=sampler, steps=STEPS,
-                             guidance_scale=7.5, width=SIZE, height=SIZE, init_images=inits, strength=0.7)
+        inits = _init_images()[: len(prompts)]
+        expected = ref(prompts, image=[Image.fromarray(a) for a in inits], strength=0.7, **common).images
+        ours = ours_pipe.generate(prompts, seeds, init_images=inits, strength=0.7, **kwargs)
     else:
-        expected = ref(PROMPTS, width=SIZE, height=SIZE, **common).images
-        ours = pipe.generate(PROMPTS, SEEDS, negative_prompts=NEGATIVES, sampler=sampler, steps=STEPS,
-                             guidance_scale=7.5, width=SIZE, height=SIZE)
+        expected = ref(prompts, width=SIZE, height=SIZE, **common).images
+        ours = ours_pipe.generate(prompts, seeds, **kwargs)
     expected = [(e * 255).round().astype(np.uint8) for e in expected]
-    assert [o.shape for o in ours] == [(SIZE, SIZE, 3)] * len(PROMPTS)
+    assert [o.shape for o in ours] == [(SIZE, SIZE, 3)] * len(prompts)
     assert all(o.dtype == np.uint8 for o in ours)
     # The images must carry real content (a saturated image would match trivially).
     assert all(len(np.unique(o)) > 32 for o in ours)
     assert _max_level_diff(ours, expected) <= 1
 
 
-def test_no_guidance_matches_diffusers(pipelines):
-    path, pipe = pipelines["sd1"]
-    ref = _reference(path, "ddim", False)
-    expected = ref(PROMPTS[:2], width=SIZE, height=SIZE, num_inference_steps=STEPS, guidance_scale=1.0,
-                   output_type="np", generator=[torch.Generator().manual_seed(s) for s in SEEDS[:2]]).images
-    ours = pipe.generate(PROMPTS[:2], SEEDS[:2], steps=STEPS, guidance_scale=1.0, width=SIZE, height=SIZE)
-    assert _max_level_diff(ours, [(e * 255).round().astype(np.uint8) for e in expected]) <= 1
+@pytest.mark.parametrize("sampler", SD1_SAMPLERS)
+@pytest.mark.parametrize("img2img", [False, True], ids=["txt2img", "img2img"])
+def test_sd1_images_match_diffusers(models, sampler, img2img):
+    _check(models, "sd1", sampler, img2img)
 
 
-def test_seed_changes_image(pipelines):
-    _, pipe = pipelines["sd1"]
+@pytest.mark.parametrize("sampler", SD2_SAMPLERS)
+@pytest.mark.parametrize("img2img", [False, True], ids=["txt2img", "img2img"])
+def test_sd2_v_prediction_images_match_diffusers(models, sampler, img2img):
+    _check(models, "sd2", sampler, img2img)
+
+
+def test_no_guidance_matches_diffusers(models):
+    _check(models, "sd1", "ddim", False, guidance=1.0, prompts=PROMPTS[:2], negatives=None, seeds=SEEDS[:2])
+
+
+def test_seed_changes_image(models):
+    pipe = models["sd1"][0]
     a, b = pipe.generate(["same prompt", "same prompt"], [1, 2], steps=3, width=SIZE, height=SIZE)
     assert not np.array_equal(a, b)

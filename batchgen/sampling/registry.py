@@ -1,0 +1,337 @@
+"""Sampler names -> a ready :class:`Sampler` (schedule + loop) built from a checkpoint's scheduler config.
+
+Each name equals one diffusers scheduler built with ``Scheduler.from_config(checkpoint_config,
+**options)``; the config keys that scheduler class reads are read here with its defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from . import schedules as S
+from .alpha_samplers import sample_ddim, sample_plms
+from .common import Callback, Model, Plan
+from .flow import sample_flow_euler
+from .multistep import sample_dpmpp_2m, sample_unipc
+from .sigma_samplers import sample_euler, sample_euler_ancestral, sample_heun, sample_lms
+
+
+@dataclass(frozen=True)
+class Spec:
+    family: str
+    karras: bool = False
+    options: dict = field(default_factory=dict)  # option name -> default
+
+
+_BASE = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+             trained_betas=None, prediction_type="epsilon", steps_offset=0, timestep_spacing="linspace")
+# Per family: the diffusers class defaults of the config keys it reads (None: key not read).
+_DEFAULTS = {
+    "ddim": {**_BASE, "timestep_spacing": "leading", "set_alpha_to_one": True, "clip_sample": True,
+             "clip_sample_range": 1.0, "rescale_betas_zero_snr": False},
+    "plms": {**_BASE, "timestep_spacing": "leading", "set_alpha_to_one": False},
+    "euler": {**_BASE, "rescale_betas_zero_snr": False, "final_sigmas_type": "zero", "sigma_min": None,
+              "sigma_max": None},
+    "euler_a": {**_BASE, "rescale_betas_zero_snr": False},
+    "heun": {**_BASE, "beta_start": 0.00085, "beta_end": 0.012, "clip_sample": False, "clip_sample_range": 1.0},
+    "lms": dict(_BASE),
+    "dpm": {**_BASE, "rescale_betas_zero_snr": False, "lower_order_final": True, "euler_at_final": False,
+            "final_sigmas_type": "zero", "solver_type": "midpoint"},
+    "unipc": {**_BASE, "rescale_betas_zero_snr": False, "solver_order": 2, "solver_type": "bh2", "lower_order_final": True,
+              "disable_corrector": [], "final_sigmas_type": "zero"},
+    "flow": {"num_train_timesteps": 1000, "shift": 1.0},
+}
+# Config values no sampler here reproduces: refuse rather than silently sample differently.
+_UNSUPPORTED: dict[str, Callable] = {
+    "variance_type": lambda v: v in ("learned", "learned_range"),
+    "interpolation_type": lambda v: v not in (None, "linear"),
+    "timestep_type": lambda v: v not in (None, "discrete"),
+    "predict_x0": lambda v: v is False,
+    "solver_type": lambda v: v == "bh1",
+}
+_FAMILY_KEYS = {  # which of _UNSUPPORTED each family's diffusers class reads
+    "ddim": {"thresholding"}, "plms": set(), "euler_a": set(), "heun": {"use_exponential_sigmas", "use_beta_sigmas"},
+    "lms": {"use_exponential_sigmas", "use_beta_sigmas"},
+    "euler": {"use_exponential_sigmas", "use_beta_sigmas", "interpolation_type", "timestep_type"},
+    "dpm": {"thresholding", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas",
+            "variance_type", "use_dynamic_shifting"},
+    "unipc": {"thresholding", "use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas", "predict_x0",
+              "use_dynamic_shifting", "solver_type"},
+    "flow": {"use_dynamic_shifting", "invert_sigmas", "shift_terminal", "stochastic_sampling",
+             "use_exponential_sigmas", "use_beta_sigmas"},
+}
+
+SPECS: dict[str, Spec] = {
+    "ddim": Spec("ddim", options={"eta": 0.0}),
+    "plms": Spec("plms"),
+    "euler": Spec("euler"),
+    "euler_karras": Spec("euler", karras=True),
+    "euler_a": Spec("euler_a"),
+    "euler_a_karras": Spec("euler_a", karras=True),
+    "heun": Spec("heun"),
+    "heun_karras": Spec("heun", karras=True),
+    "lms": Spec("lms"),
+    "lms_karras": Spec("lms", karras=True),
+    "dpmpp_2m": Spec("dpm"),
+    "dpmpp_2m_karras": Spec("dpm", karras=True),
+    "dpmpp_2m_sde": Spec("dpm", options={}),
+    "dpmpp_2m_sde_karras": Spec("dpm", karras=True),
+    "unipc": Spec("unipc"),
+    "flow_euler": Spec("flow", options={"shift": None}),
+}
+SAMPLER_NAMES: tuple[str, ...] = tuple(SPECS)
+
+_LOOPS: dict[str, Callable] = {
+    "ddim": sample_ddim, "plms": sample_plms, "euler": sample_euler, "euler_a": sample_euler_ancestral,
+    "heun": sample_heun, "lms": sample_lms, "dpm": sample_dpmpp_2m, "unipc": sample_unipc, "flow": sample_flow_euler,
+}
+
+
+class Sampler:
+    """A sampler bound to a schedule: timesteps, starting latents and the sampling loop."""
+
+    def __init__(self, name: str, plan: Plan, loop: Callable, init_noise_sigma, noiser: Callable):
+        self.name = name
+        self.plan = plan
+        self._loop = loop
+        self.init_noise_sigma = init_noise_sigma
+        self._noiser = noiser
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        """Model timesteps in call order (what the denoiser gets, one per model call)."""
+        return self.plan.timesteps[self.plan.begin :]
+
+    def initial_latents(self, noise: torch.Tensor) -> torch.Tensor:
+        """txt2img start: the noise scaled to the first noise level."""
+        return noise * self.init_noise_sigma
+
+    def noised_latents(self, clean: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """img2img start: clean latents noised to the first timestep (diffusers add_noise/scale_noise)."""
+        return self._noiser(clean, noise)
+
+    def sample(self, model: Model, x: torch.Tensor, generators: Sequence[torch.Generator],
+               callback: Callback = None) -> torch.Tensor:
+        """Run every step; ``model(x_in, t)`` returns the raw network prediction."""
+        if len(generators) != x.shape[0]:
+            raise ValueError(f"generators: expected {x.shape[0]} (one per item of x), got {len(generators)}")
+        return self._loop(model, x, self.plan, generators, callback)
+
+    def __repr__(self) -> str:
+        return f"Sampler({self.name!r}, calls={self.plan.calls})"
+
+
+def _is_flow(cfg: dict) -> bool:
+    return cfg.get("prediction_type") == "flow" or str(cfg.get("_class_name", "")).startswith("FlowMatch")
+
+
+def _read_config(name: str, family: str, scheduler_config: dict) -> dict:
+    if not isinstance(scheduler_config, dict):
+        raise ValueError(f"scheduler_config: expected a dict, got {type(scheduler_config).__name__}")
+    flow = _is_flow(scheduler_config)
+    if flow != (family == "flow"):
+        need = "a flow-matching checkpoint" if family == "flow" else "a noise/v-prediction checkpoint"
+        other = "flow_euler" if flow else "any of the other samplers"
+        raise ValueError(f"sampler {name!r} needs {need}; this scheduler config is "
+                         f"{'flow-matching' if flow else 'not flow-matching'}: use {other}")
+    cfg = dict(_DEFAULTS[family])
+    cfg.update({k: v for k, v in scheduler_config.items() if k in cfg and v is not None or k == "trained_betas"})
+    for key in sorted(_FAMILY_KEYS[family]):
+        value = scheduler_config.get(key)
+        if _UNSUPPORTED.get(key, bool)(value) if value is not None else False:
+            raise ValueError(f"scheduler config: {key}={value!r} is not supported by sampler {name!r}")
+    if family != "flow":
+        if cfg["prediction_type"] not in ("epsilon", "v_prediction"):
+            raise ValueError(f"scheduler config: prediction_type {cfg['prediction_type']!r} is not supported "
+                             f"by sampler {name!r} (epsilon, v_prediction)")
+        S.check_spacing(cfg["timestep_spacing"])
+        if cfg["beta_schedule"] not in S.BETA_SCHEDULES:
+            raise ValueError(f"scheduler config: beta_schedule {cfg['beta_schedule']!r} is not supported; "
+                             f"use one of {S.BETA_SCHEDULES}")
+    return cfg
+
+
+def _check_options(name: str, spec: Spec, options: Optional[dict]) -> dict:
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(spec.options))
+    if unknown:
+        takes = ", ".join(sorted(spec.options)) or "no options"
+        raise ValueError(f"sampler option {unknown[0]!r} is not accepted by sampler {name!r} (it takes: {takes})")
+    out = dict(spec.options)
+    for key, value in options.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"sampler option {key!r} of {name!r}: expected a number, got {value!r}")
+        if key == "eta" and not 0 <= value:
+            raise ValueError(f"sampler option 'eta' of {name!r}: must be >= 0, got {value}")
+        if key == "shift" and not value > 0:
+            raise ValueError(f"sampler option 'shift' of {name!r}: must be > 0, got {value}")
+        out[key] = float(value)
+    return out
+
+
+def _begin_index(name: str, steps: int, strength: Optional[float], order: int, flow: bool) -> int:
+    if strength is None:
+        return 0
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
+        raise ValueError(f"strength: must be a number in [0, 1], got {strength!r}")
+    if flow:  # StableDiffusion3Img2ImgPipeline.get_timesteps
+        t_start = int(max(steps - min(steps * strength, steps), 0))
+    else:  # StableDiffusionImg2ImgPipeline.get_timesteps
+        t_start = max(steps - min(int(steps * strength), steps), 0)
+    if t_start >= steps:
+        raise ValueError(f"strength={strength} with steps={steps} leaves no denoising step for sampler {name!r} "
+                         f"(steps * strength < 1); raise `strength` or `steps`")
+    return t_start * order
+
+
+def get_sampler(name: str, scheduler_config: dict, steps: int, strength: Optional[float] = None,
+                options: Optional[dict] = None) -> Sampler:
+    """Build sampler ``name`` for ``steps`` steps from a checkpoint's scheduler config.
+
+    ``strength`` (img2img) cuts the schedule like diffusers' img2img pipelines; ``options`` are the
+    sampler's own options (``eta`` for ddim, ``shift`` for flow_euler).
+    """
+    if name not in SPECS:
+        raise ValueError(f"unknown sampler {name!r}; valid names: {', '.join(SAMPLER_NAMES)}")
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps: must be an integer >= 1, got {steps!r}")
+    steps = int(steps)
+    spec = SPECS[name]
+    opts = _check_options(name, spec, options)
+    cfg = _read_config(name, spec.family, scheduler_config)
+    num_train = int(cfg["num_train_timesteps"])
+    if steps > num_train:
+        raise ValueError(f"steps: {steps} is more than the checkpoint's num_train_timesteps ({num_train})")
+    order = 2 if spec.family == "heun" else 1
+    begin = _begin_index(name, steps, strength, order, spec.family == "flow")
+    build = _BUILDERS[spec.family]
+    plan, init_sigma, noiser = build(cfg, steps, spec, opts, name)
+    plan.begin = begin
+    return Sampler(name, plan, _LOOPS[spec.family], init_sigma, noiser)
+
+
+# --- schedule builders: (cfg, steps, spec, options) -> (plan, init_noise_sigma, noiser) -------------
+
+
+def _alpha_noiser(plan: Plan):
+    def noiser(clean, noise):
+        ac = plan.alphas_cumprod.to(device=clean.device, dtype=clean.dtype)[plan.timesteps[plan.begin]]
+        return ac**0.5 * clean + (1 - ac) ** 0.5 * noise
+
+    return noiser
+
+
+def _build_ddim(cfg, steps, spec, opts, name):
+    ac = S.alphas_cumprod(cfg, zero_snr=cfg["rescale_betas_zero_snr"])
+    ts = S.ddim_timesteps(cfg["num_train_timesteps"], steps, cfg["timestep_spacing"], cfg["steps_offset"])
+    extra = dict(eta=opts["eta"], step_ratio=cfg["num_train_timesteps"] // steps, clip_sample=cfg["clip_sample"],
+                 clip_sample_range=cfg["clip_sample_range"],
+                 final_alpha_cumprod=torch.tensor(1.0) if cfg["set_alpha_to_one"] else ac[0])
+    plan = Plan(torch.from_numpy(ts.copy()), cfg["prediction_type"], alphas_cumprod=ac, extra=extra)
+    return plan, 1.0, _alpha_noiser(plan)
+
+
+def _build_plms(cfg, steps, spec, opts, name):
+    ac = S.alphas_cumprod(cfg)
+    ts = S.plms_timesteps(cfg["num_train_timesteps"], steps, cfg["timestep_spacing"], cfg["steps_offset"])
+    extra = dict(step_ratio=cfg["num_train_timesteps"] // steps,
+                 final_alpha_cumprod=torch.tensor(1.0) if cfg["set_alpha_to_one"] else ac[0])
+    plan = Plan(torch.from_numpy(ts.copy()), cfg["prediction_type"], alphas_cumprod=ac, extra=extra)
+    return plan, 1.0, _alpha_noiser(plan)
+
+
+def _karras_range(cfg, interp: np.ndarray) -> tuple[float, float]:
+    lo, hi = cfg.get("sigma_min"), cfg.get("sigma_max")
+    return (lo if lo is not None else interp[-1].item()), (hi if hi is not None else interp[0].item())
+
+
+def _build_sigma(cfg, steps, spec, opts, name):
+    """Euler, Euler ancestral, Heun, LMS: sigmas interpolated at the spaced timesteps (+ Karras)."""
+    family = spec.family
+    ac = S.alphas_cumprod(cfg, zero_snr=cfg.get("rescale_betas_zero_snr", False), clamp_last=True)
+    ts = S.spaced_timesteps(cfg["num_train_timesteps"], steps, cfg["timestep_spacing"], cfg["steps_offset"])
+    train = S.train_sigmas(ac)
+    log_sigmas = np.log(train)
+    sigmas = S.interp_sigmas(ts.astype(np.float32), train)
+    if spec.karras:
+        sigmas = S.karras_sigmas(*_karras_range(cfg, sigmas), steps)
+        ts = np.array([S.sigma_to_t(s, log_sigmas) for s in sigmas])
+    last = 0.0
+    if cfg.get("final_sigmas_type", "zero") == "sigma_min":
+        last = ((1 - ac[0]) / ac[0]) ** 0.5
+    elif cfg.get("final_sigmas_type", "zero") != "zero":
+        raise ValueError(f"scheduler config: final_sigmas_type {cfg['final_sigmas_type']!r} is not supported")
+    sigmas = torch.from_numpy(np.concatenate([sigmas, [last]]).astype(np.float32))
+    timesteps = torch.from_numpy(ts.astype(np.float32))
+    if family == "heun":
+        sigmas = torch.cat([sigmas[:1], sigmas[1:-1].repeat_interleave(2), sigmas[-1:]])
+        timesteps = torch.cat([timesteps[:1], timesteps[1:].repeat_interleave(2)])
+    extra = {k: cfg[k] for k in ("clip_sample", "clip_sample_range") if k in cfg}
+    plan = Plan(timesteps, cfg["prediction_type"], sigmas=sigmas, extra=extra)
+    max_sigma = sigmas.max()
+    init = max_sigma if cfg["timestep_spacing"] in ("linspace", "trailing") else (max_sigma**2 + 1) ** 0.5
+
+    def noiser(clean, noise):
+        return clean + noise * sigmas.to(device=clean.device, dtype=clean.dtype)[plan.begin]
+
+    return plan, init, noiser
+
+
+def _build_multistep(cfg, steps, spec, opts, name):
+    """DPM-Solver++ and UniPC: timesteps over steps + 1 points, sigmas in VP form."""
+    ac = S.alphas_cumprod(cfg, zero_snr=cfg["rescale_betas_zero_snr"], clamp_last=True)
+    ts = S.spaced_timesteps(cfg["num_train_timesteps"], steps, cfg["timestep_spacing"], cfg["steps_offset"], extra=1)
+    ts = ts.astype(np.int64)
+    train = S.train_sigmas(ac)
+    if spec.karras:
+        sigmas = S.karras_sigmas(train[0].item(), train[-1].item(), steps)
+        ts = np.array([S.sigma_to_t(s, np.log(train)) for s in sigmas])
+        if cfg["beta_schedule"] != "squaredcos_cap_v2":
+            ts = ts.round()
+    else:
+        sigmas = S.interp_sigmas(ts, train)
+    if cfg["final_sigmas_type"] == "sigma_min":
+        last = ((1 - ac[0]) / ac[0]) ** 0.5
+    elif cfg["final_sigmas_type"] == "zero":
+        last = 0
+    else:
+        raise ValueError(f"scheduler config: final_sigmas_type {cfg['final_sigmas_type']!r} is not supported")
+    sigmas = torch.from_numpy(np.concatenate([sigmas, [last]]).astype(np.float32))
+    timesteps = torch.from_numpy(np.asarray(ts)).to(torch.int64)
+    if spec.family == "dpm":
+        solver_type = cfg["solver_type"] if cfg["solver_type"] in ("midpoint", "heun") else "midpoint"
+        extra = dict(sde="sde" in name, lower_order_final=cfg["lower_order_final"],
+                     euler_at_final=cfg["euler_at_final"], final_sigmas_type=cfg["final_sigmas_type"],
+                     solver_type=solver_type)
+    else:
+        extra = dict(solver_order=int(cfg["solver_order"]), lower_order_final=cfg["lower_order_final"],
+                     disable_corrector=list(cfg["disable_corrector"] or []))
+    plan = Plan(timesteps, cfg["prediction_type"], sigmas=sigmas, extra=extra)
+
+    def noiser(clean, noise):
+        sigma = sigmas.to(device=clean.device, dtype=clean.dtype)[plan.begin]
+        alpha_t = 1 / ((sigma**2 + 1) ** 0.5)
+        return alpha_t * clean + sigma * alpha_t * noise
+
+    return plan, 1.0, noiser
+
+
+def _build_flow(cfg, steps, spec, opts, name):
+    shift = opts["shift"] if opts.get("shift") is not None else float(cfg["shift"])
+    sigmas, timesteps = S.flow_sigmas(int(cfg["num_train_timesteps"]), steps, shift)
+    plan = Plan(timesteps, "flow", sigmas=sigmas)
+
+    def noiser(clean, noise):
+        sigma = sigmas.to(device=clean.device, dtype=clean.dtype)[plan.begin]
+        return sigma * noise + (1.0 - sigma) * clean
+
+    return plan, 1.0, noiser
+
+
+_BUILDERS = {"ddim": _build_ddim, "plms": _build_plms, "euler": _build_sigma, "euler_a": _build_sigma,
+             "heun": _build_sigma, "lms": _build_sigma, "dpm": _build_multistep, "unipc": _build_multistep,
+             "flow": _build_flow}
