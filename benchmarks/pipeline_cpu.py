@@ -59,17 +59,20 @@ def main() -> None:
             out.extend((im * 255).round().astype(np.uint8) for im in imgs)
         return out
 
-    def best_rate(fn):
-        fn()  # warm-up
-        times = []
-        for _ in range(args.repeats):
+    # Warm both up, then alternate them repeat by repeat so a load spike cannot favour one side.
+    run_ref()
+    run_ours()
+    times_ref, times_ours = [], []
+    for _ in range(args.repeats):
+        for fn, times in ((run_ref, times_ref), (run_ours, times_ours)):
             start = time.perf_counter()
             result = fn()
             times.append(time.perf_counter() - start)
-        return args.images / min(times), result
-
-    rate_ref, imgs_ref = best_rate(run_ref)
-    rate_ours, imgs_ours = best_rate(run_ours)
+            if fn is run_ref:
+                imgs_ref = result
+            else:
+                imgs_ours = result
+    rate_ref, rate_ours = args.images / min(times_ref), args.images / min(times_ours)
     diff = max(int(np.abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(imgs_ours, imgs_ref))
     print(f"settings: {args.images} images, {args.size}x{args.size}, {args.steps} steps, {args.sampler}, "
           f"micro-batch {args.batch}, tiny {args.variant}, torch threads {torch.get_num_threads()}")
