@@ -14,6 +14,7 @@ import torch
 
 from batchgen import load_pipeline
 from batchgen.sampling import SAMPLER_NAMES
+from tests.diffusers_reference import REFERENCE
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -23,31 +24,12 @@ SEEDS = [0, 12345, 2**63 - 1]
 SIZE = 48
 STEPS = 5
 
-REFERENCE = {  # our name -> diffusers scheduler class and from_config options
-    "ddim": ("DDIMScheduler", {}),
-    "plms": ("PNDMScheduler", {"skip_prk_steps": True}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_karras": ("EulerDiscreteScheduler", {"use_karras_sigmas": True}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "euler_a_karras": ("EulerAncestralKarras", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "heun_karras": ("HeunDiscreteScheduler", {"use_karras_sigmas": True}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "lms_karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler",
-                        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
-    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
-    "dpmpp_2m_sde_karras": ("DPMSolverMultistepScheduler",
-                            {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-}
 SD1_SAMPLERS = [n for n in SAMPLER_NAMES if n != "flow_euler"]
 SD2_SAMPLERS = ["ddim", "euler", "euler_a", "heun_karras", "dpmpp_2m_sde_karras", "unipc", "plms"]
 
 
 def test_every_noise_sampler_has_a_reference():
-    assert sorted(REFERENCE) == sorted(SD1_SAMPLERS)
+    assert sorted(REFERENCE) == sorted(SD1_SAMPLERS + ["flow_euler"])
 
 
 class EulerAncestralKarras(diffusers.EulerAncestralDiscreteScheduler):
@@ -63,8 +45,9 @@ class EulerAncestralKarras(diffusers.EulerAncestralDiscreteScheduler):
 
 def _scheduler(name, config):
     cls_name, options = REFERENCE[name]
-    cls = EulerAncestralKarras if cls_name == "EulerAncestralKarras" else getattr(diffusers, cls_name)
-    return cls.from_config(config, **options)
+    if name == "euler_a_karras":
+        return EulerAncestralKarras.from_config(config)
+    return getattr(diffusers, cls_name).from_config(config, **options)
 
 
 def _init_images():

@@ -16,6 +16,7 @@ diffusers = pytest.importorskip("diffusers")
 
 from batchgen.noise import item_generators, randn_items  # noqa: E402
 from batchgen.sampling import SAMPLER_NAMES, get_sampler  # noqa: E402
+from tests.diffusers_reference import REFERENCE  # noqa: E402
 
 TOL = 1e-5
 SHAPE = (4, 8, 8)
@@ -27,27 +28,6 @@ SD1 = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", nu
            _class_name="PNDMScheduler")
 FLOW = dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=1000, shift=3.0)
 
-# name -> (diffusers class name, from_config kwargs)
-REFERENCE = {
-    "ddim": ("DDIMScheduler", {}),
-    "plms": ("PNDMScheduler", {"skip_prk_steps": True}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_karras": ("EulerDiscreteScheduler", {"use_karras_sigmas": True}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "euler_a_karras": ("EulerAncestralDiscreteScheduler", {"use_karras_sigmas": True}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "heun_karras": ("HeunDiscreteScheduler", {"use_karras_sigmas": True}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "lms_karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler",
-                        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
-    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
-    "dpmpp_2m_sde_karras": ("DPMSolverMultistepScheduler",
-                            {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-    "flow_euler": ("FlowMatchEulerDiscreteScheduler", {}),
-}
 NOISE_SAMPLERS = [n for n in SAMPLER_NAMES if n != "flow_euler"]
 PATTERN = torch.linspace(-1.0, 1.0, 4 * 8 * 8).reshape(SHAPE)
 

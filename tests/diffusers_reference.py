@@ -1,0 +1,27 @@
+"""Which diffusers scheduler each batchgen sampler name stands for (the test-only reference)."""
+
+from __future__ import annotations
+
+# our name -> (diffusers scheduler class name, from_config options)
+REFERENCE = {
+    "ddim": ("DDIMScheduler", {}),
+    "plms": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_karras": ("EulerDiscreteScheduler", {"use_karras_sigmas": True}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    # diffusers 0.42's Euler-ancestral ignores use_karras_sigmas: the reference runs its ancestral
+    # step over EulerDiscreteScheduler(use_karras_sigmas=True)'s sigmas and timesteps.
+    "euler_a_karras": ("EulerAncestralDiscreteScheduler", {"use_karras_sigmas": True}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "heun_karras": ("HeunDiscreteScheduler", {"use_karras_sigmas": True}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "lms_karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler",
+                        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
+    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+    "dpmpp_2m_sde_karras": ("DPMSolverMultistepScheduler",
+                            {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "flow_euler": ("FlowMatchEulerDiscreteScheduler", {}),
+}
