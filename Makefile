@@ -15,8 +15,8 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/batchgen generate --model builtin:tiny --out out/generate-demo \
-		--prompt "a lighthouse at dawn" --prompt "a red bicycle" --seed 0 --steps 20 --width 256 --height 256
+	$(BIN)/batchgen run jobs/demo.yaml
+	@echo "demo done: images in out/demo/images/, manifest in out/demo/manifest.parquet (summary: out/demo/summary.json)"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider

@@ -1,0 +1,296 @@
+"""Manifest: schema, part files, the resume state, consolidation and summary.
+
+Part files (``manifest/part-<run>-<seq>.parquet``) are written atomically as work completes; after
+a crash they may overlap. Consolidation keeps one row per item: ``ok`` beats ``failed``, then the
+highest attempt, then the newest part. Small manifests are consolidated in memory; large ones with a
+Ray Data sort, streamed into ``manifest.parquet`` batch by batch (driver memory stays flat).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+import uuid
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
+
+PARTS_DIR = "manifest"
+MANIFEST_FILE = "manifest.parquet"
+SUMMARY_FILE = "summary.json"
+JOB_FILE = "job.json"
+IN_MEMORY_CONSOLIDATE_ROWS = 50_000
+SORT_ROWS_PER_BLOCK = 50_000  # Ray sort partitions: blocks the driver streams one at a time
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("item_id", pa.string()),
+        ("source_file", pa.string()),
+        ("source_row", pa.int64()),
+        ("prompt", pa.string()),
+        ("negative_prompt", pa.string()),
+        ("seed", pa.int64()),
+        ("sampler", pa.string()),
+        ("steps", pa.int32()),
+        ("guidance_scale", pa.float64()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("batch_size", pa.int32()),
+        ("strength", pa.float64()),
+        ("init_image", pa.string()),
+        ("model_uri", pa.string()),
+        ("model_fingerprint", pa.string()),
+        ("image_uri", pa.string()),
+        ("image_format", pa.string()),
+        ("image_sha256", pa.string()),
+        ("image_bytes", pa.int64()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("attempt", pa.int32()),
+        ("worker", pa.string()),
+        ("render_ms", pa.float64()),
+        ("encode_ms", pa.float64()),
+        ("batchgen_version", pa.string()),
+        ("sampler_options", pa.string()),
+    ]
+)
+
+# Generation parameters embedded in each image: a row's output-determining fields only (no
+# timings or worker names, so the bytes are the same whoever renders the item).
+IMAGE_PARAMETER_FIELDS = (
+    "item_id", "prompt", "negative_prompt", "seed", "sampler", "steps", "guidance_scale", "width",
+    "height", "batch_size", "strength", "init_image", "model_fingerprint", "sampler_options",
+)
+
+
+def image_parameters(row: dict[str, Any]) -> dict[str, Any]:
+    """The metadata dict embedded in an item's image (same for the job and ``rerender``)."""
+    params = {k: row.get(k) for k in IMAGE_PARAMETER_FIELDS}
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def to_manifest_table(columns: dict[str, Any]) -> pa.Table:
+    """A dict of columns (lists or arrays) as a table with exactly MANIFEST_SCHEMA."""
+    arrays = []
+    n = None
+    for f in MANIFEST_SCHEMA:
+        value = columns[f.name]
+        arr = value if isinstance(value, (pa.Array, pa.ChunkedArray)) else pa.array(value, f.type)
+        arrays.append(arr.cast(f.type))
+        n = len(arr) if n is None else n
+    return pa.Table.from_arrays(arrays, schema=MANIFEST_SCHEMA)
+
+
+def table_bytes(table: pa.Table) -> bytes:
+    """Parquet file bytes of ``table``."""
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
+
+
+class PartWriter:
+    """Buffers manifest rows and writes them as part files, each one atomically.
+
+    A part is flushed when ``max_rows`` rows are buffered or ``max_seconds`` passed since the
+    last flush, so committed progress trails the work by seconds, not by the whole job.
+    """
+
+    def __init__(self, out_loc, max_rows: int = 2048, max_seconds: float = 5.0):
+        self.dir = out_loc.join(PARTS_DIR)
+        self.run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+        self.max_rows = max_rows
+        self.max_seconds = max_seconds
+        self.buffer: list[pa.Table] = []
+        self.buffered = 0
+        self.seq = 0
+        self.last_flush = time.monotonic()
+        self.parts_written = 0
+
+    def add(self, table: pa.Table) -> None:
+        if table.num_rows:
+            self.buffer.append(table)
+            self.buffered += table.num_rows
+        if self.buffered >= self.max_rows or time.monotonic() - self.last_flush >= self.max_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        self.last_flush = time.monotonic()
+        if not self.buffered:
+            return
+        table = pa.concat_tables(self.buffer)
+        name = f"part-{self.run_id}-{self.seq:06d}.parquet"
+        self.dir.join(name).write_bytes(table_bytes(table))
+        self.seq += 1
+        self.parts_written += 1
+        self.buffer, self.buffered = [], 0
+
+
+def part_locations(out_loc) -> list:
+    """Committed part files, oldest run first (names sort by run time then sequence)."""
+    parts = out_loc.join(PARTS_DIR).list(recursive=False)
+    return [p for p in parts if p.name.startswith("part-") and p.name.endswith(".parquet")]
+
+
+def read_part(loc, columns: list[str] | None = None) -> pa.Table | None:
+    """One part file's rows, or None (with a warning) when it is unreadable."""
+    try:
+        return pq.read_table(io.BytesIO(loc.read_bytes()), columns=columns)
+    except (OSError, pa.ArrowException) as exc:
+        log.warning("ignoring unreadable manifest part %s: %s", loc.uri, exc)
+        return None
+
+
+def iter_parts(out_loc, columns: list[str] | None = None) -> Iterator[tuple[int, pa.Table]]:
+    for index, loc in enumerate(part_locations(out_loc)):
+        table = read_part(loc, columns)
+        if table is not None:
+            yield index, table
+
+
+class CommittedState:
+    """What earlier runs committed: ok item ids (sorted Arrow array) and attempts so far."""
+
+    def __init__(self, done: pa.Array, attempts: dict[str, int], failed: int, parts: int):
+        self.done = done
+        self.attempts = attempts  # item_id -> attempts used, for items without an ok row
+        self.failed = failed
+        self.parts = parts
+
+    @property
+    def done_count(self) -> int:
+        return len(self.done)
+
+
+def committed_state(out_loc) -> CommittedState:
+    """Scan part files (item_id, status, attempt only). The ok-id set is kept as one Arrow
+    string array (no Python objects): about the size of the ids themselves."""
+    ok_chunks: list[pa.Array] = []
+    failed_rows: list[pa.Table] = []
+    parts = 0
+    for _, table in iter_parts(out_loc, ["item_id", "status", "attempt"]):
+        parts += 1
+        is_ok = pc.equal(table.column("status"), "ok")
+        ok_chunks.append(table.filter(is_ok).column("item_id").combine_chunks())
+        failed_rows.append(table.filter(pc.invert(is_ok)))
+    done = pc.unique(pa.concat_arrays(ok_chunks)) if ok_chunks else pa.array([], pa.string())
+    attempts: dict[str, int] = {}
+    if failed_rows:
+        failed = pa.concat_tables(failed_rows)
+        failed = failed.filter(pc.invert(pc.is_in(failed.column("item_id"), value_set=done)))
+        for item_id, attempt in zip(failed.column("item_id").to_pylist(), failed.column("attempt").to_pylist()):
+            attempts[item_id] = max(attempts.get(item_id, 0), attempt or 1)
+    return CommittedState(done, attempts, len(attempts), parts)
+
+
+# ----------------------------------------------------------------------------- consolidation
+
+_RANK = ["item_id", "_ok", "attempt", "_part"]
+_ORDER = [("item_id", "ascending"), ("_ok", "descending"), ("attempt", "descending"), ("_part", "descending")]
+
+
+def _with_rank(table: pa.Table, part_index: int) -> pa.Table:
+    table = table.append_column("_ok", pc.cast(pc.equal(table.column("status"), "ok"), pa.int8()))
+    return table.append_column("_part", pa.array([part_index] * table.num_rows, pa.int32()))
+
+
+def _first_per_item(table: pa.Table, carry_id: str | None) -> tuple[pa.Table, str | None]:
+    """Rows of a sorted table that start a new item_id (dropping a continuation of ``carry_id``)."""
+    if table.num_rows == 0:
+        return table, carry_id
+    ids = table.column("item_id").combine_chunks()
+    prev = pa.concat_arrays([pa.array([carry_id], pa.string()), ids.slice(0, len(ids) - 1)])
+    keep = pc.fill_null(pc.not_equal(ids, prev), True)
+    return table.filter(keep), ids[len(ids) - 1].as_py()
+
+
+def consolidate(out_loc, in_memory_limit: int = IN_MEMORY_CONSOLIDATE_ROWS) -> dict[str, int]:
+    """Write ``manifest.parquet``: one row per item, sorted by item_id. Returns status counts."""
+    parts = part_locations(out_loc)
+    total_rows = 0
+    for loc in parts:
+        try:
+            fs, path = loc.pyarrow_fs()
+            total_rows += pq.ParquetFile(fs.open_input_file(path)).metadata.num_rows
+        except (OSError, pa.ArrowException):
+            pass
+    target = out_loc.join(MANIFEST_FILE)
+    counts = {"ok": 0, "failed": 0}
+    if total_rows <= in_memory_limit:
+        tables = [_with_rank(t, i) for i, t in iter_parts(out_loc)]
+        table = pa.concat_tables(tables) if tables else _with_rank(MANIFEST_SCHEMA.empty_table(), 0)
+        table, _ = _first_per_item(table.sort_by(_ORDER), None)
+        table = table.drop_columns(["_ok", "_part"])
+        target.write_bytes(table_bytes(table))
+        _count(table, counts)
+        return counts
+    _consolidate_with_ray(out_loc, parts, target, counts, partitions=max(2, -(-total_rows // SORT_ROWS_PER_BLOCK)))
+    return counts
+
+
+def _count(table: pa.Table, counts: dict[str, int]) -> None:
+    vc = pc.value_counts(table.column("status"))
+    for value, n in zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist()):
+        counts[value] = counts.get(value, 0) + n
+
+
+def _consolidate_with_ray(out_loc, parts, target, counts, partitions: int) -> None:
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.default_hash_shuffle_parallelism
+    ctx.default_hash_shuffle_parallelism = partitions  # the sort's partition count (default 200)
+    try:
+        _sorted_write(ray, out_loc, parts, target, counts)
+    finally:
+        ctx.default_hash_shuffle_parallelism = saved
+
+
+def _sorted_write(ray, out_loc, parts, target, counts) -> None:
+    fs, _ = out_loc.pyarrow_fs()
+    paths = [p.pyarrow_fs()[1] for p in parts]
+    index = {path: i for i, path in enumerate(paths)}
+
+    def rank(batch: pa.Table) -> pa.Table:
+        # include_paths gives each row its part file, hence the part order
+        part = [index.get(p, 0) for p in batch.column("path").to_pylist()]
+        batch = batch.drop_columns(["path"])
+        batch = batch.append_column("_ok", pc.cast(pc.equal(batch.column("status"), "ok"), pa.int8()))
+        return batch.append_column("_part", pa.array(part, pa.int32()))
+
+    ds = ray.data.read_parquet(paths, filesystem=fs, include_paths=True)
+    ds = ds.map_batches(rank, batch_format="pyarrow")
+    ds = ds.sort(key=_RANK, descending=[False, True, True, True])
+    tfs, tpath = target.pyarrow_fs()
+    # S3 multipart uploads appear atomically on completion; local files go through a temp + move
+    tmp = tpath if target.scheme == "s3" else tpath + f".tmp-{uuid.uuid4().hex[:8]}"
+    carry = None
+    with tfs.open_output_stream(tmp) as stream, pq.ParquetWriter(stream, MANIFEST_SCHEMA, compression="zstd") as writer:
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=16384, prefetch_batches=0):
+            batch, carry = _first_per_item(batch, carry)
+            batch = batch.drop_columns(["_ok", "_part"]).select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA)
+            writer.write_table(batch)
+            _count(batch, counts)
+    if tmp != tpath:
+        tfs.move(tmp, tpath)
+
+
+def read_manifest(out_loc) -> pa.Table | None:
+    """The consolidated manifest, or None when the job has not consolidated yet."""
+    loc = out_loc.join(MANIFEST_FILE)
+    if not loc.exists():
+        return None
+    return pq.read_table(io.BytesIO(loc.read_bytes()))
+
+
+def write_json(loc, data: dict) -> None:
+    loc.write_bytes((json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(loc) -> dict:
+    return json.loads(loc.read_bytes().decode())
