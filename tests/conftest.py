@@ -12,7 +12,7 @@ import torch
 os.environ.setdefault("BATCHGEN_CACHE", tempfile.mkdtemp(prefix="batchgen-test-cache-"))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-pytest_plugins: list[str] = []
+pytest_plugins: list[str] = ["tests.fixtures_s3", "tests.fixtures_ray", "tests.fixtures_jobs", "tests.fixtures_cluster"]
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,0 +1,320 @@
+"""`batchgen submit JOB.yaml --address http://HEAD:8265 [--wait]`: run a job on a remote Ray cluster.
+
+Submits through the Ray Jobs API (``JobSubmissionClient``). The entrypoint on the cluster is
+``python -m batchgen.cli run job.yaml``; the driver runs on the head and joins the cluster through
+the ``RAY_ADDRESS`` the Jobs API sets.
+
+What travels with the job (the runtime_env's ``working_dir``, a staging folder built here):
+
+- ``job.yaml``: the spec with ``--set`` overrides applied, validated here first.
+- ``inputs/``: the prompt Parquet files when ``input.uri`` is local (same relative paths, so the
+  item ids are the same as a local run). ``--no-ship-inputs`` keeps the path as is (shared disk).
+  s3:// inputs are read by the cluster directly.
+- Nothing else. A local ``model.uri`` is not uploaded (weights are GBs): it must exist at that
+  absolute path on every node (shared disk or baked into the image) — or use s3:// / builtin:tiny.
+  A local ``output.uri`` is made absolute; on a multi-node cluster each node would write to its own
+  disk, so use s3:// there. Init images named in the input rows must be reachable from the cluster.
+- ``--ship-code`` also uploads this checkout's ``batchgen`` package (``py_modules``), for clusters
+  whose image does not have batchgen or has an older one.
+- Environment: ``AWS_ENDPOINT_URL`` / ``AWS_REGION`` / ``AWS_DEFAULT_REGION`` when set here (not
+  secrets). Credentials are never sent: cluster nodes use their own AWS chain (instance role,
+  Kubernetes secret). ``--env KEY=VALUE`` adds variables explicitly (they are visible in the
+  dashboard).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import BatchgenError, InputError
+
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION")
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+class SubmitError(BatchgenError):
+    """The cluster's job server cannot be reached, or refused or lost the job."""
+
+
+@dataclass
+class Submission:
+    """Everything needed to submit one job: staging folder, entrypoint, runtime_env."""
+
+    staging_dir: Path
+    entrypoint: str
+    runtime_env: dict
+    spec: object
+    shipped_inputs: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- preparing
+
+
+def _is_local(uri: str) -> bool:
+    return not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", uri) or uri.startswith("file://")
+
+
+def _local_path(uri: str) -> Path:
+    return Path(uri[len("file://"):] if uri.startswith("file://") else uri).expanduser().resolve()
+
+
+def dashboard_address(address: str | None) -> str:
+    """Normalize ``--address`` (or ``RAY_ADDRESS``) to the dashboard's http(s) URL."""
+    address = address or os.environ.get("RAY_ADDRESS") or ""
+    address = address.strip()
+    if not address:
+        raise ValueError("--address is required: the Ray dashboard URL, e.g. http://HEAD:8265")
+    if address.startswith("ray://"):
+        raise ValueError(f"--address {address!r}: the Jobs API needs the dashboard URL (http://HEAD:8265), "
+                         "not a ray:// client address")
+    if not re.match(r"^https?://", address):
+        address = "http://" + address
+    return address.rstrip("/")
+
+
+def _parse_env(items: list[str] | None) -> dict[str, str]:
+    env = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+            raise ValueError(f"--env {item!r}: expected KEY=VALUE")
+        env[key] = value
+    return env
+
+
+def _ship_inputs(uri: str, staging: Path, storage_cfg) -> tuple[str, list[str]]:
+    """Copy the local input Parquet files under ``staging/inputs`` keeping their relative paths."""
+    from .dataset import list_input_files
+
+    files = list_input_files(uri, storage_cfg)
+    dest_root = staging / "inputs"
+    for f in files:
+        dest = dest_root / f.rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_local_path(f.uri), dest)
+    pattern = None
+    if any(ch in uri for ch in "*?["):
+        cut = min(uri.index(ch) for ch in "*?[" if ch in uri)
+        pattern = uri[uri.rfind("/", 0, cut) + 1:]
+    local = _local_path(uri) if pattern is None else None
+    if pattern is not None:
+        new_uri = f"inputs/{pattern}"
+    elif local is not None and local.is_file():
+        new_uri = f"inputs/{files[0].rel}"
+    else:
+        new_uri = "inputs"
+    return new_uri, [f.rel for f in files]
+
+
+def prepare_submission(spec_path: str | Path, overrides: list[str] | None = None, *,
+                       ship_inputs: bool = True, ship_code: bool = False,
+                       extra_env: dict[str, str] | None = None, run_args: list[str] | None = None,
+                       max_upload_mb: float = 100.0, staging_dir: str | Path | None = None) -> Submission:
+    """Validate the spec and build the staging folder and runtime_env for the Jobs API."""
+    import yaml
+
+    from .spec import apply_overrides, spec_from_dict
+    from .storage import StorageConfig
+
+    spec_path = Path(spec_path)
+    try:
+        raw = yaml.safe_load(spec_path.read_text())
+    except OSError as exc:
+        raise InputError(f"{spec_path}: cannot read job spec: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise InputError(f"{spec_path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"{spec_path}: a job spec must be a YAML mapping")
+    raw = apply_overrides(raw, overrides or [])
+    spec = spec_from_dict(raw, str(spec_path))  # fail here, not on the cluster
+
+    staging = Path(staging_dir) if staging_dir else Path(tempfile.mkdtemp(prefix="batchgen-submit-"))
+    staging.mkdir(parents=True, exist_ok=True)
+    data = spec.model_dump(mode="json")
+    warnings: list[str] = []
+    shipped: list[str] = []
+    storage_cfg = StorageConfig(endpoint_url=spec.storage.endpoint_url)
+
+    if _is_local(spec.input.uri):
+        if ship_inputs:
+            data["input"]["uri"], shipped = _ship_inputs(spec.input.uri, staging, storage_cfg)
+        else:
+            data["input"]["uri"] = str(_local_path(spec.input.uri))
+    if _is_local(spec.model.uri) and not spec.model.uri.startswith("builtin:"):
+        data["model"]["uri"] = str(_local_path(spec.model.uri))
+        warnings.append(f"model.uri {data['model']['uri']} is a local path: it is not uploaded and must "
+                        "exist at that path on every node of the cluster")
+    if _is_local(spec.output.uri):
+        data["output"]["uri"] = str(_local_path(spec.output.uri))
+        warnings.append(f"output.uri {data['output']['uri']} is a local path: on a multi-node cluster "
+                        "each node writes to its own disk; use s3:// for real clusters")
+
+    size = sum(p.stat().st_size for p in staging.rglob("*") if p.is_file())
+    if size > max_upload_mb * 2**20:
+        raise InputError(f"input.uri {spec.input.uri!r}: {size / 2**20:.0f} MiB of input files is too much "
+                         f"to upload with the job (limit {max_upload_mb:g} MiB); put them in s3:// or pass "
+                         "--no-ship-inputs if the path exists on the cluster")
+    (staging / "job.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+
+    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    env.update(extra_env or {})
+    runtime_env: dict = {"working_dir": str(staging)}
+    if env:
+        runtime_env["env_vars"] = env
+    if ship_code:
+        runtime_env["py_modules"] = [str(Path(__file__).resolve().parent)]
+    entry = ["python", "-m", "batchgen.cli", "run", "job.yaml", *(run_args or [])]
+    return Submission(staging, shlex.join(entry), runtime_env, spec, shipped, warnings)
+
+
+# ----------------------------------------------------------------------------- talking to the cluster
+
+
+def _client(address: str):
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except Exception as exc:
+        raise SubmitError(f"cannot reach the Ray job server at {address}: {exc} "
+                          "(is the cluster up and the dashboard port reachable?)") from None
+
+
+def _submission_id(name: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-")[:40] or "job"
+    return f"batchgen-{safe}-{uuid.uuid4().hex[:8]}"
+
+
+def submit(sub: Submission, address: str, submission_id: str | None = None) -> str:
+    """Submit a prepared job; returns the submission id."""
+    client = _client(address)
+    try:
+        return client.submit_job(
+            entrypoint=sub.entrypoint,
+            runtime_env=sub.runtime_env,
+            submission_id=submission_id or _submission_id(sub.spec.name),
+            metadata={"batchgen_job": sub.spec.name},
+        )
+    except Exception as exc:
+        raise SubmitError(f"the Ray job server at {address} refused the job: {exc}") from None
+
+
+def _exit_code(info) -> int:
+    status = str(getattr(info.status, "value", info.status))
+    if status == "SUCCEEDED":
+        return 0
+    return int(info.driver_exit_code) if info.driver_exit_code else 1
+
+
+def follow(address: str, job_id: str, out=None, poll_s: float = 1.0) -> int:
+    """Stream the job's logs until it ends; return its exit code (0 only when it succeeded)."""
+    import asyncio
+
+    out = out or sys.stdout
+    client = _client(address)
+
+    async def _tail() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            out.write(chunk)
+            out.flush()
+
+    try:
+        asyncio.run(_tail())
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # log streaming is best effort; the status below is what counts
+        print(f"batchgen submit: log stream ended: {exc}", file=sys.stderr)
+    while True:
+        info = client.get_job_info(job_id)
+        status = str(getattr(info.status, "value", info.status))
+        if status in TERMINAL:
+            break
+        time.sleep(poll_s)
+    code = _exit_code(info)
+    print(f"batchgen submit: job {job_id} {status}" + (f": {info.message}" if info.message else ""),
+          file=sys.stderr)
+    return code
+
+
+def status_submission(job_id: str, address: str | None) -> int:
+    """Print a submitted job's state; exit code 1 when it failed or was stopped, else 0."""
+    address = dashboard_address(address)
+    client = _client(address)
+    try:
+        info = client.get_job_info(job_id)
+    except Exception as exc:
+        raise SubmitError(f"job {job_id!r} not found on {address}: {exc}") from None
+    status = str(getattr(info.status, "value", info.status))
+    print(f"job:        {job_id}")
+    print(f"status:     {status}")
+    if info.message:
+        print(f"message:    {info.message}")
+    print(f"entrypoint: {info.entrypoint}")
+    for label, ts in (("started", info.start_time), ("ended", info.end_time)):
+        if ts:
+            print(f"{label + ':':<11} {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(ts / 1000))}")
+    if info.driver_exit_code is not None:
+        print(f"exit code:  {info.driver_exit_code}")
+    return 1 if status in ("FAILED", "STOPPED") else 0
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("spec", help="job spec YAML")
+    parser.add_argument("--address", default=None,
+                        help="Ray dashboard URL, e.g. http://HEAD:8265 (default: $RAY_ADDRESS)")
+    parser.add_argument("--wait", action="store_true", help="follow the logs; exit with the job's result")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a spec field, e.g. --set compute.max_workers=8 (repeatable)")
+    parser.add_argument("--overwrite", action="store_true", help="passed to `batchgen run` on the cluster")
+    parser.add_argument("--max-failures", type=int, default=None,
+                        help="passed to `batchgen run` on the cluster")
+    parser.add_argument("--no-ship-inputs", action="store_true",
+                        help="do not upload local input files (the path exists on the cluster)")
+    parser.add_argument("--ship-code", action="store_true",
+                        help="upload this batchgen package with the job (py_modules)")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra environment variable for the job (visible in the dashboard)")
+    parser.add_argument("--submission-id", default=None, help="submission id (default batchgen-<name>-<random>)")
+
+
+def run(args: argparse.Namespace) -> int:
+    address = dashboard_address(args.address)
+    run_args = (["--overwrite"] if args.overwrite else []) + (
+        ["--max-failures", str(args.max_failures)] if args.max_failures is not None else [])
+    sub = prepare_submission(args.spec, args.overrides, ship_inputs=not args.no_ship_inputs,
+                             ship_code=args.ship_code, extra_env=_parse_env(args.env), run_args=run_args)
+    for w in sub.warnings:
+        print(f"batchgen submit: note: {w}", file=sys.stderr)
+    try:
+        job_id = submit(sub, address, args.submission_id)
+    finally:
+        shutil.rmtree(sub.staging_dir, ignore_errors=True)  # uploaded (or not needed) by now
+    print(job_id, flush=True)
+    if not args.wait:
+        print(f"batchgen submit: follow with `batchgen status {job_id} --address {address}` "
+              f"or `ray job logs --address {address} -f {job_id}`", file=sys.stderr)
+        return 0
+    try:
+        return follow(address, job_id)
+    except KeyboardInterrupt:
+        print(f"batchgen submit: stopped following; job {job_id} keeps running "
+              f"(stop it with `ray job stop --address {address} {job_id}`)", file=sys.stderr)
+        return 130
+
+
+configure_submit = configure
+run_submit = run
