@@ -91,6 +91,9 @@ def _base_env() -> dict:
     env = os.environ.copy()
     env.pop("RAY_ADDRESS", None)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+    # Job entrypoints run `python` from PATH on the head, as on a real node: make it this interpreter
+    # (the test run may not have its virtualenv activated).
+    env["PATH"] = os.pathsep.join(p for p in (os.path.dirname(sys.executable), env.get("PATH")) if p)
     env["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     # Ray 2.60 turns token auth on for a new head when ~/.ray/auth_token exists (any earlier local

@@ -32,6 +32,8 @@ def test_local_input_folder_travels_with_same_relative_paths(tmp_path, monkeypat
     pq.write_table(pa.table({"prompt": ["c"]}), data / "part-b" / "y.parquet")
     (data / "notes.txt").write_text("not an input")
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    for name in ("AWS_DEFAULT_REGION", "AWS_REGION"):  # other tests' S3 fixtures may have set them
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-never-sent")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIA-never-sent")
     monkeypatch.chdir(tmp_path)
