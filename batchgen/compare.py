@@ -34,7 +34,10 @@ from .errors import InputError, StorageError
 log = logging.getLogger(__name__)
 
 CLASSES = ("identical", "within_tolerance", "changed", "missing", "new")
-DEFAULT_IGNORED_SETTINGS = ("render_ms", "encode_ms", "worker", "attempt", "image_uri", "batchgen_version")
+# Provenance and bookkeeping, not render settings: a nightly run from another checkout or bucket
+# has other input paths and workers for the same items.
+DEFAULT_IGNORED_SETTINGS = ("render_ms", "encode_ms", "worker", "attempt", "image_uri", "batchgen_version",
+                            "source_file", "source_row")
 # Columns that are results rather than settings; compared through the image itself.
 RESULT_COLUMNS = ("item_id", "image_sha256", "image_bytes", "status", "error")
 REQUIRED_COLUMNS = ("item_id", "status", "image_uri", "image_sha256")

@@ -151,10 +151,11 @@ class Progress:
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
-    def steady_rate(self) -> float:
-        """img/s after the first results (excludes actor start-up and model load)."""
+    def steady_rate(self) -> float | None:
+        """img/s after the first results (excludes actor start-up and model load); None when every
+        result came in the first batch, so there is no steady phase to measure."""
         if self.first_at is None or self.done <= self.first_rows:
-            return 0.0
+            return None
         return (self.done - self.first_rows) / max(self.last_at - self.first_at, 1e-9)
 
     def update(self, n: int, failed: int) -> None:

@@ -58,10 +58,11 @@ def bare_vs_job(tmp: Path, items: int, size: int, steps: int, batch: int, per_ca
     summary = run_job(spec, overwrite=True).summary
     job = summary["images_per_s"]
     steady = summary["steady_images_per_s"]
+    warm = (f"{steady:.2f} img/s ({steady / bare:.2f}x bare)" if steady is not None
+            else "n/a (every result arrived in the first batch: use more --items)")
     print(f"[1] {items} items {size}x{size}, {steps} steps, micro-batch {batch}: bare generate loop "
           f"{bare:.2f} img/s; full job {job:.2f} img/s ({job / bare:.2f}x bare, actor start-up included); "
-          f"job after its first result (warm actor) {steady:.2f} img/s ({steady / bare:.2f}x bare); "
-          f"job timings {summary['timings_s']}")
+          f"job after its first result (warm actor) {warm}; job timings {summary['timings_s']}")
     del ray
 
 

@@ -14,18 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-MANIFEST_SCHEMA = pa.schema([
-    ("item_id", pa.string()), ("source_file", pa.string()), ("source_row", pa.int64()),
-    ("prompt", pa.string()), ("negative_prompt", pa.string()), ("seed", pa.int64()),
-    ("sampler", pa.string()), ("steps", pa.int32()), ("guidance_scale", pa.float64()),
-    ("width", pa.int32()), ("height", pa.int32()), ("batch_size", pa.int32()),
-    ("strength", pa.float64()), ("init_image", pa.string()), ("model_uri", pa.string()),
-    ("model_fingerprint", pa.string()), ("image_uri", pa.string()), ("image_format", pa.string()),
-    ("image_sha256", pa.string()), ("image_bytes", pa.int64()), ("status", pa.string()),
-    ("error", pa.string()), ("attempt", pa.int32()), ("worker", pa.string()),
-    ("render_ms", pa.float64()), ("encode_ms", pa.float64()), ("batchgen_version", pa.string()),
-    ("sampler_options", pa.string()),
-])
+from batchgen.manifest import MANIFEST_SCHEMA
+
 
 
 def noise_image(seed: int, h: int = 24, w: int = 24) -> np.ndarray:

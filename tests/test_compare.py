@@ -239,8 +239,10 @@ def test_two_real_jobs_compare(ray_local, builtin_tiny, tmp_path):
     assert res.counts == {"identical": 3, "within_tolerance": 0, "changed": 1, "missing": 0, "new": 0}
     (item,) = res.items
     assert item.item_id == "c" and item.max_abs_diff > 0 and item.ssim < 1.0
-    # The input files differ by name, so source_file differs for every item (reported, not failed).
-    assert set(item.settings) == {"seed", "source_file"} and item.settings["seed"] == [33, 999]
-    assert res.settings_differ == {"seed": 1, "source_file": 4}
+    # The input files differ by name: provenance (source_file) is not a setting unless asked for.
+    assert set(item.settings) == {"seed"} and item.settings["seed"] == [33, 999]
+    assert res.settings_differ == {"seed": 1}
+    with_source = compare_outputs(str(tmp_path / "base"), str(tmp_path / "cand"), ignore_settings=["worker"])
+    assert with_source.settings_differ["source_file"] == 4
     assert main(["compare", str(tmp_path / "base"), str(tmp_path / "cand"), "--report", str(tmp_path / "r")]) == 1
     assert (tmp_path / "r" / "images" / "00000-diff.png").exists()
