@@ -45,6 +45,17 @@ def sample_key(item_id: str) -> str:
     return item_id.replace(".", "_")
 
 
+def _source_rows(output: str, shard_size, storage_config):
+    """The job output to export, its manifest, the ok rows (sorted by item id) and the failed count."""
+    from .compare import open_output, read_manifest
+
+    _check_shard_size(shard_size)
+    root = open_output(output, storage_config)
+    table = read_manifest(root)
+    rows, failed = _ok_rows(table)
+    return root, table, rows, failed
+
+
 def _ok_rows(table) -> tuple[list[dict], int]:
     """The manifest rows with status ok (sorted by item id) and the number of other rows."""
     rows = [r for r in table.to_pylist() if r.get("status") == "ok"]
@@ -112,13 +123,9 @@ def export_webdataset(output: str, to: str, shard_size: int = 1000, storage_conf
     """Write WebDataset shards of a job output's ok items; returns the counts."""
     import pyarrow as pa
 
-    from .compare import open_output, read_manifest
     from .storage import Location
 
-    _check_shard_size(shard_size)
-    root = open_output(output, storage_config)
-    table = read_manifest(root)
-    rows, failed = _ok_rows(table)
+    root, table, rows, failed = _source_rows(output, shard_size, storage_config)
     keys: dict[str, str] = {}
     for r in rows:
         key = sample_key(r["item_id"])
@@ -180,13 +187,9 @@ def export_parquet(output: str, to: str, shard_size: int = 1000, storage_config=
     """Write Hugging Face datasets Parquet files of a job output's ok items; returns the counts."""
     import pyarrow as pa
 
-    from .compare import open_output, read_manifest
     from .storage import Location
 
-    _check_shard_size(shard_size)
-    root = open_output(output, storage_config)
-    table = read_manifest(root)
-    rows, failed = _ok_rows(table)
+    root, table, rows, failed = _source_rows(output, shard_size, storage_config)
     dest = Location.parse(str(to), storage_config)
     existing = _prepare_destination(dest, overwrite)
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
