@@ -46,20 +46,23 @@ def sample_key(item_id: str) -> str:
 
 
 def _source_rows(output: str, shard_size, storage_config):
-    """The job output to export, its manifest, the ok rows (sorted by item id) and the failed count."""
+    """The job output to export, its ok manifest rows as an Arrow table (in manifest order: sorted
+    by item id) and the number of other rows. Rows become Python dicts one shard at a time."""
+    import pyarrow.compute as pc
+
     from .compare import open_output, read_manifest
 
     _check_shard_size(shard_size)
     root = open_output(output, storage_config)
     table = read_manifest(root)
-    rows, failed = _ok_rows(table)
-    return root, table, rows, failed
+    ok = table.filter(pc.equal(table.column("status"), "ok"))
+    return root, ok, table.num_rows - ok.num_rows
 
 
-def _ok_rows(table) -> tuple[list[dict], int]:
-    """The manifest rows with status ok (sorted by item id) and the number of other rows."""
-    rows = [r for r in table.to_pylist() if r.get("status") == "ok"]
-    return rows, table.num_rows - len(rows)
+def _shards(ok, shard_size: int):
+    """(shard index, rows of that shard as dicts) over the ok table."""
+    for shard, start in enumerate(range(0, ok.num_rows, shard_size)):
+        yield shard, ok.slice(start, shard_size).to_pylist()
 
 
 def _image_bytes(root, row: dict, storage_config) -> tuple[bytes, str]:
@@ -125,21 +128,22 @@ def export_webdataset(output: str, to: str, shard_size: int = 1000, storage_conf
 
     from .storage import Location
 
-    root, table, rows, failed = _source_rows(output, shard_size, storage_config)
+    root, ok, failed = _source_rows(output, shard_size, storage_config)
     keys: dict[str, str] = {}
-    for r in rows:
-        key = sample_key(r["item_id"])
+    for item_id in ok.column("item_id").to_pylist():
+        key = sample_key(item_id)
         if key in keys:
-            raise InputError(f"items {keys[key]!r} and {r['item_id']!r} both map to WebDataset key {key!r} "
+            raise InputError(f"items {keys[key]!r} and {item_id!r} both map to WebDataset key {key!r} "
                              f"('.' becomes '_'); rename one of them")
-        keys[key] = r["item_id"]
+        keys[key] = item_id
+    del keys
     dest = Location.parse(str(to), storage_config)
     existing = _prepare_destination(dest, overwrite)
     sizes: dict[str, int] = {}
     written: set[str] = set()
     t0 = time.monotonic()
-    for shard, start in enumerate(range(0, len(rows), shard_size)):
-        chunk = rows[start:start + shard_size]
+    done = 0
+    for shard, chunk in _shards(ok, shard_size):
         name = f"{shard:06d}"
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
@@ -151,18 +155,19 @@ def export_webdataset(output: str, to: str, shard_size: int = 1000, storage_conf
                 _tar_add(tar, f"{key}.json", _json_row(r))
         dest.join(f"{name}.tar").write_bytes(buf.getvalue())
         shard_rows = pa.Table.from_pylist([{"key": sample_key(r["item_id"]), **r} for r in chunk],
-                                          schema=pa.schema([("key", pa.string())] + list(table.schema)))
+                                          schema=pa.schema([("key", pa.string())] + list(ok.schema)))
         dest.join(f"{name}.parquet").write_bytes(_parquet_bytes(shard_rows))
         sizes[f"{name}.tar"] = len(chunk)
         written |= {f"{name}.tar", f"{name}.parquet"}
-        log.info("export: shard %s (%d samples, %d/%d done)", name, len(chunk), start + len(chunk), len(rows))
+        done += len(chunk)
+        log.info("export: shard %s (%d samples, %d/%d done)", name, len(chunk), done, ok.num_rows)
     dest.join("sizes.json").write_bytes(json.dumps(sizes, indent=2, sort_keys=True).encode())
-    counts = {"format": "webdataset", "source": root.uri, "exported": len(rows), "failed_skipped": failed,
+    counts = {"format": "webdataset", "source": root.uri, "exported": ok.num_rows, "failed_skipped": failed,
               "shards": len(sizes), "shard_size": shard_size}
     dest.join("export.json").write_bytes(json.dumps(counts, indent=2, sort_keys=True).encode())
     _remove_stale(dest, existing, written | {"sizes.json", "export.json"})
     log.info("export: %d samples in %d shards in %.1f s (%d failed items left out)",
-             len(rows), len(sizes), time.monotonic() - t0, failed)
+             ok.num_rows, len(sizes), time.monotonic() - t0, failed)
     return counts
 
 
@@ -189,18 +194,17 @@ def export_parquet(output: str, to: str, shard_size: int = 1000, storage_config=
 
     from .storage import Location
 
-    root, table, rows, failed = _source_rows(output, shard_size, storage_config)
+    root, ok, failed = _source_rows(output, shard_size, storage_config)
     dest = Location.parse(str(to), storage_config)
     existing = _prepare_destination(dest, overwrite)
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     fields = [pa.field("image", image_type), pa.field("text", pa.string())]
-    fields += [f for f in table.schema if f.name not in ("image", "text")]
+    fields += [f for f in ok.schema if f.name not in ("image", "text")]
     schema = pa.schema(fields)
     schema = schema.with_metadata({"huggingface": json.dumps(hf_features(schema))})
-    n_files = max(1, -(-len(rows) // shard_size))
+    n_files = max(1, -(-ok.num_rows // shard_size))
     written: set[str] = set()
-    for shard in range(n_files):
-        chunk = rows[shard * shard_size:(shard + 1) * shard_size]
+    for shard, chunk in _shards(ok, shard_size) if ok.num_rows else [(0, [])]:
         out_rows = []
         for r in chunk:
             data, ext = _image_bytes(root, r, storage_config)
@@ -211,7 +215,7 @@ def export_parquet(output: str, to: str, shard_size: int = 1000, storage_config=
         dest.join(name).write_bytes(_parquet_bytes(tab, row_group_size=100))
         written.add(name)
         log.info("export: %s (%d rows)", name, len(chunk))
-    counts = {"format": "parquet", "source": root.uri, "exported": len(rows), "failed_skipped": failed,
+    counts = {"format": "parquet", "source": root.uri, "exported": ok.num_rows, "failed_skipped": failed,
               "files": n_files, "shard_size": shard_size}
     dest.join("export.json").write_bytes(json.dumps(counts, indent=2, sort_keys=True).encode())
     _remove_stale(dest, existing, written | {"export.json"})
