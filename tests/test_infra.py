@@ -114,8 +114,8 @@ def test_dockerfile_cuda_base_and_pinned_install():
 
 def test_readme_cluster_section_names_the_commands():
     readme = (ROOT / "README.md").read_text()
-    start = readme.index("<!-- section: cluster -->")
-    end = readme.find("<!-- section:", start + 1)
+    start = readme.index("\n## Running on a cluster")
+    end = readme.find("\n## ", start + 1)
     section = readme[start:end if end > 0 else None]
     for needle in ("batchgen submit", "--address", "kuberay-raycluster.yaml", "kuberay-rayjob.yaml",
                    "aws-cluster.yaml", "infra/Dockerfile", "batchgen status"):
