@@ -46,8 +46,8 @@ def _build_and_load(factory: Callable[[], torch.nn.Module], folder: CheckpointFo
     """Build a module without materialising random weights (meta device), then load its weights."""
     with torch.device("meta"):
         module = factory()
-    if any(t.is_meta for t in module.buffers()):  # non-persistent buffers must be real tensors
-        module = factory()
+    if next(module.buffers(), None) is not None:
+        module = factory()  # buffers may be computed in __init__ and not saved: build them for real
     else:
         module = module.to_empty(device="cpu")
     load_component(folder, name, module, variant, allow_pickle, convert=convert)
@@ -238,13 +238,8 @@ def _to_rgb_array(image, width: int, height: int, where: str) -> np.ndarray:
 def load_pipeline(path, device=None, dtype=None, variant: str | None = None, allow_pickle: bool = False,
                   storage_config=None) -> Pipeline:
     """Load a diffusers-layout checkpoint (local folder, file://, s3://, ``builtin:tiny``)."""
-    from .models import AutoencoderKL, UNet2DConditionModel
+    from .models import AutoencoderKL, UNet2DConditionModel, convert_legacy_vae_keys
     from .models.text import PromptEncoder, build_text_encoder, load_tokenizer
-
-    try:
-        from .models.vae import convert_legacy_vae_keys
-    except ImportError:  # pragma: no cover - older module layout
-        convert_legacy_vae_keys = None
 
     device, dtype = default_device_dtype(device, dtype)
     local = resolve_model_uri(path, storage_config)
@@ -270,7 +265,7 @@ def load_pipeline(path, device=None, dtype=None, variant: str | None = None, all
     info = {
         "uri": str(path),
         "fingerprint": fingerprint(folder.root, folder.loaded_files),
-        "architecture": "sd2" if _uses_linear_projection(unet_config) else "sd1",
+        "architecture": "sd2" if unet_config.get("use_linear_projection", False) else "sd1",
         "prediction_type": scheduler_config.get("prediction_type", "epsilon"),
         "dtype": str(dtype).removeprefix("torch."),
         "device": str(device),
@@ -279,10 +274,6 @@ def load_pipeline(path, device=None, dtype=None, variant: str | None = None, all
              device, info["dtype"])
     return Pipeline(unet=unet, vae=vae, prompt_encoder=PromptEncoder(tokenizer, text_encoder),
                     scheduler_config=scheduler_config, device=device, dtype=dtype, model_info=info)
-
-
-def _uses_linear_projection(config: dict) -> bool:
-    return bool(config.get("use_linear_projection", False))
 
 
 __all__ = ["Pipeline", "load_pipeline", "default_device_dtype"]

@@ -79,12 +79,10 @@ def _load_renderer(model_uri: str, dtype: str, storage_cfg, hooks: dict):
     import torch
 
     from . import load_pipeline
-    from .checkpoints import resolve_model_uri
 
     torch.set_num_threads(int(hooks.get("torch_threads", 1)))
-    local = model_uri if model_uri.startswith("builtin:") else str(resolve_model_uri(model_uri, storage_cfg))
-    pipe = load_pipeline(local, dtype=None if dtype == "auto" else dtype)
-    return pipe
+    # load_pipeline resolves builtin:, local and s3:// URIs (cached once per node) and dtype "auto".
+    return load_pipeline(model_uri, dtype=dtype, storage_config=storage_cfg)
 
 
 def _maybe_die(hooks: dict, calls: int) -> None:

@@ -507,7 +507,7 @@ class Location:
         _make_local_dirs(root, str(root))
         final = root / name
         if not (final / _COMPLETE_MARKER).exists():
-            with _file_lock(root / f"{name}.lock"):
+            with file_lock(root / f"{name}.lock"):
                 if not (final / _COMPLETE_MARKER).exists():
                     self._download(listing, root, final)
         return final / listing[0][0] if single else final
@@ -592,9 +592,13 @@ def _region() -> str:
     return os.environ.get("AWS_REGION") or boto3.session.Session().region_name or "us-east-1"
 
 
+def cache_root() -> Path:
+    """batchgen's local cache: ``$BATCHGEN_CACHE``, else ``~/.cache/batchgen``."""
+    return Path(os.environ.get("BATCHGEN_CACHE") or Path.home() / ".cache" / "batchgen")
+
+
 def _default_cache_root() -> Path:
-    base = os.environ.get("BATCHGEN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "batchgen")
-    return Path(base) / "downloads"
+    return cache_root() / "downloads"
 
 
 def _make_local_dirs(folder: Path, uri: str) -> None:
@@ -608,7 +612,7 @@ def _make_local_dirs(folder: Path, uri: str) -> None:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path):
+def file_lock(path: Path):
     """An exclusive ``flock`` on ``path``: serializes threads and processes of one node."""
     import fcntl
 

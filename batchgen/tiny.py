@@ -9,7 +9,6 @@ are built once into the user cache (``$BATCHGEN_CACHE`` or ``~/.cache/batchgen``
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
@@ -237,16 +236,14 @@ def make_tiny_model(directory: str | os.PathLike, variant: str = "sd1", seed: in
     return root
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("BATCHGEN_CACHE") or Path.home() / ".cache" / "batchgen")
-
-
 def builtin_model_path(name: str) -> Path:
     """Path of built-in model ``name`` (``tiny``, ``tiny-sd2``), building it on first use.
 
     Concurrent callers (several actors on one node) build it once: a file lock serialises them and
     the folder appears atomically by rename.
     """
+    from .storage import cache_root, file_lock
+
     if name not in BUILTINS:
         raise ValueError(f"model: unknown built-in model 'builtin:{name}'; known: "
                          + ", ".join(f"builtin:{n}" for n in BUILTINS))
@@ -255,7 +252,7 @@ def builtin_model_path(name: str) -> Path:
     if (target / "model_index.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(target.parent / f".{target.name}.lock"):
+    with file_lock(target.parent / f".{target.name}.lock"):
         if (target / "model_index.json").is_file():
             return target
         log.info("building built-in model builtin:%s into %s", name, target)
@@ -266,18 +263,6 @@ def builtin_model_path(name: str) -> Path:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    import fcntl
-
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def configure(parser) -> None:

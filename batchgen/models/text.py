@@ -68,8 +68,7 @@ class PromptEncoder:
         return hidden.to(device=device, dtype=dtype)
 
     def _warn_truncated(self, prompts: list[str]) -> None:
-        for i, prompt in enumerate(prompts):
-            ids = self.tokenizer(prompt, truncation=False).input_ids
+        for i, ids in enumerate(self.tokenizer(prompts, truncation=False).input_ids):
             if len(ids) > self.max_length:
                 dropped = self.tokenizer.decode(ids[self.max_length - 1:-1])
                 log.warning("prompt %d is longer than %d tokens; truncated, dropping: %r", i, self.max_length, dropped)
