@@ -1,39 +1,45 @@
-"""Prompts + seeds -> uint8 images: text encoding, classifier-free guidance, sampling, VAE decode.
+"""Prompts + seeds -> uint8 images, for every model family, written once.
 
-The arithmetic follows diffusers' StableDiffusionPipeline / StableDiffusionImg2ImgPipeline step for
-step, so the same checkpoint, seed and settings give the same image. Every model call runs at a
-fixed micro-batch shape (the last batch is padded), so an item's bytes never depend on its
-batch-mates or its position.
+``Pipeline.generate`` validates a request against the settings table, splits it into micro-batches
+of a fixed size (padding the last), draws every item's noise from its own CPU generator, and runs
+the sampler loop and the VAE decode. What differs between families (text encoders, the denoiser
+call, latent packing, VAE precision, schedule arguments) sits behind the family seam
+(:mod:`batchgen.families`). The arithmetic follows diffusers' pipelines step for step, so the same
+checkpoint, seed and settings give the same image; and since every model call runs at the same
+micro-batch shape, an item's bytes never depend on its batch-mates or its position.
 """
 
 from __future__ import annotations
 
 import logging
-import math
+import sys
 from dataclasses import dataclass
-from numbers import Real
-from typing import Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from .checkpoints import CheckpointFolder, fingerprint, load_component, open_folder, resolve_model_uri
-from .errors import CheckpointError
+from .checkpoints import fingerprint, open_folder, resolve_model_uri
+from .families import family_for
+from .families.base import Batch, Family
 from .noise import check_seeds, item_generators, randn_items
+from .settings import BY_NAME, GROUP_SETTINGS, check_family, per_item_values
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Settings generate() takes as named arguments; the rest of the table comes in **settings.
+_NAMED = ("negative_prompt", "seed", "width", "height", "steps", "guidance_scale", "strength", "init_image")
 
 
-def default_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
-    """None picks cuda + float16 when a GPU is present, else cpu + float32."""
+def default_device_dtype(device=None, dtype=None, cuda_dtype: torch.dtype = torch.float16) -> tuple[torch.device, torch.dtype]:
+    """None picks cuda (+ ``cuda_dtype``) when a GPU is present, else cpu + float32."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if dtype is None or dtype == "auto":
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        dtype = cuda_dtype if device.type == "cuda" else torch.float32
     elif isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"dtype: expected auto or one of {', '.join(sorted(DTYPES))}, got {dtype!r}")
@@ -41,81 +47,88 @@ def default_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.d
     return device, dtype
 
 
-def _build_and_load(factory: Callable[[], torch.nn.Module], folder: CheckpointFolder, name: str,
-                    variant, allow_pickle, convert=None) -> torch.nn.Module:
-    """Build a module without materialising random weights (meta device), then load its weights."""
-    with torch.device("meta"):
-        module = factory()
-    if next(module.buffers(), None) is not None:
-        module = factory()  # buffers may be computed in __init__ and not saved: build them for real
-    else:
-        module = module.to_empty(device="cpu")
-    load_component(folder, name, module, variant, allow_pickle, convert=convert)
-    return module.eval().requires_grad_(False)
-
-
 @dataclass
 class _Request:
-    """One validated generate() call; a batch of it renders at ``micro_batch`` items per model call."""
+    """One validated generate() call."""
 
     prompts: list[str]
     negatives: list[str]
     seeds: list[int]
     sampler: str
-    steps: int
-    guidance_scale: float
-    width: int
-    height: int
-    init_images: list[np.ndarray] | None
-    strength: float | None
     options: dict
+    settings: dict[str, Any]  # group settings: scalars
+    items: dict[str, list]  # per-item family settings
+    init_images: list[np.ndarray] | None
+    labels: list[str] | None
 
 
 class Pipeline:
-    """A loaded SD 1.x / 2.x checkpoint. Create with :func:`load_pipeline`."""
+    """A loaded checkpoint of any family. Create with :func:`load_pipeline`."""
 
-    def __init__(self, *, unet, vae, prompt_encoder, scheduler_config: dict, device, dtype, model_info: dict):
-        self.unet = unet
-        self.vae = vae
-        self.prompt_encoder = prompt_encoder
-        self.scheduler_config = scheduler_config
-        self.device = device
-        self.dtype = dtype
+    def __init__(self, family: Family, model_info: dict):
+        self.family = family
+        self.device = family.device
+        self.dtype = family.dtype
         self.model_info = model_info
         self.fingerprint = model_info["fingerprint"]
-        self.vae_scale_factor = 2 ** (len(vae.config["block_out_channels"]) - 1)
-        self.latent_channels = int(unet.config["in_channels"])
+
+    def __getattr__(self, name: str):
+        """Components by name (``pipe.unet``, ``pipe.transformer``, ``pipe.text_encoder_2`` ...)."""
+        parts = self.__dict__.get("family").parts if "family" in self.__dict__ else {}
+        if name in parts:
+            return parts[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute or component {name!r}")
+
+    @property
+    def scheduler_config(self) -> dict:
+        return self.family.scheduler_config
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        """(width, height) the model was trained at: sample_size x the VAE factor, as diffusers picks."""
+        return self.family.default_size()
 
     # ----------------------------------------------------------------------------------- public
-    def generate(self, prompts, seeds, negative_prompts=None, sampler: str = "ddim", steps: int = 30,
-                 guidance_scale: float = 7.5, width: int = 512, height: int = 512, init_images=None,
-                 strength: float = 0.8, micro_batch: int | None = None, sampler_options: dict | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
+    def generate(self, prompts, seeds, negative_prompts=None, sampler: str | None = None, steps: int | None = None,
+                 guidance_scale: float | None = None, width: int | None = None, height: int | None = None,
+                 init_images=None, strength: float = 0.8, micro_batch: int | None = None,
+                 sampler_options: dict | None = None,
+                 progress: Callable[[int, int], None] | bool | None = None, item_ids=None,
+                 **settings) -> list[np.ndarray]:
         """Render ``prompts`` with ``seeds``; returns one HxWx3 uint8 array per prompt.
 
-        ``micro_batch=B`` runs every model call at exactly B items (padding the last batch), so an
-        item's bytes do not depend on its batch-mates; None renders all prompts in one batch.
-        ``progress(done_items, total_items)`` is called after each micro-batch.
+        None picks the family's default (sampler, steps, guidance, size). ``micro_batch=B`` runs
+        every model call at exactly B items (padding the last batch), so an item's bytes do not
+        depend on its batch-mates; None renders all prompts in one batch. ``settings`` are the
+        family's own knobs from :data:`batchgen.settings.SETTINGS` (e.g. SDXL's
+        ``original_width``), each one value or one per prompt. ``progress``: a callable
+        ``progress(done_items, total_items)`` called after each micro-batch, True/False for a
+        progress bar on stderr (None: a bar when stderr is a terminal). ``item_ids`` name the items
+        in warnings.
         """
         req = self._validate(prompts, seeds, negative_prompts, sampler, steps, guidance_scale, width, height,
-                             init_images, strength, sampler_options)
+                             init_images, strength, sampler_options, item_ids, settings)
         total = len(req.prompts)
         size = total if micro_batch is None else micro_batch
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"micro_batch: expected a positive integer or None, got {micro_batch!r}")
+        report, close = _progress(progress, total)
         images: list[np.ndarray] = []
-        for start in range(0, total, size):
-            stop = min(start + size, total)
-            images.extend(self._render_batch(req, start, stop, size))
-            if progress is not None:
-                progress(stop, total)
+        try:
+            for start in range(0, total, size):
+                stop = min(start + size, total)
+                images.extend(self._render_batch(req, start, stop, size))
+                report(stop, total)
+        finally:
+            close()
         return images
 
     # ------------------------------------------------------------------------------- validation
     def _validate(self, prompts, seeds, negative_prompts, sampler, steps, guidance_scale, width, height,
-                  init_images, strength, sampler_options) -> _Request:
+                  init_images, strength, sampler_options, item_ids, extra) -> _Request:
         from .sampling import get_sampler
 
+        fam = self.family
         if isinstance(prompts, str):
             prompts = [prompts]
         prompts = list(prompts)
@@ -139,77 +152,101 @@ class Pipeline:
             for i, p in enumerate(negatives):
                 if not isinstance(p, str):
                     raise ValueError(f"negative_prompts[{i}]: expected a string, got {type(p).__name__}")
-        for name, value in (("width", width), ("height", height)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % 8 or value % self.vae_scale_factor:
-                raise ValueError(f"{name}: expected a positive multiple of {max(8, self.vae_scale_factor)}, got {value!r}")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps: expected an integer >= 1, got {steps!r}")
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, Real) or not math.isfinite(guidance_scale):
-            raise ValueError(f"guidance_scale: expected a finite number, got {guidance_scale!r}")
+        labels = None
+        if item_ids is not None:
+            labels = [str(i) for i in item_ids]
+            if len(labels) != n:
+                raise ValueError(f"item_ids: expected {n} ids (one per prompt), got {len(labels)}")
+
+        check_family(fam.name, [k for k, v in extra.items() if v is not None])
+        for name in extra:
+            if name in _NAMED:
+                raise ValueError(f"{name}: pass it as generate()'s own argument")
+        defaults = fam.defaults()
+        default_w, default_h = fam.default_size()
+        named = {"width": default_w if width is None else width, "height": default_h if height is None else height,
+                 "steps": defaults["steps"] if steps is None else steps,
+                 "guidance_scale": defaults["guidance_scale"] if guidance_scale is None else guidance_scale}
+        group = {k: BY_NAME[k].check(v, k) for k, v in named.items()}
         images = None
         if init_images is not None:
-            if isinstance(strength, bool) or not isinstance(strength, Real) or not 0 < strength <= 1:
-                raise ValueError(f"strength: expected a number in (0, 1], got {strength!r}")
+            group["strength"] = BY_NAME["strength"].check(strength, "strength")
             images = list(init_images)
             if len(images) != n:
                 raise ValueError(f"init_images: expected {n} images (one per prompt), got {len(images)}")
-            images = [_to_rgb_array(img, width, height, f"init_images[{i}]") for i, img in enumerate(images)]
+            images = [_to_rgb_array(img, group["width"], group["height"], f"init_images[{i}]")
+                      for i, img in enumerate(images)]
+        items: dict[str, list] = {}
+        for name, value in extra.items():
+            setting = BY_NAME[name]
+            if setting.group:
+                if isinstance(value, (list, tuple)):
+                    raise ValueError(f"{name}: one value per call (items with different {name} never share a "
+                                     f"model call), got a list")
+                group[name] = setting.check(value, name)
+            else:
+                items[name] = per_item_values(name, value, n)
+        group = fam.resolve(group)
+        items = fam.resolve_items(items, group, n)
+        fam.check(group, items, prompts)
         options = dict(sampler_options or {})
+        name = sampler or fam.default_sampler
         # Fail on a bad sampler name, option or step count before any work is done.
-        get_sampler(sampler, self.scheduler_config, steps, strength=strength if images else None, options=options)
-        return _Request(prompts, negatives, seeds, sampler, steps, float(guidance_scale), width, height, images,
-                        float(strength) if images else None, options)
+        get_sampler(name, fam.scheduler_config, group["steps"], strength=group.get("strength"), options=options,
+                    **fam.schedule(group))
+        return _Request(prompts, negatives, seeds, name, options, group, items, images, labels)
 
     # -------------------------------------------------------------------------------- rendering
     @torch.inference_mode()
     def _render_batch(self, req: _Request, start: int, stop: int, size: int) -> list[np.ndarray]:
         from .sampling import get_sampler
 
+        fam = self.family
         real = stop - start
         pad = size - real
-        prompts = req.prompts[start:stop] + [""] * pad
-        negatives = req.negatives[start:stop] + [""] * pad
+        settings = req.settings
+        batch = Batch(
+            prompts=req.prompts[start:stop] + [""] * pad,
+            negatives=req.negatives[start:stop] + [""] * pad,
+            settings=settings,
+            items={k: v[start:stop] + [v[start]] * pad for k, v in req.items.items()},
+            labels=None if req.labels is None else req.labels[start:stop] + [None] * pad,
+            guided=fam.guided(settings),
+        )
         generators = item_generators(req.seeds[start:stop] + [0] * pad)
-        sampler = get_sampler(req.sampler, self.scheduler_config, req.steps, strength=req.strength,
-                              options=req.options)
-        guided = req.guidance_scale > 1.0
-        context = self.prompt_encoder(prompts, self.device, self.dtype)
-        if guided:
-            context = torch.cat([self.prompt_encoder(negatives, self.device, self.dtype), context])
-        shape = (self.latent_channels, req.height // self.vae_scale_factor, req.width // self.vae_scale_factor)
-
+        sampler = get_sampler(req.sampler, fam.scheduler_config, settings["steps"], strength=settings.get("strength"),
+                              options=req.options, **fam.schedule(settings))
+        cond = fam.encode_prompts(batch)
+        shape = fam.noise_shape(settings["width"], settings["height"])
+        # Each generator's draw order is diffusers': img2img's VAE posterior sample, then the noise.
         if req.init_images is not None:
-            clean = self._encode_images(req.init_images[start:stop], generators[:real], shape)
+            clean = fam.encode_images(req.init_images[start:stop], generators[:real])
             if pad:
-                clean = torch.cat([clean, clean.new_zeros((pad, *shape))])
-            noise = randn_items(generators, shape, self.device, self.dtype)
-            latents = sampler.noised_latents(clean, noise)
+                clean = torch.cat([clean, clean.new_zeros((pad, *clean.shape[1:]))])
+            noise = randn_items(generators, shape, fam.device, fam.dtype)
+            latents = sampler.noised_latents(fam.pack(clean, settings), fam.pack(noise, settings))
         else:
-            latents = sampler.initial_latents(randn_items(generators, shape, self.device, self.dtype))
-
-        scale = req.guidance_scale
-
-        def model(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            if not guided:
-                return self.unet(x_in, t, context)
-            uncond, cond = self.unet(torch.cat([x_in, x_in]), t, context).chunk(2)
-            return uncond + scale * (cond - uncond)
-
-        latents = sampler.sample(model, latents, generators)
-        decoded = self.vae.decode(latents / self.vae.scaling_factor)
+            latents = sampler.initial_latents(fam.pack(randn_items(generators, shape, fam.device, fam.dtype), settings))
+        latents = sampler.sample(fam.denoiser(cond, batch), latents, generators)
+        decoded = fam.decode(fam.unpack(latents, settings))
         return _to_uint8(decoded)[:real]
 
-    def _encode_images(self, images: Sequence[np.ndarray], generators, shape) -> torch.Tensor:
-        """VAE-encode init images one at a time (as diffusers does with per-item generators)."""
-        latents = []
-        for image, gen in zip(images, generators):
-            pixels = torch.from_numpy(image.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
-            pixels = (2.0 * pixels - 1.0).to(self.device, self.dtype)
-            latents.append(self.vae.encode(pixels).sample([gen]))
-        out = self.vae.scaling_factor * torch.cat(latents)
-        if tuple(out.shape[1:]) != tuple(shape):
-            raise CheckpointError(f"VAE latent shape {tuple(out.shape[1:])} does not match the UNet's {shape}")
-        return out
+
+def _progress(progress, total: int):
+    """(report(done, total), close()) for generate's ``progress`` argument."""
+    if callable(progress):
+        return progress, lambda: None
+    show = progress if isinstance(progress, bool) else sys.stderr.isatty()
+    if not show or total <= 1:
+        return (lambda done, total: None), lambda: None
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="img", desc="generate", file=sys.stderr, leave=False)
+
+    def report(done: int, _total: int) -> None:
+        bar.update(done - bar.n)
+
+    return report, bar.close
 
 
 def _to_uint8(decoded: torch.Tensor) -> list[np.ndarray]:
@@ -237,43 +274,22 @@ def _to_rgb_array(image, width: int, height: int, where: str) -> np.ndarray:
 
 def load_pipeline(path, device=None, dtype=None, variant: str | None = None, allow_pickle: bool = False,
                   storage_config=None) -> Pipeline:
-    """Load a diffusers-layout checkpoint (local folder, file://, s3://, ``builtin:tiny``)."""
-    from .models import AutoencoderKL, UNet2DConditionModel, convert_legacy_vae_keys
-    from .models.text import PromptEncoder, build_text_encoder, load_tokenizer
-
-    device, dtype = default_device_dtype(device, dtype)
+    """Load a checkpoint of any known family (local diffusers folder, file://, s3://, ``builtin:``)."""
     local = resolve_model_uri(path, storage_config)
     folder = open_folder(local)
-    unet_config = folder.read_json("unet/config.json")
-    vae_config = folder.read_json("vae/config.json")
-    scheduler_config = folder.read_json("scheduler/scheduler_config.json")
-    unet = _build_and_load(lambda: UNet2DConditionModel(unet_config), folder, "unet", variant, allow_pickle)
-    vae = _build_and_load(lambda: AutoencoderKL(vae_config), folder, "vae", variant, allow_pickle,
-                          convert=convert_legacy_vae_keys)
-    text_dir = folder.component_dir("text_encoder")
-    text_encoder = build_text_encoder(text_dir / "config.json")
-    folder.loaded_files.append(text_dir / "config.json")
-    load_component(folder, "text_encoder", text_encoder, variant, allow_pickle)
-    text_encoder = text_encoder.eval().requires_grad_(False)
-    tokenizer_dir = folder.component_dir("tokenizer")
-    tokenizer = load_tokenizer(tokenizer_dir)
-    folder.loaded_files.extend(p for p in sorted(tokenizer_dir.iterdir()) if p.is_file())
-
-    unet.to(device=device, dtype=dtype)
-    vae.to(device=device, dtype=dtype)
-    text_encoder.to(device=device, dtype=dtype)
+    family_cls = family_for(folder)
+    device, dtype = default_device_dtype(device, dtype, family_cls.cuda_dtype)
+    family = family_cls.load(folder, variant, allow_pickle).to(device, dtype)
     info = {
         "uri": str(path),
         "fingerprint": fingerprint(folder.root, folder.loaded_files),
-        "architecture": "sd2" if unet_config.get("use_linear_projection", False) else "sd1",
-        "prediction_type": scheduler_config.get("prediction_type", "epsilon"),
+        **family.info(),
         "dtype": str(dtype).removeprefix("torch."),
         "device": str(device),
     }
-    log.info("loaded %s (%s, fingerprint %s) on %s/%s", path, info["architecture"], info["fingerprint"][:12],
+    log.info("loaded %s (%s, fingerprint %s) on %s/%s", path, info["variant"], info["fingerprint"][:12],
              device, info["dtype"])
-    return Pipeline(unet=unet, vae=vae, prompt_encoder=PromptEncoder(tokenizer, text_encoder),
-                    scheduler_config=scheduler_config, device=device, dtype=dtype, model_info=info)
+    return Pipeline(family, info)
 
 
-__all__ = ["Pipeline", "load_pipeline", "default_device_dtype"]
+__all__ = ["Pipeline", "load_pipeline", "default_device_dtype", "GROUP_SETTINGS"]

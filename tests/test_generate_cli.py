@@ -38,6 +38,6 @@ def test_generate_bad_arguments_exit_nonzero_with_message(tmp_path, tiny_sd1, ca
 def test_make_tiny_model_cli(tmp_path, capsys):
     assert main(["make-tiny-model", str(tmp_path / "m"), "--variant", "sd2", "--seed", "3"]) == 0
     pipe = load_pipeline(tmp_path / "m", device="cpu")
-    assert pipe.model_info["architecture"] == "sd2" and pipe.model_info["prediction_type"] == "v_prediction"
+    assert pipe.model_info["variant"] == "sd2" and pipe.model_info["prediction_type"] == "v_prediction"
     assert main(["make-tiny-model", str(tmp_path / "m")]) == 2  # not empty
     assert "not empty" in capsys.readouterr().err

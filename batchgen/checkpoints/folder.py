@@ -1,7 +1,9 @@
-"""Checkpoint loading: the diffusers folder layout, weight files, strict key checks, fingerprints.
+"""The diffusers folder layout: weight files, strict key checks, fingerprints.
 
-A diffusers folder holds ``model_index.json`` and one sub-folder per component (``unet/``,
-``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``). Weights are safetensors: a single
+A diffusers folder holds ``model_index.json`` and one sub-folder per component. Which components
+a model has, and their classes, is ``model_index.json``'s business (``"unet": ["diffusers",
+"UNet2DConditionModel"]``); which of them a model family needs is the family's
+(:mod:`batchgen.families`). Weights are safetensors: a single
 file (``diffusion_pytorch_model.safetensors``, ``model.safetensors``), its ``fp16`` variant
 (``diffusion_pytorch_model.fp16.safetensors``) or shards listed by an index
 (``diffusion_pytorch_model.safetensors.index.json``, variant ``...safetensors.index.fp16.json``).
@@ -19,13 +21,13 @@ from typing import Iterable
 
 import torch
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
-WEIGHT_BASENAMES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+# Weight file stem per library of a component: diffusers models vs transformers models.
+WEIGHT_BASENAMES = {"diffusers": "diffusion_pytorch_model", "transformers": "model"}
 PICKLE_NAMES = {"diffusion_pytorch_model": "diffusion_pytorch_model.bin", "model": "pytorch_model.bin"}
-REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 BUILTIN_PREFIX = "builtin:"
 
 
@@ -48,10 +50,27 @@ class CheckpointFolder:
     model_index: dict
     loaded_files: list[Path] = field(default_factory=list)
 
+    @property
+    def pipeline_class(self) -> str:
+        """``model_index.json``'s ``_class_name`` (e.g. ``StableDiffusionXLPipeline``)."""
+        return str(self.model_index.get("_class_name") or "")
+
+    def components(self) -> dict[str, tuple[str, str]]:
+        """The components ``model_index.json`` lists: name -> (library, class). Entries that are
+        null (``[null, null]``, e.g. no safety checker, no T5) are left out."""
+        out = {}
+        for name, value in self.model_index.items():
+            if name.startswith("_") or not isinstance(value, (list, tuple)) or len(value) != 2:
+                continue
+            library, cls = value
+            if library and cls:
+                out[name] = (str(library), str(cls))
+        return out
+
     def component_dir(self, name: str) -> Path:
         path = self.root / name
         if not path.is_dir():
-            raise CheckpointError(f"{self.root}: component folder '{name}/' is missing (listed as required by the diffusers layout)")
+            raise CheckpointError(f"{self.root}: component folder '{name}/' is missing (model_index.json lists it)")
         return path
 
     def read_json(self, relpath: str) -> dict:
@@ -75,14 +94,16 @@ def open_folder(path: str | Path) -> CheckpointFolder:
         kind = "pickle" if root.suffix in {".ckpt", ".bin", ".pt", ".pth"} else "single-file"
         raise CheckpointError(
             f"{root}: is a {kind} checkpoint file; batchgen loads diffusers-layout folders "
-            "(model_index.json + unet/ vae/ text_encoder/ tokenizer/ scheduler/)"
+            "(model_index.json + one sub-folder per component)"
         )
     index_path = root / "model_index.json"
     if not index_path.is_file():
         raise CheckpointError(f"{root}: missing component file 'model_index.json' (not a diffusers-layout folder)")
     folder = CheckpointFolder(root=root, model_index={})
     folder.model_index = folder.read_json("model_index.json")
-    for name in REQUIRED_COMPONENTS:
+    if not isinstance(folder.model_index, dict):
+        raise CheckpointError(f"{index_path}: expected a JSON object")
+    for name in folder.components():
         folder.component_dir(name)
     return folder
 
@@ -155,14 +176,26 @@ def read_state_dict(weights: WeightFiles) -> dict[str, torch.Tensor]:
     return state
 
 
+def tied_aliases(module: torch.nn.Module) -> set[str]:
+    """State-dict keys that are aliases of another parameter (tied weights, e.g. T5's
+    ``encoder.embed_tokens.weight`` = ``shared.weight``): checkpoints store only one of them."""
+    tied = getattr(module, "_tied_weights_keys", None) or {}
+    return set(tied if isinstance(tied, dict) else [])
+
+
 def load_weights_into(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str, ignore: Iterable[str] = ()) -> None:
     """Copy ``state`` into ``module`` strictly: every key present, none extra, shapes equal.
 
     ``source`` names the file(s) in error messages. ``ignore`` lists checkpoint keys that may be
-    present without a parameter (e.g. legacy buffers).
+    present without a parameter (e.g. legacy buffers). Tied aliases may be absent (their source
+    key carries the weights).
     """
     expected = module.state_dict()
-    ignore = set(ignore)
+    aliases = tied_aliases(module)
+    for alias in aliases:
+        if alias in expected and alias not in state:
+            expected.pop(alias)
+    ignore = set(ignore) | aliases
     missing = sorted(k for k in expected if k not in state)
     unexpected = sorted(k for k in state if k not in expected and k not in ignore)
     if missing:
@@ -178,13 +211,21 @@ def load_weights_into(module: torch.nn.Module, state: dict[str, torch.Tensor], s
                 f"{source}: weight '{key}' has shape {tuple(got.shape)} in the checkpoint but the model "
                 f"config expects {tuple(param.shape)}"
             )
-    module.load_state_dict({k: state[k] for k in expected}, strict=True)
+    result = module.load_state_dict({k: state[k] for k in expected}, strict=False)
+    left = sorted(set(result.missing_keys) - aliases)
+    if left or result.unexpected_keys:  # pragma: no cover - checked above
+        raise CheckpointError(f"{source}: weights did not load: missing {left[:5]}, unexpected {result.unexpected_keys[:5]}")
 
 
 def load_component(folder: CheckpointFolder, name: str, module: torch.nn.Module, variant: str | None,
-                   allow_pickle: bool = False, convert=None, ignore: Iterable[str] = ()) -> WeightFiles:
-    """Load component ``name`` (unet, vae, text_encoder) of ``folder`` into ``module``."""
-    weights = find_weight_files(folder.component_dir(name), WEIGHT_BASENAMES[name], variant, allow_pickle)
+                   allow_pickle: bool = False, convert=None, ignore: Iterable[str] = (),
+                   library: str = "diffusers") -> WeightFiles:
+    """Load component ``name`` (a sub-folder of ``folder``) into ``module``; ``library`` picks the
+    weight file stem (diffusers: ``diffusion_pytorch_model``, transformers: ``model``)."""
+    if library not in WEIGHT_BASENAMES:
+        raise CheckpointError(f"{folder.root}/model_index.json: component '{name}' comes from library "
+                              f"{library!r}; batchgen loads {', '.join(sorted(WEIGHT_BASENAMES))} components")
+    weights = find_weight_files(folder.component_dir(name), WEIGHT_BASENAMES[library], variant, allow_pickle)
     state = read_state_dict(weights)
     if convert is not None:
         state = convert(state)
@@ -210,13 +251,13 @@ def resolve_model_uri(uri: str | Path, storage_config=None) -> Path:
     """Turn a model URI into a local folder: builtin:NAME, a local path, file://, or s3:// (cached)."""
     text = str(uri)
     if text.startswith(BUILTIN_PREFIX):
-        from .tiny import builtin_model_path
+        from ..tiny import builtin_model_path
 
         return builtin_model_path(text[len(BUILTIN_PREFIX):])
     if text.startswith("file://"):
         return Path(text[len("file://"):])
     if "://" in text:
-        from .storage import Location
+        from ..storage import Location
 
         return Path(Location.parse(text, storage_config).local_cache_copy())
     return Path(text)

@@ -1,0 +1,38 @@
+"""Checkpoints: where weights come from and how they become loaded modules.
+
+- :mod:`.folder`: the diffusers folder layout (model_index.json, weight files, variants, shards,
+  strict key checks, fingerprints, resolving ``builtin:`` / ``s3://`` URIs to a local folder);
+- :mod:`.components`: component classes named in model_index.json -> our modules / transformers.
+"""
+
+from .components import (
+    MODEL_CLASSES,
+    TOKENIZER_CLASSES,
+    component_class,
+    load_model,
+    load_scheduler_config,
+    load_tokenizer,
+    register_model_class,
+)
+from .folder import (
+    BUILTIN_PREFIX,
+    WEIGHT_BASENAMES,
+    CheckpointFolder,
+    WeightFiles,
+    find_weight_files,
+    fingerprint,
+    load_component,
+    load_weights_into,
+    open_folder,
+    read_state_dict,
+    resolve_model_uri,
+    shard_files,
+    tied_aliases,
+)
+
+__all__ = [
+    "BUILTIN_PREFIX", "WEIGHT_BASENAMES", "CheckpointFolder", "WeightFiles", "find_weight_files", "fingerprint",
+    "load_component", "load_weights_into", "open_folder", "read_state_dict", "resolve_model_uri", "shard_files",
+    "tied_aliases", "MODEL_CLASSES", "TOKENIZER_CLASSES", "component_class", "load_model",
+    "load_scheduler_config", "load_tokenizer", "register_model_class",
+]

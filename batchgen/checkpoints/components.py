@@ -1,0 +1,128 @@
+"""Component classes of a diffusers folder -> how batchgen builds and loads them.
+
+``model_index.json`` names each component's class (``"unet": ["diffusers",
+"UNet2DConditionModel"]``). This table maps those class names to our native modules (or, for text
+encoders and tokenizers, to ``transformers``), so loading a component is the same code for every
+family: read its config, build the module on the meta device, load its weights strictly. A class
+missing here is refused with an error naming the class, the component and what we know.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from ..errors import CheckpointError
+from .folder import CheckpointFolder, load_component
+
+log = logging.getLogger(__name__)
+
+
+def _unet(config: dict) -> torch.nn.Module:
+    from ..models.unet import UNet2DConditionModel
+
+    return UNet2DConditionModel(config)
+
+
+def _vae(config: dict) -> torch.nn.Module:
+    from ..models.vae import AutoencoderKL
+
+    return AutoencoderKL(config)
+
+
+def _text_encoder(cls_name: str) -> Callable[[dict], torch.nn.Module]:
+    def build(config: dict) -> torch.nn.Module:
+        from ..models.text import build_text_encoder
+
+        return build_text_encoder(cls_name, config)
+
+    return build
+
+
+def _convert_vae(state: dict) -> dict:
+    from ..models.vae import convert_legacy_vae_keys
+
+    return convert_legacy_vae_keys(state)
+
+
+@dataclass(frozen=True)
+class ModelClass:
+    """A weight-bearing component class: how to build it from its config.json."""
+
+    build: Callable[[dict], torch.nn.Module]
+    convert: Callable[[dict], dict] | None = None
+
+
+# class name (model_index.json) -> builder. Families add their denoisers here as they land.
+MODEL_CLASSES: dict[str, ModelClass] = {
+    "UNet2DConditionModel": ModelClass(_unet),
+    "AutoencoderKL": ModelClass(_vae, _convert_vae),
+    "CLIPTextModel": ModelClass(_text_encoder("CLIPTextModel")),
+    "CLIPTextModelWithProjection": ModelClass(_text_encoder("CLIPTextModelWithProjection")),
+    "T5EncoderModel": ModelClass(_text_encoder("T5EncoderModel")),
+}
+TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast", "T5Tokenizer", "T5TokenizerFast")
+
+
+def register_model_class(name: str, build: Callable[[dict], torch.nn.Module],
+                         convert: Callable[[dict], dict] | None = None) -> None:
+    """Teach the loader a component class (a family file calls this for its denoiser)."""
+    MODEL_CLASSES[name] = ModelClass(build, convert)
+
+
+def component_class(folder: CheckpointFolder, name: str) -> tuple[str, str]:
+    """(library, class) of component ``name``; a clear error when model_index.json lacks it."""
+    comps = folder.components()
+    if name not in comps:
+        listed = ", ".join(sorted(comps)) or "none"
+        raise CheckpointError(f"{folder.root}/model_index.json: no component '{name}' "
+                              f"(it lists: {listed})")
+    return comps[name]
+
+
+def load_model(folder: CheckpointFolder, name: str, variant: str | None = None,
+               allow_pickle: bool = False) -> torch.nn.Module:
+    """Build component ``name`` from ``<name>/config.json`` and load its weights strictly."""
+    library, cls = component_class(folder, name)
+    spec = MODEL_CLASSES.get(cls)
+    if spec is None:
+        raise CheckpointError(
+            f"{folder.root}/model_index.json: component '{name}' has class {cls!r}, which batchgen "
+            f"cannot build (known: {', '.join(sorted(MODEL_CLASSES))})")
+    config = folder.read_json(f"{name}/config.json")
+    with torch.device("meta"):
+        module = spec.build(config)
+    if next(module.buffers(), None) is not None:
+        module = spec.build(config)  # buffers computed in __init__ and not saved: build them for real
+    else:
+        module = module.to_empty(device="cpu")
+    load_component(folder, name, module, variant, allow_pickle, convert=spec.convert, library=library)
+    if hasattr(module, "tie_weights"):
+        module.tie_weights()
+    return module.eval().requires_grad_(False)
+
+
+def load_tokenizer(folder: CheckpointFolder, name: str):
+    """The tokenizer of component ``name`` (CLIP or T5), from local files only."""
+    from ..models.text import load_tokenizer as _load
+
+    _library, cls = component_class(folder, name)
+    if cls not in TOKENIZER_CLASSES:
+        raise CheckpointError(f"{folder.root}/model_index.json: tokenizer '{name}' has class {cls!r}; "
+                              f"batchgen reads {', '.join(TOKENIZER_CLASSES)}")
+    path = folder.component_dir(name)
+    tokenizer = _load(path, cls)
+    folder.loaded_files.extend(p for p in sorted(path.iterdir()) if p.is_file())
+    return tokenizer
+
+
+def load_scheduler_config(folder: CheckpointFolder, name: str = "scheduler") -> dict[str, Any]:
+    """``scheduler/scheduler_config.json`` (with its ``_class_name``), for the sampler registry."""
+    component_class(folder, name)
+    config = folder.read_json(f"{name}/scheduler_config.json")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{folder.root}/{name}/scheduler_config.json: expected a JSON object")
+    return config

@@ -1,0 +1,242 @@
+"""The family seam: what differs between model families, behind one small interface.
+
+``Pipeline.generate`` (validation, per-item noise, fixed micro-batch padding, the sampler loop,
+decoding) is written once; a :class:`Family` supplies the rest:
+
+- which diffusers pipeline classes it renders (``model_index.json`` ``_class_name``), the
+  components it needs and the classes each may have, and how to load them;
+- how prompts become a :class:`Conditioning` (one typed object: sequence embeddings, pooled
+  vectors, extra ids) and how the denoiser is called with it, guidance included;
+- the latent format (channels, VAE scale and shift, 2x2 packing) and the VAE precision policy;
+- its default sampler, steps and guidance, and the schedule arguments a sampler needs (FLUX's
+  explicit sigmas and resolution-dependent shift).
+
+Every random draw stays in the pipeline (per-item CPU generators); a family only does arithmetic.
+Adding a family is a new file in this folder plus a line in ``FAMILIES`` (``__init__.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Sequence
+
+import numpy as np
+import torch
+
+from ..checkpoints import CheckpointFolder, load_model, load_scheduler_config, load_tokenizer
+from ..errors import CheckpointError
+from ..settings import family_settings
+
+Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Conditioning:
+    """The prompt side of one micro-batch. Rows are items; when guided, the unconditional rows come
+    first (diffusers' ``torch.cat([negative, positive])``)."""
+
+    context: torch.Tensor | None = None  # (rows, tokens, dim) sequence embeddings
+    pooled: torch.Tensor | None = None  # (rows, dim) pooled text vectors
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # time ids, text ids, class labels ...
+
+
+@dataclass
+class Batch:
+    """One padded micro-batch as a family sees it: every per-item value has ``size`` entries (the
+    padding items get neutral values); group settings are scalars."""
+
+    prompts: list[str]
+    negatives: list[str]
+    settings: dict[str, Any]  # group settings (width, height, steps, guidance_scale, strength, ...)
+    items: dict[str, list]  # per-item settings (family-specific ones resolved to their defaults)
+    labels: list[str] | None  # item ids for messages (None for padding)
+    guided: bool
+
+    @property
+    def size(self) -> int:
+        return len(self.prompts)
+
+
+@dataclass(frozen=True)
+class Component:
+    """A component a family reads from a diffusers folder: the classes it accepts."""
+
+    classes: tuple[str, ...]  # empty: any class (schedulers)
+    required: bool = True
+    kind: str = "model"  # "model" | "tokenizer" | "scheduler"
+
+
+class Family:
+    """A loaded model of one family. Subclasses fill the class attributes and the hooks."""
+
+    name: ClassVar[str]
+    pipeline_classes: ClassVar[tuple[str, ...]]
+    components: ClassVar[dict[str, Component]]
+    default_sampler: ClassVar[str]
+    default_steps: ClassVar[int] = 30
+    default_guidance: ClassVar[float] = 7.5
+    size_multiple: ClassVar[int] = 8  # width/height must be multiples of this
+    upcast_vae: ClassVar[bool] = False  # decode/encode fp16 in float32 when the VAE asks (force_upcast)
+    cuda_dtype: ClassVar[torch.dtype] = torch.float16  # dtype "auto" on a GPU
+    denoiser_name: ClassVar[str] = "unet"  # the component whose config has sample_size
+
+    def __init__(self, parts: dict[str, Any], folder: CheckpointFolder):
+        self.parts = parts
+        self.folder = folder
+        self.scheduler_config: dict = parts["scheduler"]
+        self.vae = parts.get("vae")
+        self.device = torch.device("cpu")
+        self.dtype = torch.float32
+        self.vae_dtype = torch.float32
+
+    # ------------------------------------------------------------------------------- loading
+    @classmethod
+    def load(cls, folder: CheckpointFolder, variant: str | None, allow_pickle: bool) -> "Family":
+        """Load every component this family reads; refuse missing or wrong-class ones by name."""
+        listed = folder.components()
+        parts: dict[str, Any] = {}
+        for name, comp in cls.components.items():
+            if name not in listed:
+                if comp.required:
+                    raise CheckpointError(
+                        f"{folder.root}/model_index.json: a {cls.name} model needs component '{name}' "
+                        f"({' or '.join(comp.classes)}); it is missing or null")
+                parts[name] = None
+                continue
+            got = listed[name][1]
+            if comp.classes and got not in comp.classes:
+                raise CheckpointError(
+                    f"{folder.root}/model_index.json: component '{name}' has class {got!r}; a {cls.name} "
+                    f"model expects {' or '.join(comp.classes)}")
+            if comp.kind == "tokenizer":
+                parts[name] = load_tokenizer(folder, name)
+            elif comp.kind == "scheduler":
+                parts[name] = load_scheduler_config(folder, name)
+            else:
+                parts[name] = load_model(folder, name, variant, allow_pickle)
+        return cls(parts, folder)
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> "Family":
+        """Move every module to ``device``; weights in ``dtype`` (the VAE per the upcast policy)."""
+        self.device, self.dtype = device, dtype
+        self.vae_dtype = dtype
+        if self.upcast_vae and dtype == torch.float16 and self.vae is not None and self.vae.config.get("force_upcast"):
+            self.vae_dtype = torch.float32
+        for name, part in self.parts.items():
+            if isinstance(part, torch.nn.Module):
+                part.to(device=device, dtype=self.vae_dtype if part is self.vae else dtype)
+        return self
+
+    def info(self) -> dict[str, Any]:
+        """What the model is, for job.json and the manifest."""
+        return {"family": self.name, "variant": self.variant(), "pipeline_class": self.folder.pipeline_class,
+                "prediction_type": self.scheduler_config.get("prediction_type", "epsilon")}
+
+    def variant(self) -> str:
+        return self.name
+
+    # --------------------------------------------------------------------------- per request
+    def defaults(self) -> dict[str, Any]:
+        """Family defaults of settings whose table default is None."""
+        return {"steps": self.default_steps, "guidance_scale": self.default_guidance}
+
+    def default_size(self) -> tuple[int, int]:
+        """(width, height) by default: the denoiser's sample_size in pixels, as diffusers picks it."""
+        side = int(self.parts[self.denoiser_name].config["sample_size"]) * self.vae_scale_factor
+        return side, side
+
+    def resolve(self, group: dict[str, Any]) -> dict[str, Any]:
+        """Fill the family's group settings that were not given (table default, else family default)."""
+        for setting in family_settings(self.name):
+            if setting.group and not setting.img2img and setting.name not in group:
+                group[setting.name] = setting.default
+        return group
+
+    def resolve_items(self, items: dict[str, list], group: dict[str, Any], n: int) -> dict[str, list]:
+        """Fill the family's per-item settings that were not given with their table defaults."""
+        for setting in family_settings(self.name):
+            if setting.per_item and not setting.group and setting.families and setting.name not in items:
+                items[setting.name] = [setting.default] * n
+        return items
+
+    def check(self, settings: dict[str, Any], items: dict[str, list], prompts: list[str]) -> None:
+        """Family-specific validation of a request (sizes, settings, prompts); ValueError naming it."""
+        m = max(self.size_multiple, self.vae_scale_factor)
+        for key in ("width", "height"):
+            if settings[key] % m:
+                raise ValueError(f"{key}: {settings[key]} is not a multiple of {m} (required by this {self.name} model)")
+
+    def guided(self, settings: dict[str, Any]) -> bool:
+        """Whether a batch runs classifier-free guidance (doubles the model batch)."""
+        return settings["guidance_scale"] > 1.0
+
+    def schedule(self, settings: dict[str, Any]) -> dict[str, Any]:
+        """Extra ``get_sampler`` arguments (``sigmas``, ``mu``) for this request."""
+        return {}
+
+    # ---------------------------------------------------------------------------- the latents
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config["block_out_channels"]) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae.config["latent_channels"])
+
+    def noise_shape(self, width: int, height: int) -> tuple[int, ...]:
+        """The per-item latent shape diffusers draws its initial noise in."""
+        f = self.vae_scale_factor
+        return (self.latent_channels, height // f, width // f)
+
+    def pack(self, latents: torch.Tensor, settings: dict[str, Any]) -> torch.Tensor:
+        """Latents (B, C, h, w) -> the layout the sampler and denoiser work in (identity by default)."""
+        return latents
+
+    def unpack(self, latents: torch.Tensor, settings: dict[str, Any]) -> torch.Tensor:
+        return latents
+
+    def encode_images(self, images: Sequence[np.ndarray], generators: Sequence[torch.Generator]) -> torch.Tensor:
+        """Init images -> clean latents in model space, one item at a time (each item's posterior
+        sample from its own generator, as diffusers does with a generator list)."""
+        latents = []
+        for image, gen in zip(images, generators):
+            pixels = torch.from_numpy(image.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
+            pixels = (2.0 * pixels - 1.0).to(self.device, self.vae_dtype)
+            latents.append(self.vae.encode(pixels).sample([gen]))
+        out = torch.cat(latents).to(self.dtype)
+        shift = self.vae.shift_factor
+        return (out - shift) * self.vae.scaling_factor if shift else self.vae.scaling_factor * out
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Model-space latents -> images in [-1, 1] (B, 3, H, W)."""
+        z = latents.to(self.vae_dtype) / self.vae.scaling_factor
+        if self.vae.shift_factor:
+            z = z + self.vae.shift_factor
+        return self.vae.decode(z)
+
+    # --------------------------------------------------------------------------- the denoiser
+    def encode_prompts(self, batch: Batch) -> Conditioning:
+        raise NotImplementedError
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The raw network output for model input ``x`` at timestep ``t`` (0-dim float32)."""
+        raise NotImplementedError
+
+    def denoiser(self, cond: Conditioning, batch: Batch) -> Model:
+        """``model(x, t)`` for the sampler: the prediction, with classifier-free guidance when the
+        batch is guided (diffusers' ``uncond + scale * (cond - uncond)``)."""
+        scale = batch.settings["guidance_scale"]
+        if not batch.guided:
+            return lambda x, t: self.predict(x, t, cond)
+
+        def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            uncond, conditional = self.predict(torch.cat([x, x]), t, cond).chunk(2)
+            return uncond + scale * (conditional - uncond)
+
+        return guided
+
+
+SCHEDULER = Component((), kind="scheduler")
+CLIP_TOKENIZER = Component(("CLIPTokenizer", "CLIPTokenizerFast"), kind="tokenizer")
+T5_TOKENIZER = Component(("T5TokenizerFast", "T5Tokenizer"), kind="tokenizer")
+VAE = Component(("AutoencoderKL",))

@@ -1,0 +1,46 @@
+"""Stable Diffusion 1.x / 2.x: one CLIP text encoder, a conditional UNet, a 4-channel VAE.
+
+Equal to diffusers' ``StableDiffusionPipeline`` / ``StableDiffusionImg2ImgPipeline``: the prompt
+is the CLIP encoder's last hidden state (SD 2.x checkpoints ship the OpenCLIP encoder already cut
+to the penultimate layer), guidance is classifier-free with the negative prompt, the VAE decodes
+``latents / scaling_factor`` in the run dtype (diffusers' SD pipelines ignore ``force_upcast``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..models.text import ClipEncoder
+from .base import CLIP_TOKENIZER, SCHEDULER, VAE, Batch, Component, Conditioning, Family
+
+
+class StableDiffusion(Family):
+    name = "sd"
+    pipeline_classes = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
+    components = {
+        "unet": Component(("UNet2DConditionModel",)),
+        "vae": VAE,
+        "text_encoder": Component(("CLIPTextModel",)),
+        "tokenizer": CLIP_TOKENIZER,
+        "scheduler": SCHEDULER,
+    }
+    default_sampler = "ddim"
+
+    def __init__(self, parts, folder):
+        super().__init__(parts, folder)
+        self.unet = parts["unet"]
+        self.text = ClipEncoder(parts["tokenizer"], parts["text_encoder"])
+
+    def variant(self) -> str:
+        return "sd2" if self.unet.config.get("use_linear_projection", False) else "sd1"
+
+    def encode_prompts(self, batch: Batch) -> Conditioning:
+        context, _ = self.text(batch.prompts, self.device, labels=batch.labels)
+        context = context.to(self.dtype)
+        if batch.guided:
+            uncond, _ = self.text(batch.negatives, self.device)
+            context = torch.cat([uncond.to(self.dtype), context])
+        return Conditioning(context=context)
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        return self.unet(x, t, cond.context)
