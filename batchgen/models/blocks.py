@@ -49,6 +49,21 @@ def timestep_embedding(
     return emb
 
 
+class Timesteps(nn.Module):
+    """Parameter-free :func:`timestep_embedding` of a 1-D tensor (diffusers' ``Timesteps``).
+
+    A module rather than a bare call so that the UNet's structure mirrors diffusers' (``add_time_proj``
+    of SDXL embeds micro-conditioning ids exactly as ``time_proj`` embeds the timestep).
+    """
+
+    def __init__(self, num_channels: int, flip_sin_to_cos: bool = True, freq_shift: float = 0.0):
+        super().__init__()
+        self.num_channels, self.flip_sin_to_cos, self.freq_shift = num_channels, flip_sin_to_cos, freq_shift
+
+    def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
+        return timestep_embedding(timesteps, self.num_channels, self.flip_sin_to_cos, self.freq_shift)
+
+
 class TimestepEmbedding(nn.Module):
     """Linear -> SiLU -> Linear over the sinusoidal embedding (keys ``linear_1``, ``linear_2``)."""
 

@@ -1,9 +1,18 @@
-"""Conditional UNet of Stable Diffusion 1.x / 2.x, built from a diffusers ``unet/config.json`` dict.
+"""Conditional UNet of Stable Diffusion 1.x / 2.x and SDXL (base and refiner), from a ``unet/config.json`` dict.
 
-Parameter names equal diffusers' ``UNet2DConditionModel`` state-dict keys. SDXL hooks in later
-through ``addition_embed_type: text_time`` (an extra embedding added in :meth:`time_embed`);
-until then that and every other feature we do not build is refused with a CheckpointError that
-names the config key.
+Parameter names equal diffusers' ``UNet2DConditionModel`` state-dict keys. One class covers the
+three generations because they differ only in configuration: SD2 switches to linear projections
+and per-block head counts, SDXL adds per-block transformer depths (``transformer_layers_per_block``)
+and "micro-conditioning" (``addition_embed_type: text_time``): the pooled text embedding plus a few
+numbers (original size, crop, target size for the base; original size, crop, aesthetic score for
+the refiner), each embedded sinusoidally like a timestep, go through one more MLP
+(``add_embedding``) whose output is added to the timestep embedding. Every config value we do not
+build is refused with a CheckpointError that names the key, never silently ignored.
+
+The real SDXL configs are kept here (:data:`SDXL_BASE_UNET_CONFIG`, :data:`SDXL_REFINER_UNET_CONFIG`)
+so tests can check the full-size architecture on the meta device without downloading anything;
+:data:`UNET_SDXL_TINY` / :data:`UNET_SDXL_REFINER_TINY` are the same shapes scaled down for tiny
+test checkpoints.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from .blocks import (
     Downsample2D,
     ResnetBlock2D,
     TimestepEmbedding,
+    Timesteps,
     Transformer2DModel,
     Upsample2D,
     check_activation,
@@ -81,15 +91,114 @@ UNET_DEFAULTS: dict = {
     "addition_embed_type_num_heads": 64,
 }
 
+# The real SDXL 1.0 UNet configs (stabilityai/stable-diffusion-xl-{base,refiner}-1.0, unet/config.json).
+# Base: 3 levels, transformer depth 1/2/10 (10 also in the mid block), 2048-wide context (CLIP-L 768
+# + OpenCLIP-bigG 1280 hidden states concatenated), add_embedding input 1280 (pooled bigG) + 6 * 256.
+SDXL_BASE_UNET_CONFIG: dict = {
+    "_class_name": "UNet2DConditionModel",
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "center_input_sample": False,
+    "class_embed_type": None,
+    "class_embeddings_concat": False,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "cross_attention_dim": 2048,
+    "cross_attention_norm": None,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1,
+    "dual_cross_attention": False,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_only_cross_attention": None,
+    "mid_block_scale_factor": 1,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "num_attention_heads": None,
+    "num_class_embeds": None,
+    "only_cross_attention": False,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": 2816,
+    "resnet_out_scale_factor": 1.0,
+    "resnet_skip_time_act": False,
+    "resnet_time_scale_shift": "default",
+    "sample_size": 128,
+    "time_cond_proj_dim": None,
+    "time_embedding_act_fn": None,
+    "time_embedding_dim": None,
+    "time_embedding_type": "positional",
+    "timestep_post_act": None,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "upcast_attention": None,
+    "use_linear_projection": True,
+}
+
+# Refiner: 4 levels of 384/768/1536/1536 (64-wide heads), cross-attention only in levels 2-3 and the
+# mid block, transformer depth 4 everywhere, 1280-wide context (OpenCLIP-bigG only), add_embedding
+# input 1280 (pooled) + 5 * 256 (original size, crop top-left, aesthetic score).
+SDXL_REFINER_UNET_CONFIG: dict = {
+    **SDXL_BASE_UNET_CONFIG,
+    "attention_head_dim": [6, 12, 24, 24],
+    "block_out_channels": [384, 768, 1536, 1536],
+    "cross_attention_dim": 1280,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "projection_class_embeddings_input_dim": 2560,
+    "transformer_layers_per_block": 4,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+}
+
+# Tiny SDXL-shaped presets for test checkpoints: two levels (plain, then cross-attention), depth 1/2,
+# 8-wide time-id embeddings; pooled text embeddings are 32 wide.
+UNET_SDXL_TINY: dict = {
+    "_class_name": "UNet2DConditionModel",
+    "sample_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [32, 64],
+    "layers_per_block": 2,
+    "transformer_layers_per_block": [1, 2],
+    "attention_head_dim": [2, 4],
+    "use_linear_projection": True,
+    "upcast_attention": False,
+    "cross_attention_dim": 64,  # two 32-wide text encoders, hidden states concatenated
+    "norm_num_groups": 8,
+    "norm_eps": 1e-5,
+    "act_fn": "silu",
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 32 + 6 * 8,  # pooled + 6 time ids
+}
+
+UNET_SDXL_REFINER_TINY: dict = {
+    **UNET_SDXL_TINY,
+    "cross_attention_dim": 32,  # one text encoder
+    "projection_class_embeddings_input_dim": 32 + 5 * 8,  # pooled + 5 time ids
+}
+
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
 MID_BLOCKS = ("UNetMidBlock2DCrossAttn", None)
+ADDITION_EMBED_TYPES = (None, "text_time")
 
 # key -> value we support; anything else is refused, naming the key.
 _REQUIRED_VALUES = {
     "class_embed_type": None,
     "num_class_embeds": None,
-    "addition_embed_type": None,
     "encoder_hid_dim": None,
     "encoder_hid_dim_type": None,
     "dual_cross_attention": False,
@@ -131,6 +240,7 @@ def resolve_unet_config(config: dict) -> dict:
                 f"config key {key!r}: value {resolved[key]!r} is not supported by batchgen's UNet "
                 f"(supported: {supported!r})"
             )
+    _check_addition_embed(resolved)
     only_cross = resolved["only_cross_attention"]
     if any(only_cross if isinstance(only_cross, (list, tuple)) else [only_cross]):
         raise CheckpointError("config key 'only_cross_attention': only False is supported")
@@ -167,6 +277,23 @@ def resolve_unet_config(config: dict) -> dict:
         if int(resolved[key]) % 2 != 1:
             raise CheckpointError(f"config key {key!r}: kernel size must be odd, got {resolved[key]!r}")
     return resolved
+
+
+def _check_addition_embed(resolved: dict) -> None:
+    kind = resolved["addition_embed_type"]
+    if kind not in ADDITION_EMBED_TYPES:
+        raise CheckpointError(
+            f"config key 'addition_embed_type': value {kind!r} is not supported by batchgen's UNet "
+            "(supported: None, 'text_time' as in SDXL)"
+        )
+    if kind != "text_time":
+        return
+    for key in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+        value = resolved[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise CheckpointError(
+                f"config key {key!r}: addition_embed_type 'text_time' needs a positive integer, got {value!r}"
+            )
 
 
 def _strip_res(name):
@@ -320,7 +447,11 @@ class CrossAttnUpBlock2D(nn.Module):
 
 
 class UNet2DConditionModel(nn.Module):
-    """SD 1.x / 2.x conditional UNet. ``forward(sample, timestep, encoder_hidden_states)``."""
+    """SD 1.x / 2.x / SDXL conditional UNet.
+
+    ``forward(sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None)``; the last
+    two are required exactly when the config has ``addition_embed_type: text_time`` (SDXL).
+    """
 
     def __init__(self, config: dict):
         super().__init__()
@@ -341,6 +472,10 @@ class UNet2DConditionModel(nn.Module):
                                  padding=(cfg["conv_in_kernel"] - 1) // 2)
         temb_ch = cfg["time_embedding_dim"] or channels[0] * 4
         self.time_embedding = TimestepEmbedding(channels[0], temb_ch)
+        self.add_time_proj = self.add_embedding = None
+        if cfg["addition_embed_type"] == "text_time":
+            self.add_time_proj = Timesteps(cfg["addition_time_embed_dim"], cfg["flip_sin_to_cos"], cfg["freq_shift"])
+            self.add_embedding = TimestepEmbedding(cfg["projection_class_embeddings_input_dim"], temb_ch)
 
         self.down_blocks = nn.ModuleList()
         out_ch = channels[0]
@@ -416,7 +551,61 @@ class UNet2DConditionModel(nn.Module):
         emb = timestep_embedding(t, cfg["block_out_channels"][0], cfg["flip_sin_to_cos"], cfg["freq_shift"])
         return self.time_embedding(emb.to(dtype=sample.dtype))
 
-    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    @property
+    def uses_added_conditioning(self) -> bool:
+        """True for SDXL-style UNets, whose forward needs ``text_embeds`` and ``time_ids``."""
+        return self.add_embedding is not None
+
+    def _check_added_conditioning(self, batch: int, text_embeds, time_ids) -> None:
+        if not self.uses_added_conditioning:
+            given = [name for name, v in (("text_embeds", text_embeds), ("time_ids", time_ids)) if v is not None]
+            if given:
+                raise ValueError(
+                    f"{' and '.join(given)}: this UNet's config has no addition_embed_type 'text_time' "
+                    "(an SD1/SD2 UNet takes no pooled text embeddings or time ids); do not pass them"
+                )
+            return
+        missing = [name for name, v in (("text_embeds", text_embeds), ("time_ids", time_ids)) if v is None]
+        if missing:
+            raise ValueError(
+                f"{' and '.join(missing)} missing: this UNet's config has addition_embed_type 'text_time' (SDXL), "
+                "so forward needs text_embeds (B, pooled_dim), the pooled text embedding, and time_ids (B, n), "
+                "the micro-conditioning numbers (6 for the base, 5 for the refiner)"
+            )
+        for name, value in (("text_embeds", text_embeds), ("time_ids", time_ids)):
+            if not torch.is_tensor(value) or value.ndim != 2 or value.shape[0] != batch:
+                shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+                raise ValueError(f"{name}: expected a ({batch}, n) tensor, got {shape}")
+        cfg = self.config
+        width = text_embeds.shape[1] + time_ids.shape[1] * cfg["addition_time_embed_dim"]
+        if width != cfg["projection_class_embeddings_input_dim"]:
+            raise ValueError(
+                f"text_embeds {tuple(text_embeds.shape)} and time_ids {tuple(time_ids.shape)}: "
+                f"{text_embeds.shape[1]} + {time_ids.shape[1]} * addition_time_embed_dim "
+                f"{cfg['addition_time_embed_dim']} = {width}, but the config's "
+                f"projection_class_embeddings_input_dim is {cfg['projection_class_embeddings_input_dim']}"
+            )
+
+    def added_embed(self, text_embeds: torch.Tensor, time_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """SDXL micro-conditioning: add_embedding([text_embeds, sinusoid(time_ids) flattened per item])."""
+        time_embeds = self.add_time_proj(time_ids.to(text_embeds.device).flatten())
+        time_embeds = time_embeds.reshape(text_embeds.shape[0], -1)
+        # torch.cat promotes a half text_embeds to the float32 sinusoids, as diffusers' concat does.
+        return self.add_embedding(torch.cat([text_embeds, time_embeds], dim=-1).to(dtype))
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep,
+        encoder_hidden_states: torch.Tensor,
+        text_embeds: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Noise (or v) prediction (B, out, H, W).
+
+        ``text_embeds`` (B, pooled_dim) and ``time_ids`` (B, n) are the SDXL added conditioning:
+        required when the config has ``addition_embed_type: text_time``, refused otherwise.
+        """
         if sample.ndim != 4:
             raise ValueError(f"sample: expected (B, C, H, W), got shape {tuple(sample.shape)}")
         if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != sample.shape[0]:
@@ -424,11 +613,14 @@ class UNet2DConditionModel(nn.Module):
                 f"encoder_hidden_states: expected ({sample.shape[0]}, tokens, dim), "
                 f"got shape {tuple(encoder_hidden_states.shape)}"
             )
+        self._check_added_conditioning(sample.shape[0], text_embeds, time_ids)
         factor = 2**self.num_upsamplers
         forward_upsample_size = any(d % factor for d in sample.shape[-2:])
         if self.config["center_input_sample"]:
             sample = 2 * sample - 1.0
         temb = self.time_embed(sample, timestep)
+        if self.uses_added_conditioning:
+            temb = temb + self.added_embed(text_embeds, time_ids, temb.dtype)
         context = encoder_hidden_states
 
         x = self.conv_in(sample)

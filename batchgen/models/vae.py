@@ -1,4 +1,11 @@
-"""AutoencoderKL (the SD VAE), built from a diffusers ``vae/config.json`` dict.
+"""AutoencoderKL (the VAE of SD 1.x/2.x, SDXL, SD3 and FLUX), built from a diffusers ``vae/config.json`` dict.
+
+The four generations share one architecture and differ in configuration only: SDXL keeps SD's 4
+latent channels with another ``scaling_factor`` (and must run in float32: ``force_upcast``); SD3
+and FLUX have 16 latent channels, no 1x1 ``quant_conv`` / ``post_quant_conv`` and a
+``shift_factor`` (latents are ``(z - shift) * scaling`` for the diffusion model). The real configs
+are kept here (:data:`SDXL_VAE_CONFIG`, :data:`SD3_VAE_CONFIG`, :data:`FLUX_VAE_CONFIG`) for
+meta-device architecture tests; :data:`VAE_TINY_16CH` is a tiny SD3/FLUX-shaped preset.
 
 Parameter names equal diffusers' ``AutoencoderKL`` state-dict keys; legacy VAE attention names
 (``query``/``key``/``value``/``proj_attn``, found in older diffusers folders) are converted at
@@ -39,6 +46,63 @@ VAE_DEFAULTS: dict = {
     "use_quant_conv": True,
     "use_post_quant_conv": True,
     "mid_block_add_attention": True,
+}
+
+_FOUR_LEVELS = {
+    "_class_name": "AutoencoderKL",
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "in_channels": 3,
+    "out_channels": 3,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "sample_size": 1024,
+    "force_upcast": True,
+}
+
+# stabilityai/stable-diffusion-xl-base-1.0 vae/config.json (SD's VAE retrained; NaNs in float16).
+SDXL_VAE_CONFIG: dict = {**_FOUR_LEVELS, "latent_channels": 4, "scaling_factor": 0.13025}
+
+# stabilityai/stable-diffusion-3-medium-diffusers vae/config.json.
+SD3_VAE_CONFIG: dict = {
+    **_FOUR_LEVELS,
+    "latent_channels": 16,
+    "latents_mean": None,
+    "latents_std": None,
+    "scaling_factor": 1.5305,
+    "shift_factor": 0.0609,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+}
+
+# black-forest-labs/FLUX.1-dev vae/config.json.
+FLUX_VAE_CONFIG: dict = {
+    **SD3_VAE_CONFIG,
+    "mid_block_add_attention": True,
+    "scaling_factor": 0.3611,
+    "shift_factor": 0.1159,
+}
+
+# Tiny SD3/FLUX-shaped preset: 16 latent channels, no quant convs, four levels (1/8 scale) like
+# batchgen.models.VAE_TINY; SD3's scaling and shift.
+VAE_TINY_16CH: dict = {
+    "_class_name": "AutoencoderKL",
+    "sample_size": 256,
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [8, 16, 16, 16],
+    "layers_per_block": 1,
+    "latent_channels": 16,
+    "norm_num_groups": 8,
+    "act_fn": "silu",
+    "scaling_factor": 1.5305,
+    "shift_factor": 0.0609,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
 }
 
 _LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
@@ -87,6 +151,14 @@ def resolve_vae_config(config: dict) -> dict:
                 )
     if not cfg["norm_num_groups"]:
         raise CheckpointError("config key 'norm_num_groups': must be a positive integer")
+    for key in ("latents_mean", "latents_std"):
+        # Per-channel latent normalisation (e.g. Playground v2.5) is applied by the pipeline, which
+        # only knows scaling_factor / shift_factor: refuse rather than render with wrong latents.
+        if cfg[key] is not None:
+            raise CheckpointError(
+                f"config key {key!r}: per-channel latent normalisation is not supported by batchgen "
+                "(supported: null; the latents are scaled with scaling_factor and shift_factor only)"
+            )
     if cfg["shift_factor"] is None:
         cfg["shift_factor"] = 0.0
     if cfg["scaling_factor"] is None:
@@ -270,6 +342,11 @@ class AutoencoderKL(nn.Module):
     @property
     def shift_factor(self) -> float:
         return float(self.config["shift_factor"])
+
+    @property
+    def force_upcast(self) -> bool:
+        """True when the checkpoint overflows in float16 (SD, SDXL VAEs) and must decode in float32."""
+        return bool(self.config["force_upcast"])
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         if x.ndim != 4 or x.shape[1] != self.config["in_channels"]:
