@@ -24,4 +24,13 @@ REFERENCE = {
                             {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
     "unipc": ("UniPCMultistepScheduler", {}),
     "flow_euler": ("FlowMatchEulerDiscreteScheduler", {}),
+    "flow_heun": ("FlowMatchHeunDiscreteScheduler", {}),
+    # Swapped into an SD3/FLUX pipeline from its FlowMatchEuler config; also pass
+    # flow_shift=<the config's `shift`> (FLOW_SHIFT_FROM below): DPMSolver reads no `shift` key.
+    "flow_dpmpp_2m": ("DPMSolverMultistepScheduler",
+                      {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "algorithm_type": "dpmsolver++",
+                       "solver_order": 2}),
 }
+
+# our name -> the from_config option that takes the checkpoint config's `shift` (or the `shift` sampler option)
+FLOW_SHIFT_FROM = {"flow_euler": "shift", "flow_heun": "shift", "flow_dpmpp_2m": "flow_shift"}

@@ -61,14 +61,25 @@ def karras_x0(out: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, predictio
     raise ValueError(f"prediction_type {prediction_type!r} is not supported here (epsilon, v_prediction)")
 
 
-def alpha_sigma(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(alpha_t, sigma_t) of the variance-preserving process at Karras noise level ``sigma``."""
+def alpha_sigma(sigma: torch.Tensor, flow: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha_t, sigma_t) at noise level ``sigma``.
+
+    Variance-preserving process at Karras level ``sigma`` by default; with ``flow`` the rectified
+    flow x = (1 - sigma) * x0 + sigma * noise (DPMSolverMultistepScheduler's ``use_flow_sigmas``).
+    """
+    if flow:
+        return 1 - sigma, sigma
     alpha_t = 1 / ((sigma**2 + 1) ** 0.5)
     return alpha_t, sigma * alpha_t
 
 
 def vp_x0(out: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, prediction_type: str) -> torch.Tensor:
-    """Denoised estimate in the variance-preserving parametrisation (DPM-Solver, UniPC)."""
+    """Denoised estimate in the variance-preserving parametrisation (DPM-Solver, UniPC).
+
+    ``prediction_type`` "flow": ``out`` is the flow velocity (noise - x0) and ``sigma`` a flow sigma.
+    """
+    if prediction_type == "flow":
+        return x - sigma * out
     alpha_t, sigma_t = alpha_sigma(sigma)
     if prediction_type == "epsilon":
         return (x - sigma_t * out) / alpha_t
@@ -77,7 +88,7 @@ def vp_x0(out: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, prediction_ty
     raise ValueError(f"prediction_type {prediction_type!r} is not supported here (epsilon, v_prediction)")
 
 
-def log_snr(sigma: torch.Tensor) -> torch.Tensor:
-    """lambda = log(alpha_t) - log(sigma_t) at Karras noise level ``sigma``."""
-    alpha_t, sigma_t = alpha_sigma(sigma)
+def log_snr(sigma: torch.Tensor, flow: bool = False) -> torch.Tensor:
+    """lambda = log(alpha_t) - log(sigma_t) at noise level ``sigma`` (see :func:`alpha_sigma`)."""
+    alpha_t, sigma_t = alpha_sigma(sigma, flow)
     return torch.log(alpha_t) - torch.log(sigma_t)

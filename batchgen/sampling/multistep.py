@@ -1,5 +1,8 @@
 """Multistep exponential-integrator samplers in log-SNR time: DPM-Solver++ (2M, 2M SDE) and UniPC.
 
+DPM-Solver++(2M) also runs on flow-matching sigmas (``flow_dpmpp_2m``): only alpha_t/sigma_t and
+the data prediction change, the log-SNR update is the same.
+
 Both work on data predictions (x0) at the variance-preserving noise levels ``plan.sigmas`` and
 reuse the previous steps' predictions; orders are lowered at the start and, for few steps, at
 the end exactly as diffusers' DPMSolverMultistep/UniPCMultistep schedulers do.
@@ -14,10 +17,10 @@ import torch
 from .common import Callback, Model, Plan, alpha_sigma, call_model, log_snr, progress, step_noise, vp_x0
 
 
-def _dpm_first_order(x, m0, s, s_next, sde, noise):
-    alpha_t, sigma_t = alpha_sigma(s_next)
-    _, sigma_s = alpha_sigma(s)
-    h = log_snr(s_next) - log_snr(s)
+def _dpm_first_order(x, m0, s, s_next, sde, noise, flow=False):
+    alpha_t, sigma_t = alpha_sigma(s_next, flow)
+    _, sigma_s = alpha_sigma(s, flow)
+    h = log_snr(s_next, flow) - log_snr(s, flow)
     if not sde:
         return (sigma_t / sigma_s) * x - (alpha_t * (torch.exp(-h) - 1.0)) * m0
     return (
@@ -27,10 +30,10 @@ def _dpm_first_order(x, m0, s, s_next, sde, noise):
     )
 
 
-def _dpm_second_order(x, m0, m1, s_prev, s, s_next, sde, noise, solver_type):
-    alpha_t, sigma_t = alpha_sigma(s_next)
-    _, sigma_s0 = alpha_sigma(s)
-    lambda_t, lambda_s0, lambda_s1 = log_snr(s_next), log_snr(s), log_snr(s_prev)
+def _dpm_second_order(x, m0, m1, s_prev, s, s_next, sde, noise, solver_type, flow=False):
+    alpha_t, sigma_t = alpha_sigma(s_next, flow)
+    _, sigma_s0 = alpha_sigma(s, flow)
+    lambda_t, lambda_s0, lambda_s1 = log_snr(s_next, flow), log_snr(s, flow), log_snr(s_prev, flow)
     h, h_0 = lambda_t - lambda_s0, lambda_s0 - lambda_s1
     r0 = h_0 / h
     d0, d1 = m0, (1.0 / r0) * (m0 - m1)
@@ -48,8 +51,13 @@ def _dpm_second_order(x, m0, m1, s_prev, s, s_next, sde, noise, solver_type):
 
 
 def sample_dpmpp_2m(model: Model, x: torch.Tensor, plan: Plan, generators: Sequence, callback: Callback = None):
-    """DPM-Solver++(2M); ``plan.extra["sde"]`` switches to the SDE variant (per-item noise each step)."""
+    """DPM-Solver++(2M); ``plan.extra["sde"]`` switches to the SDE variant (per-item noise each step).
+
+    A plan with prediction type "flow" runs it over flow sigmas (alpha_t = 1 - sigma), as
+    DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction") does.
+    """
     sigmas, n_all = plan.sigmas, len(plan.timesteps)
+    flow = plan.prediction_type == "flow"
     sde = plan.extra.get("sde", False)
     lower_final_cfg = plan.extra.get("lower_order_final", True)
     euler_final = plan.extra.get("euler_at_final", False)
@@ -63,10 +71,10 @@ def sample_dpmpp_2m(model: Model, x: torch.Tensor, plan: Plan, generators: Seque
         sample = x.to(torch.float32)
         noise = step_noise(generators, out, torch.float32) if sde else None
         if lower_nums < 1 or lower_final:
-            x_next = _dpm_first_order(sample, m0, sigmas[i], sigmas[i + 1], sde, noise)
+            x_next = _dpm_first_order(sample, m0, sigmas[i], sigmas[i + 1], sde, noise, flow)
         else:
             x_next = _dpm_second_order(sample, m0, prev_m, sigmas[i - 1], sigmas[i], sigmas[i + 1], sde, noise,
-                                       solver_type)
+                                       solver_type, flow)
         lower_nums = min(lower_nums + 1, 2)
         prev_m, x = m0, x_next.to(out.dtype)
         progress(callback, n, total)

@@ -2,10 +2,17 @@
 
 Each name equals one diffusers scheduler built with ``Scheduler.from_config(checkpoint_config,
 **options)``; the config keys that scheduler class reads are read here with its defaults.
+
+Flow-matching checkpoints (SD3/SD3.5, FLUX.1) have a FlowMatchEulerDiscreteScheduler config and
+take only the ``flow_*`` samplers; every other sampler needs a noise/v-prediction config. A flow
+sampler's schedule also depends on how the pipeline calls ``set_timesteps``: SD3 passes only the
+step count, FLUX passes explicit ``sigmas`` and, for dynamically shifted checkpoints (FLUX.1-dev),
+``mu`` (see :func:`batchgen.sampling.schedules.flux_mu`); ``get_sampler`` takes the same two.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -15,7 +22,7 @@ import torch
 from . import schedules as S
 from .alpha_samplers import sample_ddim, sample_plms
 from .common import Callback, Model, Plan
-from .flow import sample_flow_euler
+from .flow import sample_flow_euler, sample_flow_heun
 from .multistep import sample_dpmpp_2m, sample_unipc
 from .sigma_samplers import sample_euler, sample_euler_ancestral, sample_heun, sample_lms
 
@@ -43,7 +50,15 @@ _DEFAULTS = {
             "final_sigmas_type": "zero", "solver_type": "midpoint"},
     "unipc": {**_BASE, "rescale_betas_zero_snr": False, "solver_order": 2, "solver_type": "bh2", "lower_order_final": True,
               "disable_corrector": [], "final_sigmas_type": "zero"},
-    "flow": {"num_train_timesteps": 1000, "shift": 1.0},
+    # FlowMatchEulerDiscreteScheduler
+    "flow": {"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False,
+             "time_shift_type": "exponential"},
+    # FlowMatchHeunDiscreteScheduler
+    "flow_heun": {"num_train_timesteps": 1000, "shift": 1.0},
+    # DPMSolverMultistepScheduler.from_config(flow config, use_flow_sigmas=True, flow_shift=shift, ...)
+    "flow_dpm": {"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False,
+                 "time_shift_type": "exponential", "lower_order_final": True, "euler_at_final": False,
+                 "final_sigmas_type": "zero", "solver_type": "midpoint"},
 }
 # Config values no sampler here reproduces: refuse rather than silently sample differently.
 _UNSUPPORTED: dict[str, Callable] = {
@@ -61,9 +76,33 @@ _FAMILY_KEYS = {  # which of _UNSUPPORTED each family's diffusers class reads
             "variance_type", "use_dynamic_shifting"},
     "unipc": {"thresholding", "use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas", "predict_x0",
               "use_dynamic_shifting", "solver_type"},
-    "flow": {"use_dynamic_shifting", "invert_sigmas", "shift_terminal", "stochastic_sampling",
-             "use_exponential_sigmas", "use_beta_sigmas"},
 }
+# Flow families: config keys whose truthy value is refused, and why. FlowMatchHeun and DPM-Solver do
+# not read FlowMatchEuler's schedule-changing keys; diffusers would silently run another schedule
+# than the checkpoint's, so we refuse instead.
+_NOT_IN_HEUN = "FlowMatchHeunDiscreteScheduler does not read it (diffusers would ignore it)"
+_NOT_IN_DPM = "DPMSolverMultistepScheduler does not read it (diffusers would ignore it)"
+_FLOW_REFUSED: dict[str, dict[str, str]] = {
+    "flow": {"invert_sigmas": "not implemented", "shift_terminal": "not implemented",
+             "stochastic_sampling": "not implemented", "use_karras_sigmas": "not implemented",
+             "use_exponential_sigmas": "not implemented", "use_beta_sigmas": "not implemented"},
+    "flow_heun": {"use_dynamic_shifting": _NOT_IN_HEUN + "; use flow_euler or flow_dpmpp_2m with mu",
+                  "invert_sigmas": _NOT_IN_HEUN, "shift_terminal": _NOT_IN_HEUN,
+                  "stochastic_sampling": _NOT_IN_HEUN, "use_karras_sigmas": _NOT_IN_HEUN,
+                  "use_exponential_sigmas": _NOT_IN_HEUN, "use_beta_sigmas": _NOT_IN_HEUN},
+    "flow_dpm": {"invert_sigmas": _NOT_IN_DPM, "shift_terminal": _NOT_IN_DPM, "stochastic_sampling": _NOT_IN_DPM,
+                 "use_karras_sigmas": "it replaces the flow sigmas by VP Karras sigmas in diffusers",
+                 "use_exponential_sigmas": "not implemented", "use_beta_sigmas": "not implemented",
+                 "use_lu_lambdas": "not implemented", "thresholding": "not implemented",
+                 "variance_type": "not implemented", "use_flow_sigmas": "flow samplers read a FlowMatch* "
+                 "config (its `shift`), not a DPMSolverMultistepScheduler one"},
+}
+_FLOW_REFUSED["flow"]["use_flow_sigmas"] = _FLOW_REFUSED["flow_heun"]["use_flow_sigmas"] = \
+    _FLOW_REFUSED["flow_dpm"]["use_flow_sigmas"]
+# Which set_timesteps arguments each flow family's diffusers scheduler accepts.
+_ACCEPTS = {"flow": {"sigmas", "mu"}, "flow_heun": set(), "flow_dpm": {"mu"}}
+_DIFFUSERS_CLASS = {"flow": "FlowMatchEulerDiscreteScheduler", "flow_heun": "FlowMatchHeunDiscreteScheduler",
+                    "flow_dpm": "DPMSolverMultistepScheduler"}
 
 SPECS: dict[str, Spec] = {
     "ddim": Spec("ddim", options={"eta": 0.0}),
@@ -82,12 +121,16 @@ SPECS: dict[str, Spec] = {
     "dpmpp_2m_sde_karras": Spec("dpm", karras=True),
     "unipc": Spec("unipc"),
     "flow_euler": Spec("flow", options={"shift": None}),
+    "flow_heun": Spec("flow_heun", options={"shift": None}),
+    "flow_dpmpp_2m": Spec("flow_dpm", options={"shift": None}),
 }
 SAMPLER_NAMES: tuple[str, ...] = tuple(SPECS)
+FLOW_SAMPLER_NAMES: tuple[str, ...] = tuple(n for n, spec in SPECS.items() if spec.family.startswith("flow"))
 
 _LOOPS: dict[str, Callable] = {
     "ddim": sample_ddim, "plms": sample_plms, "euler": sample_euler, "euler_a": sample_euler_ancestral,
     "heun": sample_heun, "lms": sample_lms, "dpm": sample_dpmpp_2m, "unipc": sample_unipc, "flow": sample_flow_euler,
+    "flow_heun": sample_flow_heun, "flow_dpm": sample_dpmpp_2m,
 }
 
 
@@ -126,33 +169,72 @@ class Sampler:
 
 
 def _is_flow(cfg: dict) -> bool:
-    return cfg.get("prediction_type") == "flow" or str(cfg.get("_class_name", "")).startswith("FlowMatch")
+    return (cfg.get("prediction_type") in ("flow", "flow_prediction") or bool(cfg.get("use_flow_sigmas"))
+            or str(cfg.get("_class_name", "")).startswith("FlowMatch"))
+
+
+def _describe(cfg: dict) -> str:
+    """'FlowMatchEulerDiscreteScheduler, prediction_type 'epsilon'' for error messages."""
+    parts = [str(cfg["_class_name"])] if cfg.get("_class_name") else []
+    if cfg.get("prediction_type") is not None:
+        parts.append(f"prediction_type {cfg['prediction_type']!r}")
+    return ", ".join(parts) or "no _class_name or prediction_type"
 
 
 def _read_config(name: str, family: str, scheduler_config: dict) -> dict:
     if not isinstance(scheduler_config, dict):
         raise ValueError(f"scheduler_config: expected a dict, got {type(scheduler_config).__name__}")
     flow = _is_flow(scheduler_config)
-    if flow != (family == "flow"):
-        need = "a flow-matching checkpoint" if family == "flow" else "a noise/v-prediction checkpoint"
-        other = "flow_euler" if flow else "any of the other samplers"
-        raise ValueError(f"sampler {name!r} needs {need}; this scheduler config is "
-                         f"{'flow-matching' if flow else 'not flow-matching'}: use {other}")
+    wants_flow = family.startswith("flow")
+    if flow != wants_flow:
+        flow_names = ", ".join(FLOW_SAMPLER_NAMES)
+        if wants_flow:
+            raise ValueError(f"sampler {name!r} needs a flow-matching checkpoint (a FlowMatch* scheduler config); "
+                             f"this scheduler config ({_describe(scheduler_config)}) is not flow-matching: "
+                             f"use one of the other samplers (not {flow_names})")
+        raise ValueError(f"sampler {name!r} needs a noise/v-prediction checkpoint (epsilon, v_prediction); this "
+                         f"scheduler config ({_describe(scheduler_config)}) is flow-matching: use one of {flow_names}")
     cfg = dict(_DEFAULTS[family])
     cfg.update({k: v for k, v in scheduler_config.items() if k in cfg and v is not None or k == "trained_betas"})
+    if wants_flow:
+        _check_flow_config(name, family, scheduler_config, cfg)
+        return cfg
     for key in sorted(_FAMILY_KEYS[family]):
         value = scheduler_config.get(key)
         if _UNSUPPORTED.get(key, bool)(value) if value is not None else False:
             raise ValueError(f"scheduler config: {key}={value!r} is not supported by sampler {name!r}")
-    if family != "flow":
-        if cfg["prediction_type"] not in ("epsilon", "v_prediction"):
-            raise ValueError(f"scheduler config: prediction_type {cfg['prediction_type']!r} is not supported "
-                             f"by sampler {name!r} (epsilon, v_prediction)")
-        S.check_spacing(cfg["timestep_spacing"])
-        if cfg["beta_schedule"] not in S.BETA_SCHEDULES:
-            raise ValueError(f"scheduler config: beta_schedule {cfg['beta_schedule']!r} is not supported; "
-                             f"use one of {S.BETA_SCHEDULES}")
+    if cfg["prediction_type"] not in ("epsilon", "v_prediction"):
+        raise ValueError(f"scheduler config: prediction_type {cfg['prediction_type']!r} is not supported "
+                         f"by sampler {name!r} (epsilon, v_prediction)")
+    S.check_spacing(cfg["timestep_spacing"])
+    if cfg["beta_schedule"] not in S.BETA_SCHEDULES:
+        raise ValueError(f"scheduler config: beta_schedule {cfg['beta_schedule']!r} is not supported; "
+                         f"use one of {S.BETA_SCHEDULES}")
     return cfg
+
+
+def _check_flow_config(name: str, family: str, raw: dict, cfg: dict) -> None:
+    for key, why in sorted(_FLOW_REFUSED[family].items()):
+        value = raw.get(key)
+        if key == "variance_type" and value not in ("learned", "learned_range"):
+            continue
+        if value:
+            raise ValueError(f"scheduler config: {key}={value!r} is not supported by sampler {name!r} ({why}); "
+                             f"remove the key or pick another flow sampler")
+    shift = cfg["shift"]
+    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not shift > 0:
+        raise ValueError(f"scheduler config: shift={shift!r} must be a number > 0")
+    if "time_shift_type" in cfg and cfg["time_shift_type"] not in S.TIME_SHIFT_TYPES:
+        raise ValueError(f"scheduler config: time_shift_type={cfg['time_shift_type']!r} is not supported; "
+                         f"use one of {S.TIME_SHIFT_TYPES}")
+    if family == "flow_dpm":
+        if cfg["use_dynamic_shifting"] and cfg["time_shift_type"] != "exponential":
+            raise ValueError(f"scheduler config: time_shift_type={cfg['time_shift_type']!r} with "
+                             f"use_dynamic_shifting is not supported by sampler {name!r} "
+                             f"(DPMSolverMultistepScheduler shifts by exp(mu) only); use flow_euler")
+        if cfg["final_sigmas_type"] != "zero":
+            raise ValueError(f"scheduler config: final_sigmas_type={cfg['final_sigmas_type']!r} is not supported by "
+                             f"sampler {name!r} (flow sigmas end at 0: 'zero')")
 
 
 def _check_options(name: str, spec: Spec, options: Optional[dict]) -> dict:
@@ -173,12 +255,48 @@ def _check_options(name: str, spec: Spec, options: Optional[dict]) -> dict:
     return out
 
 
+def _check_schedule_args(name: str, family: str, cfg: dict, steps: int, opts: dict, sigmas, mu):
+    """Validate ``sigmas``/``mu`` like the diffusers scheduler's set_timesteps; returns (sigmas, mu)."""
+    accepts = _ACCEPTS.get(family, set())
+    for arg, value in (("sigmas", sigmas), ("mu", mu)):
+        if value is not None and arg not in accepts:
+            takers = [n for n in FLOW_SAMPLER_NAMES if arg in _ACCEPTS[SPECS[n].family]]
+            where = (f"{_DIFFUSERS_CLASS[family]}.set_timesteps takes no {arg}" if family in _DIFFUSERS_CLASS
+                     else "it is not a flow-matching sampler")
+            hint = " (FluxPipeline passes sigmas=None for it)" if family == "flow_dpm" else ""
+            raise ValueError(f"{arg}: sampler {name!r} does not take {arg} ({where}){hint}; pass {arg}=None "
+                             f"or use {' or '.join(takers)}")
+    if sigmas is not None:
+        if isinstance(sigmas, (str, bytes)) or np.ndim(sigmas) != 1:
+            raise ValueError(f"sigmas: expected a 1-d sequence of floats, got {sigmas!r}")
+        values = np.asarray(sigmas, dtype=np.float64) if len(sigmas) else np.zeros(0)
+        if len(values) != steps:
+            raise ValueError(f"sigmas: {len(values)} values for steps={steps}; pass exactly one sigma per step")
+        if not (np.isfinite(values).all() and (values > 0).all() and (values <= 1).all()):
+            raise ValueError(f"sigmas: every value must be in (0, 1], got {list(values)}")
+    dynamic = bool(cfg.get("use_dynamic_shifting"))
+    if mu is not None:
+        if isinstance(mu, bool) or not isinstance(mu, (int, float, np.integer, np.floating)) or not math.isfinite(mu):
+            raise ValueError(f"mu: expected a finite number, got {mu!r}")
+        if not dynamic:
+            raise ValueError(f"mu: the scheduler config has use_dynamic_shifting=false, so mu would be ignored; "
+                             f"pass mu=None (only dynamically shifted checkpoints such as FLUX.1-dev take mu)")
+        mu = float(mu)
+    elif dynamic:
+        raise ValueError(f"mu: the scheduler config has use_dynamic_shifting=true, so sampler {name!r} needs mu; "
+                         f"pass mu=flux_mu(image_seq_len, scheduler_config)")
+    if dynamic and opts.get("shift") is not None:
+        raise ValueError(f"sampler option 'shift' of {name!r} has no effect with use_dynamic_shifting=true "
+                         f"(mu sets the shift); remove it")
+    return (None if sigmas is None else values), mu
+
+
 def _begin_index(name: str, steps: int, strength: Optional[float], order: int, flow: bool) -> int:
     if strength is None:
         return 0
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
         raise ValueError(f"strength: must be a number in [0, 1], got {strength!r}")
-    if flow:  # StableDiffusion3Img2ImgPipeline.get_timesteps
+    if flow:  # StableDiffusion3Img2ImgPipeline / FluxImg2ImgPipeline.get_timesteps
         t_start = int(max(steps - min(steps * strength, steps), 0))
     else:  # StableDiffusionImg2ImgPipeline.get_timesteps
         t_start = max(steps - min(int(steps * strength), steps), 0)
@@ -189,11 +307,16 @@ def _begin_index(name: str, steps: int, strength: Optional[float], order: int, f
 
 
 def get_sampler(name: str, scheduler_config: dict, steps: int, strength: Optional[float] = None,
-                options: Optional[dict] = None) -> Sampler:
+                options: Optional[dict] = None, sigmas: Optional[Sequence[float]] = None,
+                mu: Optional[float] = None) -> Sampler:
     """Build sampler ``name`` for ``steps`` steps from a checkpoint's scheduler config.
 
     ``strength`` (img2img) cuts the schedule like diffusers' img2img pipelines; ``options`` are the
-    sampler's own options (``eta`` for ddim, ``shift`` for flow_euler).
+    sampler's own options (``eta`` for ddim, ``shift`` for the flow samplers).
+    ``sigmas`` and ``mu`` mirror the flow schedulers' ``set_timesteps(sigmas=..., mu=...)``:
+    ``sigmas`` (one per step, flow_euler only) replaces the evenly spaced schedule before shifting,
+    ``mu`` (flow_euler, flow_dpmpp_2m) is the dynamic shift and is required exactly when the
+    config has ``use_dynamic_shifting`` true.
     """
     if name not in SPECS:
         raise ValueError(f"unknown sampler {name!r}; valid names: {', '.join(SAMPLER_NAMES)}")
@@ -203,13 +326,18 @@ def get_sampler(name: str, scheduler_config: dict, steps: int, strength: Optiona
     spec = SPECS[name]
     opts = _check_options(name, spec, options)
     cfg = _read_config(name, spec.family, scheduler_config)
+    sigmas, mu = _check_schedule_args(name, spec.family, cfg, steps, opts, sigmas, mu)
     num_train = int(cfg["num_train_timesteps"])
     if steps > num_train:
         raise ValueError(f"steps: {steps} is more than the checkpoint's num_train_timesteps ({num_train})")
-    order = 2 if spec.family == "heun" else 1
-    begin = _begin_index(name, steps, strength, order, spec.family == "flow")
+    order = 2 if spec.family in ("heun", "flow_heun") else 1
+    flow = spec.family.startswith("flow")
+    begin = _begin_index(name, steps, strength, order, flow)
     build = _BUILDERS[spec.family]
-    plan, init_sigma, noiser = build(cfg, steps, spec, opts, name)
+    if flow:
+        plan, init_sigma, noiser = build(cfg, steps, spec, opts, name, sigmas=sigmas, mu=mu)
+    else:
+        plan, init_sigma, noiser = build(cfg, steps, spec, opts, name)
     plan.begin = begin
     return Sampler(name, plan, _LOOPS[spec.family], init_sigma, noiser)
 
@@ -320,18 +448,54 @@ def _build_multistep(cfg, steps, spec, opts, name):
     return plan, 1.0, noiser
 
 
-def _build_flow(cfg, steps, spec, opts, name):
-    shift = opts["shift"] if opts.get("shift") is not None else float(cfg["shift"])
-    sigmas, timesteps = S.flow_sigmas(int(cfg["num_train_timesteps"]), steps, shift)
-    plan = Plan(timesteps, "flow", sigmas=sigmas)
+def _flow_shift(cfg, opts) -> float:
+    return opts["shift"] if opts.get("shift") is not None else float(cfg["shift"])
+
+
+def _flow_noiser(plan: Plan):
+    """scale_noise of FlowMatchEuler (and add_noise of DPM-Solver with flow sigmas: the same bits)."""
 
     def noiser(clean, noise):
-        sigma = sigmas.to(device=clean.device, dtype=clean.dtype)[plan.begin]
+        sigma = plan.sigmas.to(device=clean.device, dtype=clean.dtype)[plan.begin]
+        return sigma * noise + (1.0 - sigma) * clean
+
+    return noiser
+
+
+def _build_flow(cfg, steps, spec, opts, name, sigmas=None, mu=None):
+    """FlowMatchEulerDiscreteScheduler.set_timesteps(steps, sigmas=sigmas, mu=mu)."""
+    dynamic = bool(cfg["use_dynamic_shifting"])
+    sig, timesteps = S.flow_sigmas(int(cfg["num_train_timesteps"]), steps, _flow_shift(cfg, opts), sigmas=sigmas,
+                                   mu=mu if dynamic else None, time_shift_type=cfg["time_shift_type"])
+    plan = Plan(timesteps, "flow", sigmas=sig)
+    return plan, 1.0, _flow_noiser(plan)
+
+
+def _build_flow_heun(cfg, steps, spec, opts, name, sigmas=None, mu=None):
+    """FlowMatchHeunDiscreteScheduler.set_timesteps(steps): Euler's sigmas, inner ones doubled."""
+    sig, timesteps = S.flow_sigmas(int(cfg["num_train_timesteps"]), steps, _flow_shift(cfg, opts))
+    timesteps = torch.cat([timesteps[:1], timesteps[1:].repeat_interleave(2)])
+    sig = torch.cat([sig[:1], sig[1:-1].repeat_interleave(2), sig[-1:]])
+    plan = Plan(timesteps, "flow", sigmas=sig)
+
+    def noiser(clean, noise):  # its scale_noise keeps sigma a float32 CPU scalar, whatever clean's dtype/device
+        sigma = plan.sigmas[plan.begin]
         return sigma * noise + (1.0 - sigma) * clean
 
     return plan, 1.0, noiser
 
 
+def _build_flow_dpm(cfg, steps, spec, opts, name, sigmas=None, mu=None):
+    """DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=shift).set_timesteps(steps, mu=mu)."""
+    flow_shift = np.exp(mu) if mu is not None else _flow_shift(cfg, opts)  # set_timesteps: flow_shift = exp(mu)
+    sig, timesteps = S.dpm_flow_sigmas(int(cfg["num_train_timesteps"]), steps, flow_shift)
+    solver_type = cfg["solver_type"] if cfg["solver_type"] in ("midpoint", "heun") else "midpoint"
+    extra = dict(sde=False, lower_order_final=cfg["lower_order_final"], euler_at_final=cfg["euler_at_final"],
+                 final_sigmas_type="zero", solver_type=solver_type)
+    plan = Plan(timesteps, "flow", sigmas=sig, extra=extra)
+    return plan, 1.0, _flow_noiser(plan)
+
+
 _BUILDERS = {"ddim": _build_ddim, "plms": _build_plms, "euler": _build_sigma, "euler_a": _build_sigma,
              "heun": _build_sigma, "lms": _build_sigma, "dpm": _build_multistep, "unipc": _build_multistep,
-             "flow": _build_flow}
+             "flow": _build_flow, "flow_heun": _build_flow_heun, "flow_dpm": _build_flow_dpm}

@@ -148,12 +148,88 @@ def shift_sigmas(sigmas, shift: float):
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
-def flow_sigmas(num_train: int, steps: int, shift: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sigmas with a trailing 0, timesteps) of FlowMatchEulerDiscreteScheduler, float32."""
-    train = torch.from_numpy(np.linspace(1, num_train, num_train, dtype=np.float32)[::-1].copy()) / num_train
-    train = shift_sigmas(train, shift)
-    sigma_max, sigma_min = train[0].item(), train[-1].item()
-    ts = np.linspace(sigma_max * num_train, sigma_min * num_train, steps)
-    sigmas = torch.from_numpy(shift_sigmas(ts / num_train, shift)).to(torch.float32)
-    timesteps = sigmas * num_train
-    return torch.cat([sigmas, torch.zeros(1)]), timesteps
+TIME_SHIFT_TYPES = ("exponential", "linear")
+
+
+def time_shift(mu: float, sigmas, time_shift_type: str = "exponential", sigma: float = 1.0):
+    """Resolution-dependent (dynamic) shift of flow sigmas ``t`` by ``mu`` (FLUX.1-dev).
+
+    Written as FlowMatchEulerDiscreteScheduler writes it, so that float32 arrays stay float32 and
+    float64 ones float64 (python scalars do not promote a numpy array).
+    """
+    t = sigmas
+    if time_shift_type == "exponential":
+        return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** sigma)
+    if time_shift_type == "linear":
+        return mu / (mu + (1 / t - 1) ** sigma)
+    raise ValueError(f"scheduler config: time_shift_type {time_shift_type!r} is not supported; "
+                     f"use one of {TIME_SHIFT_TYPES}")
+
+
+# diffusers' calculate_shift defaults (FluxPipeline reads the same keys with these defaults)
+FLUX_MU_DEFAULTS = {"base_image_seq_len": 256, "max_image_seq_len": 4096, "base_shift": 0.5, "max_shift": 1.15}
+
+
+def flux_mu(image_seq_len: int, scheduler_config: dict) -> float:
+    """``mu`` for a dynamically shifted flow schedule: diffusers' ``calculate_shift``.
+
+    A line through (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift), read at
+    ``image_seq_len``: the number of image tokens the transformer sees (FLUX: packed 2x2 latent
+    patches, ``(height // 16) * (width // 16)`` for the 8x VAE). Keys missing from the config take
+    the defaults FluxPipeline uses (256, 4096, 0.5, 1.15). Note StableDiffusion3Pipeline defaults a
+    missing ``max_shift`` to 1.16 instead.
+    """
+    if isinstance(image_seq_len, bool) or not isinstance(image_seq_len, (int, np.integer)) or image_seq_len < 1:
+        raise ValueError(f"image_seq_len: expected an integer >= 1, got {image_seq_len!r}")
+    if not isinstance(scheduler_config, dict):
+        raise ValueError(f"scheduler_config: expected a dict, got {type(scheduler_config).__name__}")
+    values = {}
+    for key, default in FLUX_MU_DEFAULTS.items():
+        value = scheduler_config.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+                or not math.isfinite(value):
+            raise ValueError(f"scheduler config: {key}={value!r} is not a number; flux_mu needs it "
+                             f"(remove the key to use diffusers' default {default})")
+        values[key] = value
+    base_seq_len, max_seq_len = values["base_image_seq_len"], values["max_image_seq_len"]
+    if base_seq_len == max_seq_len:
+        raise ValueError(f"scheduler config: base_image_seq_len and max_image_seq_len are both {base_seq_len}; "
+                         f"flux_mu needs two different lengths")
+    base_shift, max_shift = values["base_shift"], values["max_shift"]
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    b = base_shift - m * base_seq_len
+    return float(image_seq_len * m + b)
+
+
+def flow_sigmas(num_train: int, steps: int, shift: float, sigmas=None, mu=None,
+                time_shift_type: str = "exponential") -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigmas with a trailing 0, timesteps) of FlowMatchEulerDiscreteScheduler.set_timesteps, float32.
+
+    ``sigmas``: explicit sigmas (FluxPipeline passes ``linspace(1, 1/steps, steps)``), shifted in
+    float32; otherwise ``steps`` points spaced evenly in t between the training schedule's ends,
+    shifted in float64. ``mu`` (dynamic shifting): the time shift by ``mu`` replaces ``shift``,
+    and the training schedule's ends are the unshifted 1 and 1/num_train.
+    """
+    if sigmas is None:
+        train = torch.from_numpy(np.linspace(1, num_train, num_train, dtype=np.float32)[::-1].copy()) / num_train
+        if mu is None:
+            train = shift_sigmas(train, shift)
+        sigma_max, sigma_min = train[0].item(), train[-1].item()
+        s = np.linspace(sigma_max * num_train, sigma_min * num_train, steps) / num_train
+    else:
+        s = np.array(sigmas).astype(np.float32)
+    s = shift_sigmas(s, shift) if mu is None else time_shift(mu, s, time_shift_type)
+    out = torch.from_numpy(np.asarray(s)).to(torch.float32)
+    return torch.cat([out, torch.zeros(1)]), out * num_train
+
+
+def dpm_flow_sigmas(num_train: int, steps: int, flow_shift: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float32 sigmas with a trailing 0, int64 timesteps) of DPMSolverMultistepScheduler(use_flow_sigmas=True).
+
+    ``steps + 1`` points evenly spaced in alpha = 1 - sigma from 1 to 1/num_train, shifted by
+    ``flow_shift`` in float64; the sigma-0 end is dropped, timesteps are sigma * num_train truncated.
+    """
+    alphas = np.linspace(1, 1 / num_train, steps + 1)
+    s = np.flip(shift_sigmas(1.0 - alphas, flow_shift))[:-1].copy()
+    timesteps = torch.from_numpy((s * num_train).copy()).to(torch.int64)
+    return torch.from_numpy(np.concatenate([s, [0]]).astype(np.float32)), timesteps
