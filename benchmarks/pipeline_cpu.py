@@ -1,8 +1,11 @@
 """images/s of batchgen's pipeline vs diffusers on the same tiny checkpoint and settings (CPU, fp32).
 
-    python benchmarks/pipeline_cpu.py [--images 16] [--batch 4] [--steps 20] [--size 128] [--sampler ddim]
+    python benchmarks/pipeline_cpu.py [--variant sd1] [--images 16] [--batch 4] [--steps 20] [--size 128]
+                                      [--sampler NAME]
 
 Prints both throughputs and their ratio (batchgen / diffusers), plus the max pixel difference.
+Every tiny variant (``make-tiny-model --variant``) with an entry in REFERENCES can be measured:
+the entry names the diffusers pipeline class and how to call it.
 """
 
 from __future__ import annotations
@@ -16,7 +19,20 @@ import numpy as np
 import torch
 
 REF_SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscreteScheduler",
-                  "dpmpp_2m": "DPMSolverMultistepScheduler"}
+                  "dpmpp_2m": "DPMSolverMultistepScheduler", "flow_euler": "FlowMatchEulerDiscreteScheduler"}
+
+
+def _call_text(pipe, prompts, generators, args):
+    """A text-to-image diffusers pipeline called with prompts (SD, SDXL, SD3, FLUX)."""
+    return pipe(prompts, num_inference_steps=args.steps, width=args.size, height=args.size, generator=generators,
+                output_type="np").images
+
+
+# variant -> (diffusers pipeline class, call(pipe, prompts, generators, args) -> float images, default sampler)
+REFERENCES = {
+    "sd1": ("StableDiffusionPipeline", _call_text, "ddim"),
+    "sd2": ("StableDiffusionPipeline", _call_text, "ddim"),
+}
 
 
 def main() -> None:
@@ -25,8 +41,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--sampler", default="ddim", choices=sorted(REF_SCHEDULERS))
-    parser.add_argument("--variant", default="sd1", choices=["sd1", "sd2"])
+    parser.add_argument("--sampler", default=None, choices=sorted(REF_SCHEDULERS),
+                        help="default: the variant's own scheduler")
+    parser.add_argument("--variant", default="sd1", choices=sorted(REFERENCES))
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats; the best is reported")
     args = parser.parse_args()
 
@@ -40,9 +57,10 @@ def main() -> None:
     prompts = [f"benchmark prompt number {i}, a detailed painting" for i in range(args.images)]
     seeds = list(range(args.images))
 
+    ref_class, call, default_sampler = REFERENCES[args.variant]
+    args.sampler = args.sampler or default_sampler
     ours = load_pipeline(path, device="cpu", dtype=torch.float32)
-    ref = diffusers.StableDiffusionPipeline.from_pretrained(str(path), safety_checker=None,
-                                                           requires_safety_checker=False, local_files_only=True)
+    ref = getattr(diffusers, ref_class).from_pretrained(str(path), local_files_only=True)
     ref.scheduler = getattr(diffusers, REF_SCHEDULERS[args.sampler]).from_config(ref.scheduler.config)
     ref.set_progress_bar_config(disable=True)
 
@@ -54,8 +72,7 @@ def main() -> None:
         out = []
         for i in range(0, args.images, args.batch):
             gens = [torch.Generator().manual_seed(s) for s in seeds[i:i + args.batch]]
-            imgs = ref(prompts[i:i + args.batch], num_inference_steps=args.steps, width=args.size,
-                       height=args.size, generator=gens, output_type="np").images
+            imgs = call(ref, prompts[i:i + args.batch], gens, args)
             out.extend((im * 255).round().astype(np.uint8) for im in imgs)
         return out
 

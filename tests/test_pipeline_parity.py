@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from batchgen import load_pipeline
-from batchgen.sampling import SAMPLER_NAMES
+from batchgen.sampling import FLOW_SAMPLER_NAMES, SAMPLER_NAMES
 from tests.diffusers_reference import REFERENCE
 
 diffusers = pytest.importorskip("diffusers")
@@ -24,12 +24,12 @@ SEEDS = [0, 12345, 2**63 - 1]
 SIZE = 48
 STEPS = 5
 
-SD1_SAMPLERS = [n for n in SAMPLER_NAMES if n != "flow_euler"]
+SD1_SAMPLERS = [n for n in SAMPLER_NAMES if n not in FLOW_SAMPLER_NAMES]
 SD2_SAMPLERS = ["ddim", "euler", "euler_a", "heun_karras", "dpmpp_2m_sde_karras", "unipc", "plms"]
 
 
 def test_every_noise_sampler_has_a_reference():
-    assert sorted(REFERENCE) == sorted(SD1_SAMPLERS + ["flow_euler"])
+    assert sorted(REFERENCE) == sorted(SAMPLER_NAMES)
 
 
 class EulerAncestralKarras(diffusers.EulerAncestralDiscreteScheduler):

@@ -21,16 +21,13 @@ from .folder import CheckpointFolder, load_component
 log = logging.getLogger(__name__)
 
 
-def _unet(config: dict) -> torch.nn.Module:
-    from ..models.unet import UNet2DConditionModel
+def _lazy(module: str, cls_name: str) -> Callable[[dict], torch.nn.Module]:
+    def build(config: dict) -> torch.nn.Module:
+        import importlib
 
-    return UNet2DConditionModel(config)
+        return getattr(importlib.import_module(module, __package__), cls_name)(config)
 
-
-def _vae(config: dict) -> torch.nn.Module:
-    from ..models.vae import AutoencoderKL
-
-    return AutoencoderKL(config)
+    return build
 
 
 def _text_encoder(cls_name: str) -> Callable[[dict], torch.nn.Module]:
@@ -56,10 +53,15 @@ class ModelClass:
     convert: Callable[[dict], dict] | None = None
 
 
-# class name (model_index.json) -> builder. Families add their denoisers here as they land.
+# class name (model_index.json) -> builder.
 MODEL_CLASSES: dict[str, ModelClass] = {
-    "UNet2DConditionModel": ModelClass(_unet),
-    "AutoencoderKL": ModelClass(_vae, _convert_vae),
+    "UNet2DConditionModel": ModelClass(_lazy("..models.unet", "UNet2DConditionModel")),
+    "AutoencoderKL": ModelClass(_lazy("..models.vae", "AutoencoderKL"), _convert_vae),
+    "SD3Transformer2DModel": ModelClass(_lazy("..models.mmdit", "SD3Transformer2DModel")),
+    "FluxTransformer2DModel": ModelClass(_lazy("..models.flux", "FluxTransformer2DModel")),
+    "DiTTransformer2DModel": ModelClass(_lazy("..models.dit", "DiTTransformer2DModel")),
+    # DiT folders on the hub name the older generic class; the config says it is a DiT.
+    "Transformer2DModel": ModelClass(_lazy("..models.dit", "DiTTransformer2DModel")),
     "CLIPTextModel": ModelClass(_text_encoder("CLIPTextModel")),
     "CLIPTextModelWithProjection": ModelClass(_text_encoder("CLIPTextModelWithProjection")),
     "T5EncoderModel": ModelClass(_text_encoder("T5EncoderModel")),

@@ -1,8 +1,8 @@
 """Native torch modules for the Stable Diffusion family, with diffusers-equal parameter names.
 
-``UNet2DConditionModel(config)`` and ``AutoencoderKL(config)`` take the dict of a diffusers
-``unet/config.json`` / ``vae/config.json``; a diffusers-layout state dict then loads with
-``load_state_dict(strict=True)``. The classes are imported lazily so that importing this package
+Every model class (``UNet2DConditionModel``, ``AutoencoderKL``, ``SD3Transformer2DModel``,
+``FluxTransformer2DModel``, ``DiTTransformer2DModel``) takes the dict of its diffusers
+``config.json``; a diffusers-layout state dict then loads with ``load_state_dict(strict=True)``. The classes are imported lazily so that importing this package
 (e.g. for the tiny presets below) does not import torch.
 """
 
@@ -13,6 +13,9 @@ import copy
 __all__ = [
     "UNet2DConditionModel",
     "AutoencoderKL",
+    "SD3Transformer2DModel",
+    "FluxTransformer2DModel",
+    "DiTTransformer2DModel",
     "DiagonalGaussian",
     "convert_legacy_vae_keys",
     "UNET_SD1_TINY",
@@ -28,6 +31,12 @@ _LAZY = {
     "DiagonalGaussian": ".vae",
     "convert_legacy_vae_keys": ".vae",
     "resolve_vae_config": ".vae",
+    "SD3Transformer2DModel": ".mmdit",
+    "resolve_mmdit_config": ".mmdit",
+    "FluxTransformer2DModel": ".flux",
+    "resolve_flux_config": ".flux",
+    "DiTTransformer2DModel": ".dit",
+    "resolve_dit_config": ".dit",
 }
 
 # Tiny presets (diffusers config.json format) for `make-tiny-model` and tests.

@@ -1,0 +1,87 @@
+"""Tiny random-weight checkpoints in the diffusers layout, for tests, the demo and benchmarks.
+
+``make_tiny_model(dir, variant, seed)`` writes a complete diffusers folder (model_index.json, every
+component with its config and random weights, tokenizers of our own, the scheduler) for any family:
+one builder per family in this package, listed in :data:`VARIANTS`. Weights are drawn from a
+generator seeded per tensor from (seed, key), so the files are identical for the same seed on any
+machine. The ``builtin:`` models (``builtin:tiny`` is SD 1.x) are built once into the user cache
+(``$BATCHGEN_CACHE`` or ``~/.cache/batchgen``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .common import FolderWriter, random_state_dict  # noqa: F401 - re-exported for tests and tools
+
+log = logging.getLogger(__name__)
+
+TINY_FORMAT = 2  # bump when the tiny layout changes, so cached builtins are rebuilt
+# variant -> (builder module in this package, diffusers pipeline class)
+VARIANTS: dict[str, tuple[str, str]] = {
+    "sd1": ("sd", "StableDiffusionPipeline"),
+    "sd2": ("sd", "StableDiffusionPipeline"),
+}
+BUILTINS = {"tiny": ("sd1", 0), "tiny-sd1": ("sd1", 0), "tiny-sd2": ("sd2", 0)}
+
+
+def make_tiny_model(directory: str | os.PathLike, variant: str = "sd1", seed: int = 0) -> Path:
+    """Write a tiny random-weight checkpoint of ``variant`` in the diffusers folder layout."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant: expected one of {', '.join(VARIANTS)}, got {variant!r}")
+    root = Path(directory)
+    if root.exists() and any(root.iterdir()):
+        raise ValueError(f"directory: {root} exists and is not empty")
+    root.mkdir(parents=True, exist_ok=True)
+    module, pipeline_class = VARIANTS[variant]
+    builder = importlib.import_module(f".{module}", __name__)
+    builder.build(FolderWriter(root, pipeline_class, seed, variant), variant)
+    return root
+
+
+def builtin_model_path(name: str) -> Path:
+    """Path of built-in model ``name`` (``tiny``, ``tiny-sdxl`` ...), building it on first use.
+
+    Concurrent callers (several actors on one node) build it once: a file lock serialises them and
+    the folder appears atomically by rename.
+    """
+    from ..storage import cache_root, file_lock
+
+    if name not in BUILTINS:
+        raise ValueError(f"model: unknown built-in model 'builtin:{name}'; known: "
+                         + ", ".join(f"builtin:{n}" for n in BUILTINS))
+    variant, seed = BUILTINS[name]
+    target = cache_root() / "builtin" / f"tiny-{variant}-seed{seed}-f{TINY_FORMAT}"
+    if (target / "model_index.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(target.parent / f".{target.name}.lock"):
+        if (target / "model_index.json").is_file():
+            return target
+        log.info("building built-in model builtin:%s into %s", name, target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            make_tiny_model(tmp / "m", variant=variant, seed=seed)
+            os.replace(tmp / "m", target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def configure(parser) -> None:
+    parser.add_argument("directory", help="folder to create (must not exist or be empty)")
+    parser.add_argument("--variant", choices=list(VARIANTS), default="sd1",
+                        help="sd1: epsilon, conv projections; sd2: v-prediction, linear projections; "
+                             "the others: the family of that name")
+    parser.add_argument("--seed", type=int, default=0, help="weights are deterministic from this seed")
+
+
+def run(args) -> int:
+    path = make_tiny_model(args.directory, variant=args.variant, seed=args.seed)
+    print(f"wrote tiny {args.variant} checkpoint (seed {args.seed}) to {path}")
+    return 0
