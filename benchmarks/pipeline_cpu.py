@@ -32,6 +32,7 @@ def _call_text(pipe, prompts, generators, args):
 REFERENCES = {
     "sd1": ("StableDiffusionPipeline", _call_text, "ddim"),
     "sd2": ("StableDiffusionPipeline", _call_text, "ddim"),
+    "sdxl": ("StableDiffusionXLPipeline", _call_text, "euler"),
 }
 
 
