@@ -89,6 +89,17 @@ class Pipeline:
         return self.family.default_size()
 
     # ----------------------------------------------------------------------------------- public
+    def warmup(self, micro_batch: int, **kwargs) -> float:
+        """Render one throw-away micro-batch at the given shape (compiles a compiled pipeline for
+        it); returns the seconds it took."""
+        import time
+
+        start = time.perf_counter()
+        kwargs.setdefault("steps", 1)
+        self.generate([""] * micro_batch, list(range(micro_batch)), micro_batch=micro_batch, progress=False,
+                      **kwargs)
+        return time.perf_counter() - start
+
     def generate(self, prompts, seeds, negative_prompts=None, sampler: str | None = None, steps: int | None = None,
                  guidance_scale: float | None = None, width: int | None = None, height: int | None = None,
                  init_images=None, strength: float = 0.8, micro_batch: int | None = None,
@@ -232,6 +243,16 @@ class Pipeline:
         return _to_uint8(decoded)[:real]
 
 
+def _inductor_cache() -> None:
+    """Keep inductor's compiled kernels in batchgen's cache on the node's disk, so a restarted actor
+    (or the next job) reuses them instead of compiling from scratch."""
+    import os
+
+    from .storage import cache_root
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
+
+
 def _progress(progress, total: int):
     """(report(done, total), close()) for generate's ``progress`` argument."""
     if callable(progress):
@@ -272,20 +293,34 @@ def _to_rgb_array(image, width: int, height: int, where: str) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
+COMPILE_MODES = ("none", "default", "max")
+
+
 def load_pipeline(path, device=None, dtype=None, variant: str | None = None, allow_pickle: bool = False,
-                  storage_config=None) -> Pipeline:
-    """Load a checkpoint of any known family (local diffusers folder, file://, s3://, ``builtin:``)."""
+                  storage_config=None, compile: str = "none") -> Pipeline:
+    """Load a checkpoint of any known family (local diffusers folder, file://, s3://, ``builtin:``).
+
+    ``compile``: ``none`` (eager), ``default`` (torch.compile of the denoiser and the VAE decoder)
+    or ``max`` (plus CUDA graphs on a GPU). Compiling happens on the first render of each shape;
+    :meth:`Pipeline.warmup` does it up front.
+    """
+    if compile not in COMPILE_MODES:
+        raise ValueError(f"compile: expected one of {', '.join(COMPILE_MODES)}, got {compile!r}")
     local = resolve_model_uri(path, storage_config)
     folder = open_folder(local)
     family_cls = family_for(folder)
     device, dtype = default_device_dtype(device, dtype, family_cls.cuda_dtype)
     family = family_cls.load(folder, variant, allow_pickle).to(device, dtype)
+    if compile != "none":
+        _inductor_cache()
+        family.compile(compile)
     info = {
         "uri": str(path),
         "fingerprint": fingerprint(folder.root, folder.loaded_files),
         **family.info(),
         "dtype": str(dtype).removeprefix("torch."),
         "device": str(device),
+        "compile": compile,
     }
     log.info("loaded %s (%s, fingerprint %s) on %s/%s", path, info["variant"], info["fingerprint"][:12],
              device, info["dtype"])
