@@ -117,6 +117,18 @@ class Family:
                 parts[name] = load_model(folder, name, variant, allow_pickle)
         return cls(parts, folder)
 
+    @classmethod
+    def from_parts(cls, parts: dict[str, Any], model_index: dict | None = None, root: str = "<in memory>") -> "Family":
+        """A family from components already built in memory (benchmarks with random weights, tools):
+        ``parts`` maps component names to modules / tokenizers / the scheduler config dict."""
+        from pathlib import Path
+
+        index = {"_class_name": cls.pipeline_classes[0], **(model_index or {})}
+        for part in parts.values():
+            if isinstance(part, torch.nn.Module):
+                part.eval().requires_grad_(False)
+        return cls(parts, CheckpointFolder(root=Path(root), model_index=index))
+
     def to(self, device: torch.device, dtype: torch.dtype) -> "Family":
         """Move every module to ``device``; weights in ``dtype`` (the VAE per the upcast policy)."""
         self.device, self.dtype = device, dtype
