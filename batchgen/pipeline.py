@@ -65,12 +65,15 @@ class _Request:
 class Pipeline:
     """A loaded checkpoint of any family. Create with :func:`load_pipeline`."""
 
-    def __init__(self, family: Family, model_info: dict):
+    def __init__(self, family: Family, model_info: dict, storage_config=None):
         self.family = family
         self.device = family.device
         self.dtype = family.dtype
         self.model_info = model_info
+        self.model_info.setdefault("loras", [])
         self.fingerprint = model_info["fingerprint"]
+        self.storage_config = storage_config
+        self._lora_fuser = None
 
     def __getattr__(self, name: str):
         """Components by name (``pipe.unet``, ``pipe.transformer``, ``pipe.text_encoder_2`` ...)."""
@@ -78,6 +81,23 @@ class Pipeline:
         if name in parts:
             return parts[name]
         raise AttributeError(f"{type(self).__name__} has no attribute or component {name!r}")
+
+    def set_loras(self, loras) -> list[dict]:
+        """Make ``loras`` (``[{"uri": ..., "scale": ...}]``; [] or None: none) the fused LoRA set.
+
+        Swaps sets without reloading the base model: only the parameters the old or new set touch
+        are restored / re-fused, and an unchanged set is a no-op; no LoRA gives back the base
+        weights bit for bit. ``model_info["loras"]`` lists each LoRA's uri, sha256, scale and
+        format (``fingerprint`` stays the base model's). See :mod:`batchgen.checkpoints.lora`.
+        """
+        from .checkpoints.lora import LoraFuser, lora_components
+
+        if self._lora_fuser is None:
+            if not loras:
+                return []
+            self._lora_fuser = LoraFuser(lora_components(self.family.parts), self.storage_config)
+        self.model_info["loras"] = self._lora_fuser.set(loras)
+        return self.model_info["loras"]
 
     @property
     def scheduler_config(self) -> dict:
@@ -297,12 +317,13 @@ COMPILE_MODES = ("none", "default", "max")
 
 
 def load_pipeline(path, device=None, dtype=None, variant: str | None = None, allow_pickle: bool = False,
-                  storage_config=None, compile: str = "none") -> Pipeline:
+                  storage_config=None, compile: str = "none", loras=None) -> Pipeline:
     """Load a checkpoint of any known family (local diffusers folder, file://, s3://, ``builtin:``).
 
     ``compile``: ``none`` (eager), ``default`` (torch.compile of the denoiser and the VAE decoder)
     or ``max`` (plus CUDA graphs on a GPU). Compiling happens on the first render of each shape;
-    :meth:`Pipeline.warmup` does it up front.
+    :meth:`Pipeline.warmup` does it up front. ``loras``: ``[{"uri": ..., "scale": ...}]`` LoRA
+    files fused into the weights (see :meth:`Pipeline.set_loras`).
     """
     if compile not in COMPILE_MODES:
         raise ValueError(f"compile: expected one of {', '.join(COMPILE_MODES)}, got {compile!r}")
@@ -324,7 +345,10 @@ def load_pipeline(path, device=None, dtype=None, variant: str | None = None, all
     }
     log.info("loaded %s (%s, fingerprint %s) on %s/%s", path, info["variant"], info["fingerprint"][:12],
              device, info["dtype"])
-    return Pipeline(family, info)
+    pipe = Pipeline(family, info, storage_config)
+    if loras:
+        pipe.set_loras(loras)
+    return pipe
 
 
 __all__ = ["Pipeline", "load_pipeline", "default_device_dtype", "GROUP_SETTINGS"]
