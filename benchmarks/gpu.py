@@ -532,20 +532,25 @@ def main() -> None:
     print("environment:", json.dumps(env), flush=True)
     tok = _tokenizers(Path(tempfile.mkdtemp(prefix="bench-tok-")))
     results = {"environment": env, "rows": []}
+    def save() -> None:  # after every part, so a run cut short keeps what it measured
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=2, default=str))
+
     if args.tweaks:
         results["tweaks"] = run_tweaks(args, device, dtype, tok)
+        save()
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         results["rows"].extend(run_model(name, MODELS[name], args, device, dtype, tok))
+        save()
     if args.job:
         results["job"] = run_job_benchmark(args, device, dtype, tok)
+        save()
     print("\n| model | variant | images/s | s/step | peak GB | MFU denoiser | MFU end-to-end | max px diff |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results["rows"]:
         print(f"| {r['model']} | {r['variant']} | {r['images_per_s']:.3f} | {r['s_per_step']:.4f} | "
               f"{_fmt(r.get('peak_mem_gb'))} | {_fmt(r.get('mfu_denoiser'))} | {_fmt(r.get('mfu_end_to_end'))} | "
               f"{r['max_pixel_diff_vs_batchgen_eager']} |")
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2, default=str))
 
 
 if __name__ == "__main__":
