@@ -14,6 +14,8 @@ from ..errors import CheckpointError
 # family module -> the class it defines; a module lists its pipeline classes itself.
 FAMILIES: dict[str, str] = {
     "sd": "StableDiffusion",
+    "sd3": "StableDiffusion3",
+    "dit": "DiT",
 }
 
 

@@ -26,8 +26,13 @@ TINY_FORMAT = 2  # bump when the tiny layout changes, so cached builtins are reb
 VARIANTS: dict[str, tuple[str, str]] = {
     "sd1": ("sd", "StableDiffusionPipeline"),
     "sd2": ("sd", "StableDiffusionPipeline"),
+    "sd3": ("sd3", "StableDiffusion3Pipeline"),
+    "sd35": ("sd3", "StableDiffusion3Pipeline"),
+    "sd3-no-t5": ("sd3", "StableDiffusion3Pipeline"),
+    "dit": ("dit", "DiTPipeline"),
 }
 BUILTINS = {"tiny": ("sd1", 0), "tiny-sd1": ("sd1", 0), "tiny-sd2": ("sd2", 0)}
+BUILTINS.update({"tiny-sd3": ("sd3", 0), "tiny-sd35": ("sd35", 0), "tiny-dit": ("dit", 0)})
 
 
 def make_tiny_model(directory: str | os.PathLike, variant: str = "sd1", seed: int = 0) -> Path:
