@@ -79,6 +79,7 @@ class Family:
     upcast_vae: ClassVar[bool] = False  # decode/encode fp16 in float32 when the VAE asks (force_upcast)
     cuda_dtype: ClassVar[torch.dtype] = torch.float16  # dtype "auto" on a GPU
     denoiser_name: ClassVar[str] = "unet"  # the component whose config has sample_size
+    no_negative_prompt: ClassVar[str | None] = None  # why the family takes none (non-empty ones are refused)
 
     def __init__(self, parts: dict[str, Any], folder: CheckpointFolder):
         self.parts = parts
