@@ -144,15 +144,31 @@ class Pipeline:
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"micro_batch: expected a positive integer or None, got {micro_batch!r}")
         report, close = _progress(progress, total)
-        images: list[np.ndarray] = []
+        images: list[np.ndarray | None] = [None] * total
+        done = 0
         try:
-            for start in range(0, total, size):
-                stop = min(start + size, total)
-                images.extend(self._render_batch(req, start, stop, size))
-                report(stop, total)
+            for settings, members in self._partitions(req):
+                for start in range(0, len(members), size):
+                    indices = members[start:start + size]
+                    for i, image in zip(indices, self._render_batch(req, indices, size, settings)):
+                        images[i] = image
+                    done += len(indices)
+                    report(done, total)
         finally:
             close()
         return images
+
+    def _partitions(self, req: _Request) -> list[tuple[dict, list[int]]]:
+        """Items that may share micro-batches: all of them, unless the family's prompts vary in
+        length (A1111 syntax), in which case one partition per token-chunk count."""
+        fam = self.family
+        keys = [fam.prompt_chunks(p, n, req.settings) for p, n in zip(req.prompts, req.negatives)]
+        if all(k is None for k in keys):
+            return [(req.settings, list(range(len(req.prompts))))]
+        groups: dict[int, list[int]] = {}
+        for i, key in enumerate(keys):
+            groups.setdefault(key, []).append(i)
+        return [({**req.settings, "prompt_chunks": key}, members) for key, members in sorted(groups.items())]
 
     # ------------------------------------------------------------------------------- validation
     def _validate(self, prompts, seeds, negative_prompts, sampler, steps, guidance_scale, width, height,
@@ -232,29 +248,33 @@ class Pipeline:
 
     # -------------------------------------------------------------------------------- rendering
     @torch.inference_mode()
-    def _render_batch(self, req: _Request, start: int, stop: int, size: int) -> list[np.ndarray]:
+    def _render_batch(self, req: _Request, indices: list[int], size: int, settings: dict) -> list[np.ndarray]:
+        """Render the items ``indices`` as one model batch of exactly ``size`` (padded)."""
         from .sampling import get_sampler
 
         fam = self.family
-        real = stop - start
+        real = len(indices)
         pad = size - real
-        settings = req.settings
+
+        def take(values: list, fill) -> list:
+            return [values[i] for i in indices] + [fill] * pad
+
         batch = Batch(
-            prompts=req.prompts[start:stop] + [""] * pad,
-            negatives=req.negatives[start:stop] + [""] * pad,
+            prompts=take(req.prompts, ""),
+            negatives=take(req.negatives, ""),
             settings=settings,
-            items={k: v[start:stop] + [v[start]] * pad for k, v in req.items.items()},
-            labels=None if req.labels is None else req.labels[start:stop] + [None] * pad,
+            items={k: take(v, v[indices[0]]) for k, v in req.items.items()},
+            labels=None if req.labels is None else take(req.labels, None),
             guided=fam.guided(settings),
         )
-        generators = item_generators(req.seeds[start:stop] + [0] * pad)
+        generators = item_generators(take(req.seeds, 0))
         sampler = get_sampler(req.sampler, fam.scheduler_config, settings["steps"], strength=settings.get("strength"),
                               options=req.options, **fam.schedule(settings))
         cond = fam.encode_prompts(batch)
         shape = fam.noise_shape(settings["width"], settings["height"])
         # Each generator's draw order is diffusers': img2img's VAE posterior sample, then the noise.
         if req.init_images is not None:
-            clean = fam.encode_images(req.init_images[start:stop], generators[:real])
+            clean = fam.encode_images([req.init_images[i] for i in indices], generators[:real])
             if pad:
                 clean = torch.cat([clean, clean.new_zeros((pad, *clean.shape[1:]))])
             noise = randn_items(generators, shape, fam.device, fam.dtype)

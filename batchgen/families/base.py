@@ -198,6 +198,12 @@ class Family:
         """Whether a batch runs classifier-free guidance (doubles the model batch)."""
         return settings["guidance_scale"] > 1.0
 
+    def prompt_chunks(self, prompt: str, negative: str, settings: dict[str, Any]) -> int | None:
+        """For families whose prompt length varies (A1111 syntax): the item's token-chunk count.
+        Items with different counts never share a micro-batch (their embeddings differ in length),
+        so an item's bytes do not depend on its batch-mates. None: fixed length."""
+        return None
+
     def schedule(self, settings: dict[str, Any]) -> dict[str, Any]:
         """Extra ``get_sampler`` arguments (``sigmas``, ``mu``) for this request."""
         return {}

@@ -134,6 +134,31 @@ class ClipEncoder:
         return states, vector
 
 
+    def weighted(self, prompts: list[str], device, n_chunks: int, *, hidden: str = "last",
+                 pooled: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Like ``__call__`` for A1111-syntax prompts (:mod:`batchgen.prompt_syntax`): weights,
+        BREAK and 75-token chunks, each chunk encoded as its own 77-token sequence and the states
+        concatenated to ``n_chunks * 77`` tokens (the pooled vector is the first chunk's)."""
+        from ..prompt_syntax import encode_prompts
+
+        def encode(ids: torch.Tensor):
+            with torch.inference_mode():
+                if hidden == "last" and pooled is None:
+                    return self.encoder(ids)[0]
+                out = self.encoder(ids, output_hidden_states=hidden == "penultimate")
+            states = out.hidden_states[-2] if hidden == "penultimate" else out[0]
+            vector = out[0] if pooled == "output0" else out.pooler_output if pooled == "pooler" else None
+            return (states, vector) if vector is not None else states
+
+        return encode_prompts(self.tokenizer, encode, prompts, device=device, n_chunks=n_chunks)
+
+    def chunks(self, prompt: str) -> int:
+        """75-token chunks ``prompt`` takes in A1111 syntax."""
+        from ..prompt_syntax import chunk_count
+
+        return chunk_count(self.tokenizer, prompt)
+
+
 class T5Encoder:
     """A T5 tokenizer + ``T5EncoderModel``: the last hidden state at a fixed sequence length."""
 
