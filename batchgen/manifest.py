@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import threading
 import time
 import uuid
 from typing import Any, Iterator
@@ -116,18 +117,21 @@ class PartWriter:
         self.last_flush = time.monotonic()
         self.parts_written = 0
         self._committed = 0
+        self._lock = threading.RLock()  # the runner's commit thread flushes on the time bound
 
     def add(self, table: pa.Table) -> None:
-        if table.num_rows:
-            self.buffer.append(table)
-            self.buffered += table.num_rows
-        self.flush_if_due()
+        with self._lock:
+            if table.num_rows:
+                self.buffer.append(table)
+                self.buffered += table.num_rows
+            self.flush_if_due()
 
     def flush_if_due(self) -> None:
         """Flush on the row bound, or on the time bound (the runner calls this while it waits, so
         rows are committed within ``max_seconds`` even when no further batch arrives)."""
-        if self.buffered >= self.max_rows or time.monotonic() - self.last_flush >= self.max_seconds:
-            self.flush()
+        with self._lock:
+            if self.buffered >= self.max_rows or time.monotonic() - self.last_flush >= self.max_seconds:
+                self.flush()
 
     @property
     def committed_rows(self) -> int:
@@ -135,16 +139,17 @@ class PartWriter:
         return self._committed
 
     def flush(self) -> None:
-        self.last_flush = time.monotonic()
-        if not self.buffered:
-            return
-        table = pa.concat_tables(self.buffer)
-        name = f"part-{self.run_id}-{self.seq:06d}.parquet"
-        self.dir.join(name).write_bytes(table_bytes(table))
-        self.seq += 1
-        self.parts_written += 1
-        self._committed += table.num_rows
-        self.buffer, self.buffered = [], 0
+        with self._lock:
+            self.last_flush = time.monotonic()
+            if not self.buffered:
+                return
+            table = pa.concat_tables(self.buffer)
+            name = f"part-{self.run_id}-{self.seq:06d}.parquet"
+            self.dir.join(name).write_bytes(table_bytes(table))
+            self.seq += 1
+            self.parts_written += 1
+            self._committed += table.num_rows
+            self.buffer, self.buffered = [], 0
 
 
 def part_locations(out_loc) -> list:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import signal
 import socket
 import threading
@@ -33,7 +32,9 @@ from .errors import BatchgenError
 
 log = logging.getLogger(__name__)
 
-TEST_HOOKS_ENV = "BATCHGEN_TEST_HOOKS"  # internal: JSON test hooks (renderer, die_once, sleep_per_call_s, part_max_rows, store)
+# Internal JSON test hooks: renderer ("null": seeded noise, no model), die_once (an actor exits on its
+# Nth call), sleep_per_call_s (seconds, or a list per call), part_max_rows, store ("skip").
+TEST_HOOKS_ENV = "BATCHGEN_TEST_HOOKS"
 PART_MAX_SECONDS = 5.0  # a part is committed at least this often while results arrive or wait
 _PRIVATE_RAY = False  # True while Ray is a local instance ensure_ray started (no autoscaler)
 
@@ -256,98 +257,138 @@ class _StreamState:
     envs: list = field(default_factory=list)
 
 
-def _stream(ds, plan: Plan, parts, progress, state: _StreamState, interrupted: dict, actors) -> bool:
-    """Consume the dataset in a thread; commit, count and watch for signals here. Returns aborted."""
-    from . import jobstate
-
-    results: queue.Queue = queue.Queue()
-    stop = threading.Event()
-
-    def consume() -> None:
-        try:
-            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-                results.put(("batch", batch))
-                if stop.is_set():
-                    break
-            results.put(("end", None))
-        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
-            results.put(("error", exc))
-
-    def handle(batch) -> bool:
-        state.expected_fp = jobstate.check_fingerprint(batch, state.expected_fp, plan.out, plan.spec)
-        jobstate.render_envs(batch, state.envs)
-        parts.add(batch)
-        failed = jobstate.count_failed(batch)
-        state.failed_now += failed
-        state.ok_now += batch.num_rows - failed
-        state.retried_now += jobstate.count_retried(batch)
-        state.render_ms += _sum(batch, "render_ms")
-        state.encode_ms += _sum(batch, "encode_ms")
-        progress.update(batch.num_rows, state.failed_now)
-        return state.failed_now > plan.limit
-
-    thread = threading.Thread(target=consume, name="batchgen-results", daemon=True)
-    with _signals_to(interrupted):
-        thread.start()
-        try:
-            while True:
-                plan.lease.check()
-                if interrupted:
-                    _drain(results, handle)
-                    return False
-                try:
-                    kind, item = results.get(timeout=0.25)
-                except queue.Empty:
-                    parts.flush_if_due()
-                    progress.tick()
-                    continue
-                if kind == "end":
-                    return False
-                if kind == "error":
-                    raise _translate(item, plan, actors)
-                if handle(item):
-                    return True
-        finally:
-            stop.set()
+class _Stop(BaseException):
+    """Raised in the main thread by the signal handler (not an Exception: Ray's and our
+    ``except Exception`` clauses let it through to the stream loop)."""
 
 
-def _drain(results: queue.Queue, handle, quiet_s: float = 1.0, limit_s: float = 10.0) -> None:
-    """Take the results that arrive within ``quiet_s`` of each other (at most ``limit_s``)."""
-    end = time.monotonic() + limit_s
-    while time.monotonic() < end:
-        try:
-            kind, item = results.get(timeout=quiet_s)
-        except queue.Empty:
-            return
-        if kind != "batch":
-            return
-        handle(item)
+class _Critical:
+    def __init__(self, guard: "_Guard"):
+        self.guard = guard
+
+    def __enter__(self) -> None:
+        self.guard.depth += 1
+
+    def __exit__(self, *exc) -> None:
+        self.guard.depth -= 1
+        if self.guard.pending and not self.guard.depth and exc[0] is None:
+            self.guard.pending = False
+            raise _Stop()
 
 
-class _signals_to:
-    """SIGINT/SIGTERM set ``flag`` (name, number) instead of raising inside Ray's code; a second
-    signal while the run commits is ignored (logged). Only in the main thread."""
+class _Guard:
+    """SIGINT/SIGTERM handling for the stream loop (main thread only).
+
+    The first signal records its name and raises :class:`_Stop` where the main thread is, which is
+    almost always waiting inside Ray Data's iterator (whose cleanup then shuts its executor down).
+    While the loop records a batch (``critical()``), the stop waits until the batch is recorded.
+    Further signals while the run commits are logged and ignored. The commit thread stops the loop
+    the same way (``stop_from_thread``) when the lease is lost.
+    """
 
     def __init__(self, flag: dict):
         self.flag = flag
+        self.depth = 0
+        self.pending = False
         self.saved: dict = {}
+        self.active = False
 
     def _handler(self, signum, frame) -> None:
+        if self.flag.get("reason"):  # our own interrupt_main() from the commit thread
+            self._raise()
+            return
         if self.flag:
             log.warning("still committing the results that have arrived; exiting in a moment")
             return
         self.flag.update(signum=signum, name=signal.Signals(signum).name)
         log.warning("%s received: committing the results that have arrived, then stopping", self.flag["name"])
+        self._raise()
 
-    def __enter__(self):
+    def _raise(self) -> None:
+        if self.depth:
+            self.pending = True
+            return
+        raise _Stop()
+
+    def stop_from_thread(self, reason: str) -> None:
+        if self.active and not self.flag:
+            import _thread
+
+            self.flag.update(reason=reason, name=reason)
+            _thread.interrupt_main(signal.SIGINT)
+
+    def critical(self) -> _Critical:
+        return _Critical(self)
+
+    def __enter__(self) -> "_Guard":
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self.saved[sig] = signal.signal(sig, self._handler)
+            self.active = True
         return self
 
     def __exit__(self, *exc) -> None:
+        self.active = False
         for sig, old in self.saved.items():
             signal.signal(sig, old)
+        self.saved.clear()
+
+
+def _stream(ds, plan: Plan, parts, progress, state: _StreamState, interrupted: dict, actors) -> bool:
+    """Iterate the dataset in the main thread; commit, count, and stop cleanly on a signal.
+    A helper thread commits buffered rows on the time bound and logs progress while nothing
+    arrives. Returns True when ``max_failures`` aborted the job."""
+    from . import jobstate
+
+    guard = _Guard(interrupted)
+    done = threading.Event()
+
+    def tick() -> None:
+        while not done.wait(0.25):
+            try:
+                parts.flush_if_due()
+                progress.tick()
+            except Exception as exc:  # noqa: BLE001 - the main thread's final flush retries
+                log.warning("could not commit a manifest part yet: %s", exc)
+            if plan.lease.lost.is_set():
+                guard.stop_from_thread("lease lost")
+                return
+
+    timer = threading.Thread(target=tick, name="batchgen-commit", daemon=True)
+    batches = iter(ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0))
+    with guard:
+        timer.start()
+        try:
+            for batch in batches:
+                with guard.critical():
+                    state.expected_fp = jobstate.check_fingerprint(batch, state.expected_fp, plan.out, plan.spec)
+                    jobstate.render_envs(batch, state.envs)
+                    parts.add(batch)
+                    failed = jobstate.count_failed(batch)
+                    state.failed_now += failed
+                    state.ok_now += batch.num_rows - failed
+                    state.retried_now += jobstate.count_retried(batch)
+                    state.render_ms += _sum(batch, "render_ms")
+                    state.encode_ms += _sum(batch, "encode_ms")
+                    progress.update(batch.num_rows, state.failed_now)
+                if state.failed_now > plan.limit:
+                    return True
+            return False
+        except _Stop:
+            if interrupted.get("reason") == "lease lost":
+                interrupted.clear()
+                plan.lease.check()
+            return False
+        except BatchgenError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a Ray Data failure, told in a few words
+            raise _translate(exc, plan, actors) from None
+        finally:
+            done.set()
+            timer.join(timeout=10)
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()  # stops Ray Data's executor when we leave early
 
 
 def _translate(exc: BaseException, plan: Plan, actors) -> BaseException:

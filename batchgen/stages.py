@@ -250,8 +250,11 @@ class GeneratorActor:
     def __call__(self, batch: pa.Table) -> pa.Table:
         self.calls += 1
         _maybe_die(self.hooks, self.calls)
-        if self.hooks.get("sleep_per_call_s"):
-            time.sleep(float(self.hooks["sleep_per_call_s"]))
+        sleep = self.hooks.get("sleep_per_call_s")
+        if isinstance(sleep, list):  # per call: [call 1, call 2, ...], the last one repeats
+            sleep = sleep[min(self.calls, len(sleep)) - 1] if sleep else 0
+        if sleep:
+            time.sleep(float(sleep))
         rows = batch.to_pylist()
         images: list[bytes | None] = [None] * len(rows)
         errors: list[str | None] = [None] * len(rows)
