@@ -72,8 +72,10 @@ class Lease:
     """``with Lease(out_loc): ...`` holds the output's lease for the block (see the module doc)."""
 
     def __init__(self, out_loc, heartbeat_s: float = HEARTBEAT_S, stale_s: float = STALE_S):
-        self.out = out_loc
-        self.loc = out_loc.join(LEASE_FILE)
+        from .storage import Location
+
+        self.out = out_loc if isinstance(out_loc, Location) else Location.parse(out_loc)
+        self.loc = self.out.join(LEASE_FILE)
         self.heartbeat_s = heartbeat_s
         self.stale_s = stale_s
         self.run_id = uuid.uuid4().hex
