@@ -327,6 +327,11 @@ def _count(table: pa.Table, counts: dict[str, int]) -> None:
 def _consolidate_with_ray(out_loc, parts, target, counts, partitions: int, failures=None) -> None:
     import ray
 
+    if not ray.is_initialized():  # a resumed run with nothing left to render has not started Ray
+        from .runner import ensure_ray
+
+        ensure_ray()
+
     ctx = ray.data.DataContext.get_current()
     saved = ctx.default_hash_shuffle_parallelism
     ctx.default_hash_shuffle_parallelism = partitions  # the sort's partition count (default 200)

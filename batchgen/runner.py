@@ -463,9 +463,13 @@ def _finish(plan: Plan, parts, progress, state: _StreamState, aborted: bool, t0:
     log.info("job %s: %d ok, %d failed of %d (%.2f img/s this run) -> %s/manifest.parquet",
              spec.name, ok, failed, scan.total_rows, summary["images_per_s"], out.uri)
     if aborted:
+        listed = summary["failures"]
+        kinds = ", ".join(f"{n} {kind}" for kind, n in listed["by_kind"].items())
+        first = "; ".join(f"{f['item_id']}: {(f['error'] or '')[:160]}" for f in listed["first"][:3])
         raise TooManyFailures(
             f"job {spec.name}: aborted after {state.failed_now} failed items (more than --max-failures "
-            f"{plan.limit}); the errors are listed in {out.uri}/summary.json and `batchgen status {out.uri}`. "
+            f"{plan.limit}): {kinds}; first: {first}. All are listed in {out.uri}/summary.json and by "
+            f"`batchgen status {out.uri}`. "
             "If the cause was outside the spec (unreadable init images, storage), fix it and run the same "
             "command again: finished items are kept and the failed ones are retried. A changed spec is a "
             "different job: run it with --overwrite or another output.uri")

@@ -262,11 +262,21 @@ def test_init_image_pixel_limit_and_failure_listing(tmp_path, ray_local, capsys)
     assert "  bomb: ValueError: init_image" in printed and "  missing: StorageError: no such file" in printed
     status = job_status(str(out))
     assert status["failed"] == 2 and status["failures"]["by_kind"] == failures["by_kind"]
-    # the limit is configurable: 64x64 is too large for a 1000-pixel limit
-    run = run_job(spec_from_dict(job_dict(inp, tmp_path / "out2", input={"id_column": "id",
-                                                                         "max_init_image_pixels": 1000})),
-                  hooks=NULL, max_failures=10)
-    assert run.ok == 0
+    # the limit is configurable: 64x64 is too large for a 1000-pixel limit. The abort names the
+    # errors, and its advice (item 13) is true: the same spec resumes.
+    from batchgen.runner import TooManyFailures
+
+    small_limit = spec_from_dict(job_dict(inp, tmp_path / "out2", input={"id_column": "id",
+                                                                         "max_init_image_pixels": 1000}))
+    with pytest.raises(TooManyFailures) as err:
+        run_job(small_limit, hooks=NULL, max_failures=1)
+    msg = str(err.value)
+    assert "3 ValueError, 1 StorageError; first: bomb: ValueError: init_image" in msg and "; ok: ValueError" in msg
+    assert "run the same command again" in msg and "A changed spec is a different job" in msg
+    rows = {r["item_id"]: r for r in pq.read_table(tmp_path / "out2" / "manifest.parquet").to_pylist()}
+    assert "64x64 pixels (0.0 Mpx) is more than input.max_init_image_pixels (0.001 Mpx)" in rows["ok"]["error"]
+    again = run_job(small_limit, hooks=NULL, max_failures=10)
+    assert again.failed == 4 and again.summary["failures"]["first"][0]["attempt"] == 2
 
 
 # ----------------------------------------------------------------------------- items 12, 13: pre-flight
