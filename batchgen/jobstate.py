@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .errors import BatchgenError, CheckpointError, InputError, StorageError
+from .errors import BatchgenError, InputError, StorageError
 from .manifest import JOB_FILE, MANIFEST_FILE, PARTS_DIR, SUMMARY_FILE, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -349,6 +349,9 @@ def actor_plan(compute, cluster: dict, fixed: bool) -> ActorPlan:
                 hi, lo = fit, min(lo, fit)
         return ActorPlan({"num_gpus": g}, lo, hi, notes)
     free = cpus - RESERVED_CPUS
+    if free < 1 and not fixed and cpus < 1:
+        # A joined cluster with no CPUs yet (workers still to come from an autoscaler): ask normally.
+        return ActorPlan({"num_cpus": 1.0}, lo, hi, notes)
     per = 1.0 if free >= 1 else max(0.0, round(free, 3))
     fit = max(1, int(free // per + 1e-9)) if per > 0 else 1
     if per < 1:
@@ -511,5 +514,4 @@ def max_failures_for(total: int, max_failures: int | None) -> int:
 
 
 __all__ = ["check_model", "check_sampler", "check_sampling", "check_output_location", "read_previous",
-           "check_previous", "check_inputs", "prepare_output", "actor_plan", "Progress", "SchedulingError",
-           "CheckpointError"]
+           "check_previous", "check_inputs", "prepare_output", "actor_plan", "Progress", "SchedulingError"]

@@ -4,7 +4,6 @@ the numeric environment record. Each test names the issue item it covers."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
@@ -27,7 +26,7 @@ from batchgen.lease import LEASE_FILE, Lease, LeaseBusy
 from batchgen.runner import run_job
 from batchgen.spec import ComputeSpec, spec_from_dict
 
-from .fixtures_jobs import image_digests, job_dict, write_prompts
+from .fixtures_jobs import job_dict, write_prompts
 
 NULL = {"renderer": "null"}
 
