@@ -426,8 +426,10 @@ def _finish(plan: Plan, parts, progress, state: _StreamState, aborted: bool, t0:
     t_cons = time.perf_counter()
     failures = FailureSummary()
     counts = jobstate.finish(out, spec, state.expected_fp, state.envs, failures)
-    ok = scan.done_in_input + state.ok_now
-    failed = state.failed_now + max(0, scan.failed_in_input - state.retried_now)
+    # In-input counts: what was done before this run plus this run's results (a row Ray delivered
+    # twice after a retry is counted once at most: the totals are capped by the input's size).
+    ok = min(scan.total_rows, scan.done_in_input + state.ok_now)
+    failed = min(scan.total_rows - ok, state.failed_now + max(0, scan.failed_in_input - state.retried_now))
     rendered = progress.done
     summary = {
         "name": spec.name,

@@ -86,7 +86,7 @@ def test_stale_cluster_file_and_cpu_hungry_workers_still_complete_quietly(tmp_pa
     assert max(len(line) for line in proc.stderr.splitlines()) < 1000
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_commits_what_arrived_then_resume_is_exactly_once(tmp_path, ray_tmpdir, ray_local, sig):
     """Item 7: two quick batches, then a long render: the second batch is committed on the time
     bound while nothing arrives; SIGINT/SIGTERM then commits and exits 130 at once (on a 1-CPU Ray,
