@@ -170,15 +170,12 @@ def execute(plan: Plan, *, progress_every_s: float = 10.0, progress_bar: bool | 
 
     spec, out, scan, committed, hooks = plan.spec, plan.out, plan.scan, plan.committed, plan.hooks
     t0 = time.perf_counter()
-    started = ensure_ray() if not ray.is_initialized() else False
+    todo = plan.todo
+    started = ensure_ray(verbose=verbose) if todo > 0 and not ray.is_initialized() else False
     try:
-        todo = plan.todo
         log.info("job %s: %d items, %d already done, %d to render -> %s",
                  spec.name, scan.total_rows, scan.done_in_input, todo, out.uri)
         c = spec.compute
-        actors = jobstate.actor_plan(c, ray.cluster_resources(), fixed=_PRIVATE_RAY)
-        for note in actors.notes:
-            log.info("%s", note)
         rows_per_call = c.batch_size * c.batches_per_call
         parts = PartWriter(out, max_rows=int(hooks.get("part_max_rows", 2048)), max_seconds=PART_MAX_SECONDS)
         progress = jobstate.Progress(todo, progress_every_s, bar=False)
@@ -186,6 +183,9 @@ def execute(plan: Plan, *, progress_every_s: float = 10.0, progress_bar: bool | 
         interrupted: dict[str, Any] = {}
         aborted = False
         if todo > 0:
+            actors = jobstate.actor_plan(c, ray.cluster_resources(), fixed=_PRIVATE_RAY)
+            for note in actors.notes:
+                log.info("%s", note)
             ctx = ray.data.DataContext.get_current()
             saved = {k: getattr(ctx, k) for k in ("wait_for_min_actors_s", "enable_progress_bars",
                                                    "print_on_execution_start")}
