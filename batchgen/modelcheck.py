@@ -5,9 +5,9 @@ has already started Ray, written ``job.json`` and the user reads hundreds of lin
 ``ActorDiedError``. :func:`validate_model` checks what can be checked without loading weights:
 
 - the diffusers layout (``model_index.json`` and the component folders, via
-  :func:`checkpoints.open_folder`);
-- every component's JSON config parses, the text encoder's is a CLIP text model, the tokenizer's
-  files are there;
+  :func:`checkpoints.open_folder`), and that its pipeline class is a family batchgen renders;
+- every component the family reads is listed with a class it accepts, its JSON config parses, the
+  tokenizers' files are there;
 - which weight files each component would load (:func:`checkpoints.find_weight_files`, so pickle
   weights are refused exactly as the loader refuses them) and that each one is a safetensors file
   that opens and holds tensors: locally with ``safetensors.safe_open``, on S3 by reading only the
@@ -26,7 +26,6 @@ from pathlib import Path
 
 from .errors import CheckpointError, StorageError
 
-COMPONENTS = ("unet", "vae", "text_encoder")
 MAX_HEADER_BYTES = 100 * 2**20
 SMALL_FILE_BYTES = 4 * 2**20
 
@@ -38,6 +37,7 @@ class ModelCheck:
     uri: str
     scheduler_config: dict
     weight_files: dict[str, list[str]] = field(default_factory=dict)  # component -> files (relative)
+    family: str = ""  # the model family (sd, sdxl, sd3, flux, dit)
 
 
 def validate_model(uri: str, storage_cfg=None) -> ModelCheck:
@@ -64,7 +64,8 @@ def validate_model(uri: str, storage_cfg=None) -> ModelCheck:
 
 
 def _validate_folder(uri: str, root: Path, check_weights, display_root: str | None = None) -> ModelCheck:
-    from .checkpoints import WEIGHT_BASENAMES, find_weight_files, open_folder
+    from .checkpoints import MODEL_CLASSES, WEIGHT_BASENAMES, find_weight_files, open_folder
+    from .families import family_for
 
     shown = display_root or str(root)
 
@@ -73,24 +74,35 @@ def _validate_folder(uri: str, root: Path, check_weights, display_root: str | No
 
     try:
         folder = open_folder(root)
-        scheduler = folder.read_json("scheduler/scheduler_config.json")
-        for name in ("unet/config.json", "vae/config.json", "text_encoder/config.json"):
-            folder.read_json(name)
-        te = folder.read_json("text_encoder/config.json")
-        if te.get("model_type") not in (None, "clip_text_model", "clip"):
-            raise CheckpointError(f"{root / 'text_encoder/config.json'}: model_type '{te.get('model_type')}' "
-                                  "is not a CLIP text model")
-        tok = folder.component_dir("tokenizer")
-        for name in ("vocab.json", "merges.txt"):
-            if not (tok / name).is_file():
-                raise CheckpointError(f"{tok}: missing component file '{name}'")
-        folder.read_json("tokenizer/vocab.json")
+        family = family_for(folder)
+        listed = folder.components()
         files: dict[str, list[str]] = {}
-        for component in COMPONENTS:
-            weights = find_weight_files(folder.component_dir(component), WEIGHT_BASENAMES[component], None)
-            for path in weights.files:
-                check_weights(path)
-            files[component] = [rel(p) for p in weights.files]
+        scheduler = None
+        for name, comp in family.components.items():
+            if name not in listed:
+                if comp.required:
+                    raise CheckpointError(f"{root}/model_index.json: a {family.name} model needs component '{name}' "
+                                          f"({' or '.join(comp.classes)}); it is missing or null")
+                continue
+            library, cls = listed[name]
+            if comp.classes and cls not in comp.classes:
+                raise CheckpointError(f"{root}/model_index.json: component '{name}' has class {cls!r}; a "
+                                      f"{family.name} model expects {' or '.join(comp.classes)}")
+            if comp.kind == "scheduler":
+                scheduler = folder.read_json(f"{name}/scheduler_config.json")
+            elif comp.kind == "tokenizer":
+                _check_tokenizer_files(folder.component_dir(name), cls)
+            else:
+                config = folder.read_json(f"{name}/config.json")
+                if cls in MODEL_CLASSES and cls.startswith(("CLIP", "T5")):
+                    _check_text_config(root / name / "config.json", cls, config)
+                if library not in WEIGHT_BASENAMES:
+                    raise CheckpointError(f"{root}/model_index.json: component '{name}' comes from library "
+                                          f"{library!r}; batchgen loads {', '.join(sorted(WEIGHT_BASENAMES))} components")
+                weights = find_weight_files(folder.component_dir(name), WEIGHT_BASENAMES[library], None)
+                for path in weights.files:
+                    check_weights(path)
+                files[name] = [rel(p) for p in weights.files]
     except CheckpointError as exc:
         message = str(exc)
         if display_root:
@@ -98,7 +110,28 @@ def _validate_folder(uri: str, root: Path, check_weights, display_root: str | No
         raise CheckpointError(f"model.uri {uri!r}: {message}") from None
     if not isinstance(scheduler, dict):
         raise CheckpointError(f"model.uri {uri!r}: {shown}/scheduler/scheduler_config.json is not a JSON object")
-    return ModelCheck(uri, scheduler, files)
+    return ModelCheck(uri, scheduler, files, family.name)
+
+
+def _check_tokenizer_files(folder: Path, cls: str) -> None:
+    """The files a CLIP (vocab.json + merges.txt) or T5 (tokenizer.json / spiece.model) tokenizer needs."""
+    if cls.startswith("CLIP"):
+        for name in ("vocab.json", "merges.txt"):
+            if not (folder / name).is_file():
+                raise CheckpointError(f"{folder}: missing component file '{name}'")
+        try:
+            json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{folder}/vocab.json: not valid JSON ({exc})") from None
+    elif not any((folder / n).is_file() for n in ("tokenizer.json", "spiece.model")):
+        raise CheckpointError(f"{folder}: missing component file 'tokenizer.json' or 'spiece.model' (a T5 tokenizer)")
+
+
+def _check_text_config(path: Path, cls: str, config: dict) -> None:
+    expected = ("t5", "umt5") if cls.startswith("T5") else (None, "clip_text_model", "clip")
+    if config.get("model_type") not in expected:
+        raise CheckpointError(f"{path}: model_type '{config.get('model_type')}' is not a "
+                              f"{'T5' if cls.startswith('T5') else 'CLIP text'} model")
 
 
 def _check_local_safetensors(path: Path) -> None:
