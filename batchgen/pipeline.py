@@ -193,7 +193,7 @@ class Pipeline:
         name = sampler or fam.default_sampler
         # Fail on a bad sampler name, option or step count before any work is done.
         get_sampler(name, fam.scheduler_config, group["steps"], strength=group.get("strength"), options=options,
-                    **fam.schedule(group))
+                    **fam.schedule(group, name))
         return _Request(prompts, negatives, seeds, name, options, group, items, images, labels)
 
     # -------------------------------------------------------------------------------- rendering
@@ -215,7 +215,7 @@ class Pipeline:
         )
         generators = item_generators(req.seeds[start:stop] + [0] * pad)
         sampler = get_sampler(req.sampler, fam.scheduler_config, settings["steps"], strength=settings.get("strength"),
-                              options=req.options, **fam.schedule(settings))
+                              options=req.options, **fam.schedule(settings, req.sampler))
         cond = fam.encode_prompts(batch)
         shape = fam.noise_shape(settings["width"], settings["height"])
         # Each generator's draw order is diffusers': img2img's VAE posterior sample, then the noise.
@@ -273,13 +273,21 @@ def _to_rgb_array(image, width: int, height: int, where: str) -> np.ndarray:
 
 
 def load_pipeline(path, device=None, dtype=None, variant: str | None = None, allow_pickle: bool = False,
-                  storage_config=None) -> Pipeline:
-    """Load a checkpoint of any known family (local diffusers folder, file://, s3://, ``builtin:``)."""
+                  storage_config=None, text_encoder_device=None, fp8=()) -> Pipeline:
+    """Load a checkpoint of any known family (local diffusers folder, file://, s3://, ``builtin:``).
+
+    Weights are built directly in the run dtype (bf16 on a GPU for FLUX), never in float32 first.
+    Memory plans for large models (README, "GPU memory"): ``text_encoder_device="cpu"`` keeps the
+    text encoders on the host and runs them there (families that list ``text_encoders``: FLUX);
+    ``fp8=("transformer",)`` stores the named components' Linear weights in float8 e4m3 and upcasts
+    them at each matmul (half the bytes of bf16).
+    """
     local = resolve_model_uri(path, storage_config)
     folder = open_folder(local)
     family_cls = family_for(folder)
     device, dtype = default_device_dtype(device, dtype, family_cls.cuda_dtype)
-    family = family_cls.load(folder, variant, allow_pickle).to(device, dtype)
+    family = family_cls.load(folder, variant, allow_pickle, dtype=dtype)
+    family.quantize_fp8(fp8).to(device, dtype, text_device=text_encoder_device)
     info = {
         "uri": str(path),
         "fingerprint": fingerprint(folder.root, folder.loaded_files),
@@ -287,6 +295,8 @@ def load_pipeline(path, device=None, dtype=None, variant: str | None = None, all
         "dtype": str(dtype).removeprefix("torch."),
         "device": str(device),
     }
+    if family.text_device != device:
+        info["text_encoder_device"] = str(family.text_device)
     log.info("loaded %s (%s, fingerprint %s) on %s/%s", path, info["variant"], info["fingerprint"][:12],
              device, info["dtype"])
     return Pipeline(family, info)

@@ -26,8 +26,11 @@ TINY_FORMAT = 2  # bump when the tiny layout changes, so cached builtins are reb
 VARIANTS: dict[str, tuple[str, str]] = {
     "sd1": ("sd", "StableDiffusionPipeline"),
     "sd2": ("sd", "StableDiffusionPipeline"),
+    "flux-schnell": ("flux", "FluxPipeline"),
+    "flux-dev": ("flux", "FluxPipeline"),
 }
 BUILTINS = {"tiny": ("sd1", 0), "tiny-sd1": ("sd1", 0), "tiny-sd2": ("sd2", 0)}
+BUILTINS.update({"tiny-flux-schnell": ("flux-schnell", 0), "tiny-flux-dev": ("flux-dev", 0)})
 
 
 def make_tiny_model(directory: str | os.PathLike, variant: str = "sd1", seed: int = 0) -> Path:
