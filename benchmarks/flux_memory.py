@@ -12,8 +12,12 @@ denoising step at ``--size`` x ``--size``, the VAE decode) and reports
 
 - on a GPU: ``torch.cuda.max_memory_allocated`` / ``max_memory_reserved`` per phase and for the
   whole plan, plus the CUDA context, and the transformer step time (bf16 vs fp8 storage);
-- without a GPU: the same table by arithmetic: exact parameter bytes of the meta-built modules and
-  activation estimates (per-row coefficients measured on an H100, see ACTIVATION_GIB).
+- without a GPU: the same table by arithmetic on the meta device: exact weight bytes of the
+  meta-built (and fp8-quantized) modules plus the activation peak of each phase, found by running
+  the real forward passes on meta tensors (shapes only, no compute) under a dispatch mode that adds
+  up the bytes of every tensor alive (:class:`LiveBytes`). This counts what
+  ``max_memory_allocated`` counts except kernel workspaces and allocator rounding; the CUDA context
+  is taken as CONTEXT_GIB.
 
 Memory plans (``load_pipeline`` arguments):
   bf16           everything on the GPU in bf16
@@ -29,19 +33,20 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from batchgen.families.flux import Flux  # noqa: E402
 from batchgen.models.flux import FLUX_1_DEV, FLUX_1_SCHNELL, FluxTransformer2DModel, latent_image_ids  # noqa: E402
-from batchgen.models.fp8 import Fp8Linear  # noqa: E402
+from batchgen.models.fp8 import FLUX_TRANSFORMER_KEEP, Fp8Linear, quantize_linears  # noqa: E402
 from batchgen.models.vae import FLUX_VAE_CONFIG, AutoencoderKL  # noqa: E402
 
 GIB = 1024**3
@@ -72,10 +77,7 @@ GPU_CLASSES = (  # (class, GiB a job may use: the smallest card of the class les
     ("40/48 GB (A100-40GB, L40S, A6000)", 39.0),
     ("80 GB (A100-80GB, H100)", 78.5),
 )
-# Activation peaks (GiB per row of the model batch) for the arithmetic mode, measured with this
-# script on an H100 (bf16, 1024x1024, max_sequence_length 512; see the module docstring):
-# transformer step per row, VAE decode of one image, T5-XXL encode per row, CUDA context.
-ACTIVATION_GIB = {"step_per_row": 0.60, "decode_one": 2.6, "t5_per_row": 0.10, "clip_per_row": 0.01, "context": 0.5}
+CONTEXT_GIB = 0.5  # CUDA context + cuBLAS/cuDNN handles, outside the allocator (arithmetic mode)
 
 
 # --------------------------------------------------------------------------------- building
@@ -92,7 +94,8 @@ def build_meta(variant: str) -> dict[str, nn.Module]:
 
 
 def fp8_keep(name: str) -> tuple[str, ...]:
-    return Flux.fp8_keep.get(name, ())
+    """What the FLUX family keeps in bf16 under fp8 (Flux.fp8_keep)."""
+    return FLUX_TRANSFORMER_KEEP if name == "transformer" else ()
 
 
 def _quantized(name: str, module_name: str, fp8: tuple[str, ...]) -> bool:
@@ -239,26 +242,80 @@ def measure_plan(plan: str, variant: str, size: int, batches: list[int], length:
     return result
 
 
-def estimate_plan(plan: str, variant: str, size: int, batches: list[int], length: int, meta) -> dict:
-    """The same table by arithmetic: exact weight bytes + activation coefficients (ACTIVATION_GIB)."""
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of the tensors alive while the traced code runs (on meta tensors: no compute).
+
+    Every tensor an aten op returns is counted once per storage (views share it) until the last
+    Python tensor on that storage is gone; ``external`` tensors (weights, buffers) are not counted.
+    """
+
+    def __init__(self, external=()):
+        super().__init__()
+        self.external = {t.untyped_storage()._cdata for t in external}
+        self.refs: dict[int, list[int]] = {}
+        self.live = self.peak = 0
+
+    def _release(self, key: int) -> None:
+        entry = self.refs[key]
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.live -= entry[1]
+            del self.refs[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key = storage._cdata
+            if key in self.external:
+                continue
+            entry = self.refs.get(key)
+            if entry is None:
+                entry = self.refs[key] = [0, storage.nbytes()]
+                self.live += entry[1]
+                self.peak = max(self.peak, self.live)
+            entry[0] += 1
+            weakref.finalize(t, self._release, key)
+        return out
+
+
+def simulate_peak(modules, fn) -> float:
+    """GiB of activations ``fn()`` keeps alive at its peak, run on meta tensors."""
+    external = [t for m in modules for t in list(m.parameters()) + list(m.buffers())]
+    with torch.inference_mode(), LiveBytes(external) as tracker:
+        out = fn()
+        del out
+    return tracker.peak / GIB
+
+
+def estimate_plan(plan: str, variant: str, size: int, batches: list[int], length: int) -> dict:
+    """The table by arithmetic: exact weight bytes of the (quantized) meta modules + simulated activations."""
+    from batchgen.models.fp8 import weight_bytes as module_bytes
+
     on_gpu, fp8 = PLANS[plan]
-    resident = {name: weight_bytes(meta[name], name, fp8) / GIB for name in on_gpu}
+    meta = {name: module.to(torch.bfloat16) for name, module in build_meta(variant).items() if name in on_gpu}
+    for name in fp8:
+        quantize_linears(meta[name], keep=fp8_keep(name))
+    resident = {name: module_bytes(module) / GIB for name, module in meta.items()}
     weights = sum(resident.values())
-    scale = ((size // 16) ** 2 + length) / (4096 + 512)  # step activations grow with the token count
-    pixels = (size / 1024) ** 2
+    device = torch.device("meta")
     result = {"plan": plan, "weights_gib": weights, "resident_gib": resident, "batches": {}, "estimated": True}
     for rows in batches:
         phases = {
-            "step": weights + ACTIVATION_GIB["step_per_row"] * rows * scale,
-            "decode": weights + ACTIVATION_GIB["decode_one"] * pixels,
+            "step": simulate_peak([meta["transformer"]], lambda: run_step(meta["transformer"], rows, size, length, device)),
+            "decode": simulate_peak([meta["vae"]], lambda: run_decode(meta["vae"], 1, size, device)),
         }
-        if "text_encoder_2" in on_gpu:
-            phases["encode"] = weights + (ACTIVATION_GIB["t5_per_row"] * length / 512 + ACTIVATION_GIB["clip_per_row"]) * rows
+        if "text_encoder_2" in meta:
+            phases["encode"] = max(
+                simulate_peak([meta["text_encoder"]], lambda: run_clip(meta["text_encoder"], rows, device)),
+                simulate_peak([meta["text_encoder_2"]], lambda: run_t5(meta["text_encoder_2"], rows, length, device)))
         if rows > 1:
-            phases[f"decode x{rows}"] = weights + ACTIVATION_GIB["decode_one"] * pixels * rows
-        pipeline = [v for k, v in phases.items() if not k.startswith("decode x")]
-        result["batches"][rows] = {"phases": {k: {"peak_allocated_gib": v} for k, v in phases.items()},
-                                   "peak_allocated_gib": max(pipeline)}
+            phases[f"decode x{rows}"] = simulate_peak([meta["vae"]], lambda: run_decode(meta["vae"], rows, size, device))
+        phases = {k: {"peak_allocated_gib": weights + v, "activations_gib": v} for k, v in phases.items()}
+        pipeline = [v["peak_allocated_gib"] for k, v in phases.items() if not k.startswith("decode x")]
+        result["batches"][rows] = {"phases": phases, "peak_allocated_gib": max(pipeline)}
     return result
 
 
@@ -284,7 +341,7 @@ def time_cpu_text(length: int) -> dict:
 # --------------------------------------------------------------------------------- reporting
 def print_report(results: list[dict], args, context_gib: float, measured: bool, meta) -> None:
     how = (f"measured on {torch.cuda.get_device_name()} (torch.cuda.max_memory_allocated; reserved in brackets)"
-           if measured else "estimated by arithmetic (no GPU): exact weight bytes + activation coefficients")
+           if measured else "by arithmetic (no GPU): exact weight bytes + activations simulated on meta tensors")
     print(f"FLUX.1-{args.variant} at {args.size}x{args.size}, max_sequence_length {args.max_sequence_length}: {how}")
     print("parameters: " + ", ".join(f"{n} {param_count(m) / 1e9:.3f}B" for n, m in meta.items()))
     print("bf16 weight bytes: " + ", ".join(f"{n} {weight_bytes(m, n, ()) / GIB:.2f} GiB" for n, m in meta.items())
@@ -343,7 +400,7 @@ def main() -> None:
         args.max_sequence_length = 512 if args.variant == "dev" else 256
     measured = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     meta = build_meta(args.variant)
-    results, context = [], ACTIVATION_GIB["context"]
+    results, context = [], CONTEXT_GIB
     if measured:
         torch.cuda.init()
         torch.zeros(1, device="cuda")
@@ -354,7 +411,7 @@ def main() -> None:
             print(f"measured {plan}", file=sys.stderr, flush=True)
     else:
         for plan in args.plans:
-            results.append(estimate_plan(plan, args.variant, args.size, args.batches, args.max_sequence_length, meta))
+            results.append(estimate_plan(plan, args.variant, args.size, args.batches, args.max_sequence_length))
     print_report(results, args, context, measured, meta)
     extra = {}
     if args.time_cpu_text:

@@ -28,10 +28,21 @@ def _call_text(pipe, prompts, generators, args):
                 output_type="np").images
 
 
+def _call_flux(max_sequence_length):
+    """FluxPipeline at batchgen's default T5 length for the variant (diffusers defaults to 512 for both)."""
+    def call(pipe, prompts, generators, args):
+        return pipe(prompts, num_inference_steps=args.steps, width=args.size, height=args.size, generator=generators,
+                    max_sequence_length=max_sequence_length, output_type="np").images
+
+    return call
+
+
 # variant -> (diffusers pipeline class, call(pipe, prompts, generators, args) -> float images, default sampler)
 REFERENCES = {
     "sd1": ("StableDiffusionPipeline", _call_text, "ddim"),
     "sd2": ("StableDiffusionPipeline", _call_text, "ddim"),
+    "flux-schnell": ("FluxPipeline", _call_flux(256), "flow_euler"),
+    "flux-dev": ("FluxPipeline", _call_flux(512), "flow_euler"),
 }
 
 

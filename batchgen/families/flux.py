@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from ..models.flux import latent_image_ids, pack_latents, unpack_latents
+from ..models.fp8 import FLUX_TRANSFORMER_KEEP
 from ..models.text import ClipEncoder, T5Encoder
 from ..sampling import SPECS, flux_mu
 from .base import CLIP_TOKENIZER, SCHEDULER, T5_TOKENIZER, VAE, Batch, Component, Conditioning, Family
@@ -63,9 +64,7 @@ class Flux(Family):
     cuda_dtype = torch.bfloat16
     denoiser_name = "transformer"
     text_encoders = ("text_encoder", "text_encoder_2")
-    # Kept in the run dtype under fp8: the input/conditioning embedders and the output head (small,
-    # and every token passes through them once), as is usual for FLUX fp8 checkpoints.
-    fp8_keep = {"transformer": ("x_embedder", "context_embedder", "time_text_embed", "norm_out", "proj_out")}
+    fp8_keep = {"transformer": FLUX_TRANSFORMER_KEEP}  # embedders and output head stay in the run dtype
 
     def __init__(self, parts, folder):
         super().__init__(parts, folder)

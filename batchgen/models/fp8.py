@@ -26,6 +26,9 @@ from torch import nn
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
+# FLUX.1 transformer Linears kept in the run dtype under fp8: the input / conditioning embedders and
+# the output head (small, and every token passes through them once), as FLUX fp8 checkpoints do.
+FLUX_TRANSFORMER_KEEP = ("x_embedder", "context_embedder", "time_text_embed", "norm_out", "proj_out")
 
 
 class Fp8Linear(nn.Module):
@@ -108,4 +111,4 @@ def weight_bytes(module: nn.Module) -> int:
     return total
 
 
-__all__ = ["FP8_DTYPE", "Fp8Linear", "quantize_linears", "weight_bytes"]
+__all__ = ["FLUX_TRANSFORMER_KEEP", "FP8_DTYPE", "Fp8Linear", "quantize_linears", "weight_bytes"]
