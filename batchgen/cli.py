@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rerender": ("batchgen.jobcli", "re-render one item of a job from its manifest row"),
     "compare": ("batchgen.compare", "compare two job outputs item by item (regression renders)"),
     "export": ("batchgen.export", "export a job output as WebDataset shards or HF Parquet"),
+    "prompts": ("batchgen.prompts", "expand a prompt template (choices, wildcards, class lists) into prompts Parquet"),
     "make-tiny-model": ("batchgen.tiny", "write a tiny random-weight checkpoint (diffusers layout)"),
 }
 

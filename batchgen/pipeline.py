@@ -65,12 +65,15 @@ class _Request:
 class Pipeline:
     """A loaded checkpoint of any family. Create with :func:`load_pipeline`."""
 
-    def __init__(self, family: Family, model_info: dict):
+    def __init__(self, family: Family, model_info: dict, storage_config=None):
         self.family = family
         self.device = family.device
         self.dtype = family.dtype
         self.model_info = model_info
+        self.model_info.setdefault("loras", [])
         self.fingerprint = model_info["fingerprint"]
+        self.storage_config = storage_config
+        self._lora_fuser = None
 
     def __getattr__(self, name: str):
         """Components by name (``pipe.unet``, ``pipe.transformer``, ``pipe.text_encoder_2`` ...)."""
@@ -78,6 +81,26 @@ class Pipeline:
         if name in parts:
             return parts[name]
         raise AttributeError(f"{type(self).__name__} has no attribute or component {name!r}")
+
+    def set_loras(self, loras) -> list[dict]:
+        """Make ``loras`` (``[{"uri": ..., "scale": ...}]``; [] or None: none) the fused LoRA set.
+
+        Swaps sets without reloading the base model: only the parameters the old or new set touch
+        are restored / re-fused, and an unchanged set is a no-op; no LoRA gives back the base
+        weights bit for bit. ``model_info["loras"]`` lists each LoRA's uri, sha256, scale and
+        format (``fingerprint`` stays the base model's). See :mod:`batchgen.checkpoints.lora`.
+        """
+        from .checkpoints.lora import LoraFuser, lora_components
+
+        if loras and self.family.fp8:
+            raise ValueError(f"loras: this model stores {', '.join(self.family.fp8)} in float8 (fp8=...); LoRAs are "
+                             f"fused into full-precision weights: load it without fp8 to use LoRAs")
+        if self._lora_fuser is None:
+            if not loras:
+                return []
+            self._lora_fuser = LoraFuser(lora_components(self.family.parts), self.storage_config)
+        self.model_info["loras"] = self._lora_fuser.set(loras)
+        return self.model_info["loras"]
 
     @property
     def scheduler_config(self) -> dict:
@@ -89,6 +112,17 @@ class Pipeline:
         return self.family.default_size()
 
     # ----------------------------------------------------------------------------------- public
+    def warmup(self, micro_batch: int, **kwargs) -> float:
+        """Render one throw-away micro-batch at the given shape (compiles a compiled pipeline for
+        it); returns the seconds it took."""
+        import time
+
+        start = time.perf_counter()
+        kwargs.setdefault("steps", 1)
+        self.generate([""] * micro_batch, list(range(micro_batch)), micro_batch=micro_batch, progress=False,
+                      **kwargs)
+        return time.perf_counter() - start
+
     def generate(self, prompts, seeds, negative_prompts=None, sampler: str | None = None, steps: int | None = None,
                  guidance_scale: float | None = None, width: int | None = None, height: int | None = None,
                  init_images=None, strength: float = 0.8, micro_batch: int | None = None,
@@ -232,6 +266,16 @@ class Pipeline:
         return _to_uint8(decoded)[:real]
 
 
+def _inductor_cache() -> None:
+    """Keep inductor's compiled kernels in batchgen's cache on the node's disk, so a restarted actor
+    (or the next job) reuses them instead of compiling from scratch."""
+    import os
+
+    from .storage import cache_root
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
+
+
 def _progress(progress, total: int):
     """(report(done, total), close()) for generate's ``progress`` argument."""
     if callable(progress):
@@ -272,9 +316,18 @@ def _to_rgb_array(image, width: int, height: int, where: str) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
+COMPILE_MODES = ("none", "default", "max")
+
+
 def load_pipeline(path, device=None, dtype=None, variant: str | None = None, allow_pickle: bool = False,
-                  storage_config=None, text_encoder_device=None, fp8=()) -> Pipeline:
+                  storage_config=None, compile: str = "none", loras=None, text_encoder_device=None,
+                  fp8=()) -> Pipeline:
     """Load a checkpoint of any known family (local diffusers folder, file://, s3://, ``builtin:``).
+
+    ``compile``: ``none`` (eager), ``default`` (torch.compile of the denoiser and the VAE decoder)
+    or ``max`` (plus CUDA graphs on a GPU). Compiling happens on the first render of each shape;
+    :meth:`Pipeline.warmup` does it up front. ``loras``: ``[{"uri": ..., "scale": ...}]`` LoRA
+    files fused into the weights (see :meth:`Pipeline.set_loras`).
 
     Weights are built directly in the run dtype (bf16 on a GPU for FLUX), never in float32 first.
     Memory plans for large models (README, "GPU memory"): ``text_encoder_device="cpu"`` keeps the
@@ -282,24 +335,33 @@ def load_pipeline(path, device=None, dtype=None, variant: str | None = None, all
     ``fp8=("transformer",)`` stores the named components' Linear weights in float8 e4m3 and upcasts
     them at each matmul (half the bytes of bf16).
     """
+    if compile not in COMPILE_MODES:
+        raise ValueError(f"compile: expected one of {', '.join(COMPILE_MODES)}, got {compile!r}")
     local = resolve_model_uri(path, storage_config)
     folder = open_folder(local)
     family_cls = family_for(folder)
     device, dtype = default_device_dtype(device, dtype, family_cls.cuda_dtype)
     family = family_cls.load(folder, variant, allow_pickle, dtype=dtype)
     family.quantize_fp8(fp8).to(device, dtype, text_device=text_encoder_device)
+    if compile != "none":
+        _inductor_cache()
+        family.compile(compile)
     info = {
         "uri": str(path),
         "fingerprint": fingerprint(folder.root, folder.loaded_files),
         **family.info(),
         "dtype": str(dtype).removeprefix("torch."),
         "device": str(device),
+        "compile": compile,
     }
     if family.text_device != device:
         info["text_encoder_device"] = str(family.text_device)
     log.info("loaded %s (%s, fingerprint %s) on %s/%s", path, info["variant"], info["fingerprint"][:12],
              device, info["dtype"])
-    return Pipeline(family, info)
+    pipe = Pipeline(family, info, storage_config)
+    if loras:
+        pipe.set_loras(loras)
+    return pipe
 
 
 __all__ = ["Pipeline", "load_pipeline", "default_device_dtype", "GROUP_SETTINGS"]

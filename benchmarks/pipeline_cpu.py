@@ -41,6 +41,7 @@ def _call_flux(max_sequence_length):
 REFERENCES = {
     "sd1": ("StableDiffusionPipeline", _call_text, "ddim"),
     "sd2": ("StableDiffusionPipeline", _call_text, "ddim"),
+    "sdxl": ("StableDiffusionXLPipeline", _call_text, "euler"),
     "flux-schnell": ("FluxPipeline", _call_flux(256), "flow_euler"),
     "flux-dev": ("FluxPipeline", _call_flux(512), "flow_euler"),
 }

@@ -251,6 +251,8 @@ def test_fp8_storage(folders, ours):
     # Quantization noise (measured 3.1 levels mean; random tiny weights amplify it; bf16 gives 1.2),
     # far from what another seed changes (12.5).
     assert 0 < np.abs(fp8 - full).mean() < 0.4 * np.abs(other - full).mean()
+    with pytest.raises(ValueError, match="loras: .*float8"):
+        pipe.set_loras([{"uri": "style.safetensors", "scale": 1.0}])
     with pytest.raises(ValueError, match="fp8: 'unet'"):
         load_pipeline(folders["flux-dev"], device="cpu", dtype=torch.float32, fp8=("unet",))
 

@@ -2,7 +2,8 @@
 
 - :mod:`.folder`: the diffusers folder layout (model_index.json, weight files, variants, shards,
   strict key checks, fingerprints, resolving ``builtin:`` / ``s3://`` URIs to a local folder);
-- :mod:`.components`: component classes named in model_index.json -> our modules / transformers.
+- :mod:`.components`: component classes named in model_index.json -> our modules / transformers;
+- :mod:`.lora`: LoRA files (kohya / PEFT) -> weight deltas fused into a loaded model, swapped exactly.
 """
 
 from .components import (
@@ -29,10 +30,12 @@ from .folder import (
     shard_files,
     tied_aliases,
 )
+from .lora import LoraFuser, inspect_lora, lora_deltas, read_lora
 
 __all__ = [
     "BUILTIN_PREFIX", "WEIGHT_BASENAMES", "CheckpointFolder", "WeightFiles", "find_weight_files", "fingerprint",
     "load_component", "load_weights_into", "open_folder", "read_state_dict", "resolve_model_uri", "shard_files",
     "tied_aliases", "MODEL_CLASSES", "TOKENIZER_CLASSES", "component_class", "load_model",
     "load_scheduler_config", "load_tokenizer", "register_model_class",
+    "LoraFuser", "inspect_lora", "lora_deltas", "read_lora",
 ]

@@ -14,6 +14,7 @@ from ..errors import CheckpointError
 # family module -> the class it defines; a module lists its pipeline classes itself.
 FAMILIES: dict[str, str] = {
     "sd": "StableDiffusion",
+    "sdxl": "StableDiffusionXL",
     "flux": "Flux",
 }
 

@@ -96,6 +96,7 @@ class Family:
         self.text_device = torch.device("cpu")  # where self.text_encoders run (see to())
         self.text_dtype = torch.float32
         self.fp8: tuple[str, ...] = ()  # components whose Linear weights are stored in float8
+        self.compiled = "none"
 
     # ------------------------------------------------------------------------------- loading
     @classmethod
@@ -128,6 +129,18 @@ class Family:
             else:
                 parts[name] = load_model(folder, name, variant, allow_pickle, dtype=None if name == "vae" else dtype)
         return cls(parts, folder)
+
+    @classmethod
+    def from_parts(cls, parts: dict[str, Any], model_index: dict | None = None, root: str = "<in memory>") -> "Family":
+        """A family from components already built in memory (benchmarks with random weights, tools):
+        ``parts`` maps component names to modules / tokenizers / the scheduler config dict."""
+        from pathlib import Path
+
+        index = {"_class_name": cls.pipeline_classes[0], **(model_index or {})}
+        for part in parts.values():
+            if isinstance(part, torch.nn.Module):
+                part.eval().requires_grad_(False)
+        return cls(parts, CheckpointFolder(root=Path(root), model_index=index))
 
     def to(self, device: torch.device, dtype: torch.dtype, text_device: torch.device | None = None) -> "Family":
         """Move every module to ``device``; weights in ``dtype`` (the VAE per the upcast policy).
@@ -169,6 +182,20 @@ class Family:
             quantize_linears(part, keep=self.fp8_keep.get(name, ()))
         self.fp8 = tuple(dict.fromkeys(self.fp8 + names))
         return self
+
+    def compile(self, mode: str) -> None:
+        """torch.compile the denoiser and the VAE decoder in place (state-dict names unchanged).
+
+        ``default``: inductor; ``max``: inductor + CUDA graphs on a GPU (the job's micro-batch
+        shape is fixed, which is what graphs need). Compilation happens on the first call per shape.
+        """
+        options = {"dynamic": False}
+        if mode == "max":
+            options["mode"] = "reduce-overhead" if self.device.type == "cuda" else "max-autotune-no-cudagraphs"
+        self.parts[self.denoiser_name].compile(**options)
+        if self.vae is not None:
+            self.vae.decoder.compile(**options)
+        self.compiled = mode
 
     def info(self) -> dict[str, Any]:
         """What the model is, for job.json and the manifest."""
@@ -274,14 +301,27 @@ class Family:
         """``model(x, t)`` for the sampler: the prediction, with classifier-free guidance when the
         batch is guided (diffusers' ``uncond + scale * (cond - uncond)``)."""
         scale = batch.settings["guidance_scale"]
+        predict = self._graph_safe(self.predict)
         if not batch.guided:
-            return lambda x, t: self.predict(x, t, cond)
+            return lambda x, t: predict(x, t, cond)
 
         def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            uncond, conditional = self.predict(torch.cat([x, x]), t, cond).chunk(2)
+            uncond, conditional = predict(torch.cat([x, x]), t, cond).chunk(2)
             return uncond + scale * (conditional - uncond)
 
         return guided
+
+    def _graph_safe(self, predict):
+        """Under CUDA graphs a replay overwrites the previous output, which multistep samplers still
+        hold: mark each step and hand out a copy."""
+        if not (self.compiled == "max" and self.device.type == "cuda"):
+            return predict
+
+        def wrapped(x, t, cond):
+            torch.compiler.cudagraph_mark_step_begin()
+            return predict(x, t, cond).clone()
+
+        return wrapped
 
 
 SCHEDULER = Component((), kind="scheduler")

@@ -195,12 +195,13 @@ class Flux(Family):
     def denoiser(self, cond: Conditioning, batch: Batch):
         """One call per step; under true CFG one call over [negative rows, positive rows] and
         diffusers' ``neg + true_cfg_scale * (pos - neg)``."""
+        predict = self._graph_safe(self.predict)
         if not batch.guided:
-            return lambda x, t: self.predict(x, t, cond)
+            return lambda x, t: predict(x, t, cond)
         scale = batch.settings["true_cfg_scale"]
 
         def true_cfg(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            negative, positive = self.predict(torch.cat([x, x]), t, cond).chunk(2)
+            negative, positive = predict(torch.cat([x, x]), t, cond).chunk(2)
             return negative + scale * (positive - negative)
 
         return true_cfg

@@ -26,10 +26,13 @@ TINY_FORMAT = 2  # bump when the tiny layout changes, so cached builtins are reb
 VARIANTS: dict[str, tuple[str, str]] = {
     "sd1": ("sd", "StableDiffusionPipeline"),
     "sd2": ("sd", "StableDiffusionPipeline"),
+    "sdxl": ("sdxl", "StableDiffusionXLPipeline"),
+    "sdxl-refiner": ("sdxl", "StableDiffusionXLImg2ImgPipeline"),
     "flux-schnell": ("flux", "FluxPipeline"),
     "flux-dev": ("flux", "FluxPipeline"),
 }
-BUILTINS = {"tiny": ("sd1", 0), "tiny-sd1": ("sd1", 0), "tiny-sd2": ("sd2", 0)}
+BUILTINS = {"tiny": ("sd1", 0), "tiny-sd1": ("sd1", 0), "tiny-sd2": ("sd2", 0), "tiny-sdxl": ("sdxl", 0),
+            "tiny-sdxl-refiner": ("sdxl-refiner", 0)}
 BUILTINS.update({"tiny-flux-schnell": ("flux-schnell", 0), "tiny-flux-dev": ("flux-dev", 0)})
 
 
