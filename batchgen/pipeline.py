@@ -186,6 +186,9 @@ class Pipeline:
             for i, p in enumerate(negatives):
                 if not isinstance(p, str):
                     raise ValueError(f"negative_prompts[{i}]: expected a string, got {type(p).__name__}")
+        if fam.no_negative_prompt and any(negatives):
+            first = next(i for i, p in enumerate(negatives) if p)
+            raise ValueError(f"negative_prompts[{first}]: {fam.no_negative_prompt}; leave negative prompts empty")
         labels = None
         if item_ids is not None:
             labels = [str(i) for i in item_ids]

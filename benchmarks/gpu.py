@@ -57,6 +57,7 @@ def _tokenizers(tmp: Path):
 
 
 def _clip(cls_name: str, hidden: int, layers: int, heads: int, act: str, projection: int | None = None):
+    """A CLIP text encoder of the given shape (CLIP-L: 768/12/12, CLIP-G: 1280/32/20)."""
     import transformers
 
     config = transformers.CLIPTextConfig(vocab_size=49408, hidden_size=hidden, intermediate_size=4 * hidden,
@@ -100,6 +101,7 @@ class Model:
     sampler: str
     small_size: int = 64
     call_kwargs: dict | None = None
+    batch: int = 8  # images per micro-batch on a GPU (--batch overrides)
 
 
 def _sd15(small: bool, tok: dict):
@@ -149,9 +151,35 @@ def _sdxl(small: bool, tok: dict):
     return ours, theirs, {"force_zeros_for_empty_prompt": True}
 
 
+def _sd35m(small: bool, tok: dict):
+    from batchgen.models import AutoencoderKL
+    from batchgen.models.mmdit import MMDIT_TINY_SD35, SD35_MEDIUM, SD3Transformer2DModel
+    from batchgen.models.vae import SD3_VAE_CONFIG, VAE_TINY_16CH
+    from batchgen.tiny.sd3 import scheduler_config
+
+    cfg = dict(MMDIT_TINY_SD35 if small else SD35_MEDIUM)
+    vae_cfg = dict(VAE_TINY_16CH if small else SD3_VAE_CONFIG)
+    transformer, vae = SD3Transformer2DModel(cfg).eval(), AutoencoderKL(vae_cfg).eval()
+    if small:
+        te = _clip("CLIPTextModelWithProjection", 8, 2, 2, "quick_gelu", 32)
+        te2 = _clip("CLIPTextModelWithProjection", 16, 2, 2, "gelu", 32)
+        te3 = _t5(cfg["joint_attention_dim"], 2, 4, 64, 8)
+    else:
+        te = _clip("CLIPTextModelWithProjection", 768, 12, 12, "quick_gelu", 768)
+        te2 = _clip("CLIPTextModelWithProjection", 1280, 32, 20, "gelu", 1280)
+        te3 = _t5(4096, 24, 64, 10240)
+    ours = {"transformer": transformer, "vae": vae, "text_encoder": te, "tokenizer": tok["clip"], "text_encoder_2": te2,
+            "tokenizer_2": tok["clip"], "text_encoder_3": te3, "tokenizer_3": tok["t5"],
+            "scheduler": scheduler_config("sd35")}
+    theirs = {"transformer": _twin(transformer, "SD3Transformer2DModel", cfg), "vae": _twin(vae, "AutoencoderKL", vae_cfg),
+              **{k: v for k, v in ours.items() if k.startswith(("text_encoder", "tokenizer"))}}
+    return ours, theirs, {}
+
+
 MODELS: dict[str, Model] = {
-    "sd15": Model("sd:StableDiffusion", "StableDiffusionPipeline", _sd15, 512, 30, 7.5, "euler"),
-    "sdxl": Model("sdxl:StableDiffusionXL", "StableDiffusionXLPipeline", _sdxl, 1024, 30, 5.0, "euler"),
+    "sd15": Model("sd:StableDiffusion", "StableDiffusionPipeline", _sd15, 512, 30, 7.5, "euler", batch=8),
+    "sdxl": Model("sdxl:StableDiffusionXL", "StableDiffusionXLPipeline", _sdxl, 1024, 30, 5.0, "euler", batch=4),
+    "sd35m": Model("sd3:StableDiffusion3", "StableDiffusion3Pipeline", _sd35m, 1024, 28, 7.0, "flow_euler", batch=2),
 }
 
 
@@ -227,7 +255,7 @@ def run_model(name: str, spec: Model, args, device, dtype, tok) -> list[dict]:
         ref.vae.to(dtype=fam.vae_dtype)
     ref.set_progress_bar_config(disable=True)
 
-    n = args.batch
+    n = args.batch or (2 if small else spec.batch)
     prompts = [f"a detailed photo of a {w} at dawn, cinematic lighting" for w in
                ("cat", "dog", "red car", "lighthouse", "castle", "horse", "boat", "tree", "robot", "city")]
     prompts = (prompts * (n // len(prompts) + 1))[:n]
@@ -362,7 +390,7 @@ def run_job_benchmark(args, device, dtype, tok) -> dict:
         "sampling": {"sampler": spec.sampler, "steps": steps, "width": size, "height": size,
                      "guidance_scale": spec.guidance},
         "output": {"uri": str(root / "out"), "format": "png"},
-        "compute": {"batch_size": args.batch, "gpus_per_worker": 1 if device.type == "cuda" else 0,
+        "compute": {"batch_size": args.batch or spec.batch, "gpus_per_worker": 1 if device.type == "cuda" else 0,
                     "min_workers": 1, "max_workers": 1},
     }
     spec_path = root / "job.yaml"
@@ -378,8 +406,8 @@ def run_job_benchmark(args, device, dtype, tok) -> dict:
     pipe = load_pipeline(root, device=device, dtype=dtype)
     prompts = [f"job prompt {i}, a detailed painting" for i in range(n_items)]
     kwargs = dict(sampler=spec.sampler, steps=steps, width=size, height=size, guidance_scale=spec.guidance,
-                  micro_batch=args.batch, progress=False)
-    pipe.generate(prompts[:args.batch], list(range(args.batch)), **kwargs)
+                  micro_batch=args.batch or spec.batch, progress=False)
+    pipe.generate(prompts[:kwargs["micro_batch"]], list(range(kwargs["micro_batch"])), **kwargs)
     _sync(device)
     start = time.perf_counter()
     pipe.generate(prompts, list(range(n_items)), **kwargs)
@@ -436,7 +464,7 @@ def run_tweaks(args, device, dtype, tok) -> list[dict]:
     module, cls = spec.family.split(":")
     fam = getattr(importlib.import_module(f"batchgen.families.{module}"), cls).from_parts(parts, index).to(device, dtype)
     pipe = Pipeline(fam, {"fingerprint": "random-weights", **fam.info()})
-    n = args.batch
+    n = args.batch or spec.batch
     settings = fam.resolve({"width": size, "height": size, "steps": spec.steps, "guidance_scale": spec.guidance})
     flops, call = _denoiser_flops(pipe, {"settings": settings, "prompts": ["a photo of a cat"] * n, "size": n})
     peak = _peak_tflops(device, args.peak_tflops)
@@ -508,10 +536,11 @@ def run_tweaks(args, device, dtype, tok) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="sd15,sdxl", help=f"comma list of {', '.join(MODELS)}")
+    parser.add_argument("--models", default="sd15,sdxl,sd35m", help=f"comma list of {', '.join(MODELS)}")
     parser.add_argument("--variants", default="batchgen-eager,diffusers-eager,batchgen-max,diffusers-max",
                         help="comma list of batchgen-{eager,default,max}, diffusers-{eager,default,max}")
-    parser.add_argument("--batch", type=int, default=8, help="images per micro-batch")
+    parser.add_argument("--batch", type=int, default=None, help="images per micro-batch (default: per model, "
+                        "8 for sd15, the issue's target shape)")
     parser.add_argument("--batches", type=int, default=3, help="timed micro-batches per variant")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--cpu", action="store_true", help="small shapes on the CPU, float32")
@@ -525,27 +554,32 @@ def main() -> None:
     device = torch.device("cpu" if args.cpu else "cuda")
     dtype = torch.float32 if args.cpu else getattr(torch, args.dtype)
     if args.cpu:
-        args.batch, args.batches = min(args.batch, 2), min(args.batches, 2)
+        args.batch, args.batches = min(args.batch or 2, 2), min(args.batches, 2)
     torch.manual_seed(0)
     env = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
            "cuda": torch.version.cuda, "dtype": str(dtype)}
     print("environment:", json.dumps(env), flush=True)
     tok = _tokenizers(Path(tempfile.mkdtemp(prefix="bench-tok-")))
     results = {"environment": env, "rows": []}
+    def save() -> None:  # after every part, so a run cut short keeps what it measured
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=2, default=str))
+
     if args.tweaks:
         results["tweaks"] = run_tweaks(args, device, dtype, tok)
+        save()
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         results["rows"].extend(run_model(name, MODELS[name], args, device, dtype, tok))
+        save()
     if args.job:
         results["job"] = run_job_benchmark(args, device, dtype, tok)
+        save()
     print("\n| model | variant | images/s | s/step | peak GB | MFU denoiser | MFU end-to-end | max px diff |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results["rows"]:
         print(f"| {r['model']} | {r['variant']} | {r['images_per_s']:.3f} | {r['s_per_step']:.4f} | "
               f"{_fmt(r.get('peak_mem_gb'))} | {_fmt(r.get('mfu_denoiser'))} | {_fmt(r.get('mfu_end_to_end'))} | "
               f"{r['max_pixel_diff_vs_batchgen_eager']} |")
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2, default=str))
 
 
 if __name__ == "__main__":

@@ -37,11 +37,30 @@ def _call_flux(max_sequence_length):
     return call
 
 
-# variant -> (diffusers pipeline class, call(pipe, prompts, generators, args) -> float images, default sampler)
+def _call_dit(pipe, prompts, generators, args):
+    """DiTPipeline: class ids (from the same id2label names the batchgen side renders), fixed size."""
+    return pipe(pipe.get_label_ids(prompts), num_inference_steps=args.steps, generator=generators,
+                output_type="np").images
+
+
+def _text_prompts(n):
+    return [f"benchmark prompt number {i}, a detailed painting" for i in range(n)]
+
+
+def _class_prompts(n):
+    names = ["golden retriever", "tabby cat", "macaw", "otter", "volcano", "balloon", "convertible", "goldfish"]
+    return [names[i % len(names)] for i in range(n)]
+
+
+# variant -> (diffusers pipeline class, call(pipe, prompts, generators, args) -> float images, default sampler
+#             [, options: {"prompts": n -> prompts, "fixed_size": True when the model renders one size only}])
 REFERENCES = {
     "sd1": ("StableDiffusionPipeline", _call_text, "ddim"),
     "sd2": ("StableDiffusionPipeline", _call_text, "ddim"),
     "sdxl": ("StableDiffusionXLPipeline", _call_text, "euler"),
+    "sd3": ("StableDiffusion3Pipeline", _call_text, "flow_euler"),
+    "sd35": ("StableDiffusion3Pipeline", _call_text, "flow_euler"),
+    "dit": ("DiTPipeline", _call_dit, "ddim", {"prompts": _class_prompts, "fixed_size": True}),
     "flux-schnell": ("FluxPipeline", _call_flux(256), "flow_euler"),
     "flux-dev": ("FluxPipeline", _call_flux(512), "flow_euler"),
 }
@@ -52,7 +71,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--size", type=int, default=None, help="default 128 (DiT: its fixed size)")
     parser.add_argument("--sampler", default=None, choices=sorted(REF_SCHEDULERS),
                         help="default: the variant's own scheduler")
     parser.add_argument("--variant", default="sd1", choices=sorted(REFERENCES))
@@ -66,12 +85,18 @@ def main() -> None:
 
     path = Path(tempfile.mkdtemp()) / "tiny"
     make_tiny_model(path, variant=args.variant, seed=0)
-    prompts = [f"benchmark prompt number {i}, a detailed painting" for i in range(args.images)]
+    ref_class, call, default_sampler, *extra = REFERENCES[args.variant]
+    options = extra[0] if extra else {}
+    prompts = options.get("prompts", _text_prompts)(args.images)
     seeds = list(range(args.images))
 
-    ref_class, call, default_sampler = REFERENCES[args.variant]
     args.sampler = args.sampler or default_sampler
     ours = load_pipeline(path, device="cpu", dtype=torch.float32)
+    if options.get("fixed_size"):
+        if args.size not in (None, ours.default_size[0]):
+            parser.error(f"--size: tiny {args.variant} renders {ours.default_size[0]} px only")
+        args.size = ours.default_size[0]
+    args.size = args.size or 128
     ref = getattr(diffusers, ref_class).from_pretrained(str(path), local_files_only=True)
     ref.scheduler = getattr(diffusers, REF_SCHEDULERS[args.sampler]).from_config(ref.scheduler.config)
     ref.set_progress_bar_config(disable=True)

@@ -15,6 +15,8 @@ from ..errors import CheckpointError
 FAMILIES: dict[str, str] = {
     "sd": "StableDiffusion",
     "sdxl": "StableDiffusionXL",
+    "sd3": "StableDiffusion3",
+    "dit": "DiT",
     "flux": "Flux",
 }
 

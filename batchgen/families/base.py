@@ -79,6 +79,7 @@ class Family:
     upcast_vae: ClassVar[bool] = False  # decode/encode fp16 in float32 when the VAE asks (force_upcast)
     cuda_dtype: ClassVar[torch.dtype] = torch.float16  # dtype "auto" on a GPU
     denoiser_name: ClassVar[str] = "unet"  # the component whose config has sample_size
+    no_negative_prompt: ClassVar[str | None] = None  # why the family takes none (non-empty ones are refused)
     # Memory plans (load_pipeline's text_encoder_device / fp8): the text encoders a family lets live
     # on another device than the denoiser (its encode_prompts moves their outputs), and per
     # component the Linear layers fp8 storage keeps in the run dtype (qualified-name prefixes).

@@ -174,9 +174,11 @@ def random_state_dict(module, seed: int) -> dict:
     """Deterministic random weights for every entry of ``module.state_dict()``.
 
     Each tensor is drawn from its own generator seeded from (seed, key), so adding a layer does not
-    change the others. Matrices/convolutions ~ N(0, 1/fan_in), norm scales ~ 1 + N(0, 0.1^2),
-    biases and embeddings ~ N(0, 0.02^2) / N(0, 0.1^2). Tied aliases (T5's embed_tokens) and
-    position-id buffers are left out, as checkpoints leave them out.
+    change the others. Matrices/convolutions ~ N(0, 1/fan_in), norm scales (1-D weights of norm
+    layers) ~ 1 + N(0, 0.1^2), biases and embeddings ~ N(0, 0.02^2) / N(0, 0.1^2). Matrices that
+    live under a norm module (adaLN modulation projections, DiT's ``norm1.emb``) are matrices: drawn
+    as 1 + noise they make a transformer amplify rounding differences a thousandfold. Tied
+    aliases (T5's embed_tokens) and position-id buffers are left out, as checkpoints leave them out.
     """
     import torch
 
@@ -196,7 +198,7 @@ def random_state_dict(module, seed: int) -> dict:
             state[key] = ref.clone()
         elif "embedding" in key:
             state[key] = noise * 0.1
-        elif is_norm and name == "weight":
+        elif is_norm and name == "weight" and ref.dim() == 1:
             state[key] = 1.0 + 0.1 * noise
         elif name == "bias" or ref.dim() < 2:
             state[key] = 0.02 * noise
