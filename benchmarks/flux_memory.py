@@ -182,9 +182,9 @@ def _sync():
     torch.cuda.synchronize()
 
 
-def measure_plan(plan: str, variant: str, size: int, batches: list[int], length: int) -> dict:
+def measure_plan(plan: str, variant: str, size: int, batches: list[int], length: int, device="cuda") -> dict:
     """Build the plan's GPU components, run each phase per batch size, record peaks (GiB)."""
-    device = torch.device("cuda")
+    device = torch.device(device)
     on_gpu, fp8 = PLANS[plan]
     gc.collect()
     torch.cuda.empty_cache()
@@ -304,7 +304,8 @@ def estimate_plan(plan: str, variant: str, size: int, batches: list[int], length
     result = {"plan": plan, "weights_gib": weights, "resident_gib": resident, "batches": {}, "estimated": True}
     for rows in batches:
         phases = {
-            "step": simulate_peak([meta["transformer"]], lambda: run_step(meta["transformer"], rows, size, length, device)),
+            "step": simulate_peak([meta["transformer"]],
+                                  lambda: run_step(meta["transformer"], rows, size, length, device)),
             "decode": simulate_peak([meta["vae"]], lambda: run_decode(meta["vae"], 1, size, device)),
         }
         if "text_encoder_2" in meta:
@@ -312,7 +313,8 @@ def estimate_plan(plan: str, variant: str, size: int, batches: list[int], length
                 simulate_peak([meta["text_encoder"]], lambda: run_clip(meta["text_encoder"], rows, device)),
                 simulate_peak([meta["text_encoder_2"]], lambda: run_t5(meta["text_encoder_2"], rows, length, device)))
         if rows > 1:
-            phases[f"decode x{rows}"] = simulate_peak([meta["vae"]], lambda: run_decode(meta["vae"], rows, size, device))
+            phases[f"decode x{rows}"] = simulate_peak([meta["vae"]],
+                                                      lambda: run_decode(meta["vae"], rows, size, device))
         phases = {k: {"peak_allocated_gib": weights + v, "activations_gib": v} for k, v in phases.items()}
         pipeline = [v["peak_allocated_gib"] for k, v in phases.items() if not k.startswith("decode x")]
         result["batches"][rows] = {"phases": phases, "peak_allocated_gib": max(pipeline)}
@@ -328,7 +330,12 @@ def time_cpu_text(length: int) -> dict:
             start = time.perf_counter()
             module = materialize(meta[name], name, torch.device("cpu"), ())
             out[f"{name}_build_seconds"] = time.perf_counter() - start
-            fn = (lambda: run_clip(module, 1, "cpu")) if name == "text_encoder" else (lambda: run_t5(module, 1, length, "cpu"))
+            if name == "text_encoder":
+                def fn():
+                    return run_clip(module, 1, "cpu")
+            else:
+                def fn():
+                    return run_t5(module, 1, length, "cpu")
             fn()
             start = time.perf_counter()
             fn()
@@ -365,11 +372,13 @@ def print_report(results: list[dict], args, context_gib: float, measured: bool, 
                 return f"{text:>15}"
 
             step_s = b["phases"]["step"].get("seconds")
-            peak = f"{b['peak_allocated_gib']:.2f}" + (f" [{b['peak_reserved_gib']:.2f}]" if "peak_reserved_gib" in b else "")
+            peak = f"{b['peak_allocated_gib']:.2f}"
+            if "peak_reserved_gib" in b:
+                peak += f" [{b['peak_reserved_gib']:.2f}]"
             batched = cell(f"decode x{rows}") if rows > 1 else f"{'-':>15}"
             seconds = "" if step_s is None else f"{step_s:.3f}"
-            print(f"{r['plan']:<15} {rows:>5} {r['weights_gib']:>8.2f} {cell('encode')} {cell('step')} {cell('decode')} "
-                  f"{batched} {peak:>15} {seconds:>7}")
+            print(f"{r['plan']:<15} {rows:>5} {r['weights_gib']:>8.2f} {cell('encode')} {cell('step')} "
+                  f"{cell('decode')} {batched} {peak:>15} {seconds:>7}")
     print()
     print("What fits (peak [reserved when measured] + CUDA context <= usable GiB of the class):")
     classes = [c for c, _ in GPU_CLASSES]

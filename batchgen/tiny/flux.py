@@ -38,7 +38,8 @@ def build(out: FolderWriter, variant: str) -> None:
                   "shift_factor": FLUX_VAE_CONFIG["shift_factor"]}
     clip_tok = clip_tokenizer_files()
     t5_tok = t5_tokenizer_files()
-    clip_config = clip_text_config(json.loads(clip_tok["vocab.json"]), hidden=transformer_config["pooled_projection_dim"])
+    clip_config = clip_text_config(json.loads(clip_tok["vocab.json"]),
+                                   hidden=transformer_config["pooled_projection_dim"])
     t5_vocab = len(json.loads(t5_tok["tokenizer.json"])["model"]["vocab"])
     t5 = t5_config(t5_vocab, d_model=transformer_config["joint_attention_dim"])
 
@@ -48,7 +49,8 @@ def build(out: FolderWriter, variant: str) -> None:
     out.tokenizer("tokenizer", "CLIPTokenizer", clip_tok)
     out.tokenizer("tokenizer_2", "T5TokenizerFast", t5_tok)
     with torch.device("cpu"):
-        out.model("text_encoder", "transformers", "CLIPTextModel", clip_config, CLIPTextModel(CLIPTextConfig(**clip_config)))
+        out.model("text_encoder", "transformers", "CLIPTextModel", clip_config,
+                  CLIPTextModel(CLIPTextConfig(**clip_config)))
         out.model("text_encoder_2", "transformers", "T5EncoderModel", t5, T5EncoderModel(T5Config(**t5)))
         out.model("transformer", "diffusers", "FluxTransformer2DModel", transformer_config,
                   FluxTransformer2DModel(transformer_config))
