@@ -92,6 +92,9 @@ class Pipeline:
         """
         from .checkpoints.lora import LoraFuser, lora_components
 
+        if loras and self.family.fp8:
+            raise ValueError(f"loras: this model stores {', '.join(self.family.fp8)} in float8 (fp8=...); LoRAs are "
+                             f"fused into full-precision weights: load it without fp8 to use LoRAs")
         if self._lora_fuser is None:
             if not loras:
                 return []
@@ -243,7 +246,7 @@ class Pipeline:
         name = sampler or fam.default_sampler
         # Fail on a bad sampler name, option or step count before any work is done.
         get_sampler(name, fam.scheduler_config, group["steps"], strength=group.get("strength"), options=options,
-                    **fam.schedule(group))
+                    **fam.schedule(group, name))
         return _Request(prompts, negatives, seeds, name, options, group, items, images, labels)
 
     # -------------------------------------------------------------------------------- rendering
@@ -269,7 +272,7 @@ class Pipeline:
         )
         generators = item_generators(take(req.seeds, 0))
         sampler = get_sampler(req.sampler, fam.scheduler_config, settings["steps"], strength=settings.get("strength"),
-                              options=req.options, **fam.schedule(settings))
+                              options=req.options, **fam.schedule(settings, req.sampler))
         cond = fam.encode_prompts(batch)
         shape = fam.noise_shape(settings["width"], settings["height"])
         # Each generator's draw order is diffusers': img2img's VAE posterior sample, then the noise.
@@ -340,13 +343,20 @@ COMPILE_MODES = ("none", "default", "max")
 
 
 def load_pipeline(path, device=None, dtype=None, variant: str | None = None, allow_pickle: bool = False,
-                  storage_config=None, compile: str = "none", loras=None) -> Pipeline:
+                  storage_config=None, compile: str = "none", loras=None, text_encoder_device=None,
+                  fp8=()) -> Pipeline:
     """Load a checkpoint of any known family (local diffusers folder, file://, s3://, ``builtin:``).
 
     ``compile``: ``none`` (eager), ``default`` (torch.compile of the denoiser and the VAE decoder)
     or ``max`` (plus CUDA graphs on a GPU). Compiling happens on the first render of each shape;
     :meth:`Pipeline.warmup` does it up front. ``loras``: ``[{"uri": ..., "scale": ...}]`` LoRA
     files fused into the weights (see :meth:`Pipeline.set_loras`).
+
+    Weights are built directly in the run dtype (bf16 on a GPU for FLUX), never in float32 first.
+    Memory plans for large models (README, "GPU memory"): ``text_encoder_device="cpu"`` keeps the
+    text encoders on the host and runs them there (families that list ``text_encoders``: FLUX);
+    ``fp8=("transformer",)`` stores the named components' Linear weights in float8 e4m3 and upcasts
+    them at each matmul (half the bytes of bf16).
     """
     if compile not in COMPILE_MODES:
         raise ValueError(f"compile: expected one of {', '.join(COMPILE_MODES)}, got {compile!r}")
@@ -354,7 +364,8 @@ def load_pipeline(path, device=None, dtype=None, variant: str | None = None, all
     folder = open_folder(local)
     family_cls = family_for(folder)
     device, dtype = default_device_dtype(device, dtype, family_cls.cuda_dtype)
-    family = family_cls.load(folder, variant, allow_pickle).to(device, dtype)
+    family = family_cls.load(folder, variant, allow_pickle, dtype=dtype)
+    family.quantize_fp8(fp8).to(device, dtype, text_device=text_encoder_device)
     if compile != "none":
         _inductor_cache()
         family.compile(compile)
@@ -366,6 +377,8 @@ def load_pipeline(path, device=None, dtype=None, variant: str | None = None, all
         "device": str(device),
         "compile": compile,
     }
+    if family.text_device != device:
+        info["text_encoder_device"] = str(family.text_device)
     log.info("loaded %s (%s, fingerprint %s) on %s/%s", path, info["variant"], info["fingerprint"][:12],
              device, info["dtype"])
     pipe = Pipeline(family, info, storage_config)

@@ -176,10 +176,34 @@ def _sd35m(small: bool, tok: dict):
     return ours, theirs, {}
 
 
+def _flux(small: bool, tok: dict, dev: bool = False):
+    from batchgen.models import AutoencoderKL
+    from batchgen.models.flux import FLUX_1_DEV, FLUX_1_SCHNELL, FLUX_TINY_DEV, FLUX_TINY_SCHNELL, FluxTransformer2DModel
+    from batchgen.models.vae import FLUX_VAE_CONFIG, VAE_TINY_16CH
+    from batchgen.tiny.flux import SCHEDULERS
+
+    cfg = dict((FLUX_TINY_DEV if dev else FLUX_TINY_SCHNELL) if small else (FLUX_1_DEV if dev else FLUX_1_SCHNELL))
+    vae_cfg = {**VAE_TINY_16CH, "scaling_factor": FLUX_VAE_CONFIG["scaling_factor"],
+               "shift_factor": FLUX_VAE_CONFIG["shift_factor"]} if small else dict(FLUX_VAE_CONFIG)
+    transformer, vae = FluxTransformer2DModel(cfg).eval(), AutoencoderKL(vae_cfg).eval()
+    te = _clip("CLIPTextModel", 32, 2, 4, "quick_gelu") if small else _clip("CLIPTextModel", 768, 12, 12, "quick_gelu")
+    te2 = _t5(cfg["joint_attention_dim"], 2, 4, 64, 8) if small else _t5(4096, 24, 64, 10240)
+    ours = {"transformer": transformer, "vae": vae, "text_encoder": te, "tokenizer": tok["clip"], "text_encoder_2": te2,
+            "tokenizer_2": tok["t5"], "scheduler": dict(SCHEDULERS["flux-dev" if dev else "flux-schnell"])}
+    theirs = {"transformer": _twin(transformer, "FluxTransformer2DModel", cfg), "vae": _twin(vae, "AutoencoderKL", vae_cfg),
+              **{k: v for k, v in ours.items() if k.startswith(("text_encoder", "tokenizer"))}}
+    return ours, theirs, {}
+
+
 MODELS: dict[str, Model] = {
     "sd15": Model("sd:StableDiffusion", "StableDiffusionPipeline", _sd15, 512, 30, 7.5, "euler", batch=8),
     "sdxl": Model("sdxl:StableDiffusionXL", "StableDiffusionXLPipeline", _sdxl, 1024, 30, 5.0, "euler", batch=4),
     "sd35m": Model("sd3:StableDiffusion3", "StableDiffusion3Pipeline", _sd35m, 1024, 28, 7.0, "flow_euler", batch=2),
+    # FLUX.1 at its defaults (T5 256 / 512 tokens); diffusers' FluxPipeline defaults to 512 for both.
+    "flux-schnell": Model("flux:Flux", "FluxPipeline", _flux, 1024, 4, 0.0, "flow_euler", batch=2,
+                          call_kwargs={"max_sequence_length": 256}),
+    "flux-dev": Model("flux:Flux", "FluxPipeline", lambda small, tok: _flux(small, tok, dev=True), 1024, 28, 3.5,
+                      "flow_euler", batch=2),
 }
 
 
