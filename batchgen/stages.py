@@ -156,14 +156,6 @@ def env_differences(recorded: dict, current: dict) -> dict[str, tuple]:
             if recorded.get(k) != current.get(k)}
 
 
-class _DropLibraryTruncationWarning(logging.Filter):
-    """The pipeline's own truncation warning names the prompt's position in a micro-batch and
-    repeats the dropped text; the actor logs its own line with the item id instead."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("prompt %d is longer than")
-
-
 def _maybe_die(hooks: dict, calls: int) -> None:
     """Fault-test hook: exit the actor process on its Nth call, once per flag file."""
     die = hooks.get("die_once")
@@ -240,7 +232,6 @@ class GeneratorActor:
         self.max_init_pixels = max_init_pixels
         if quiet:
             _quiet_libraries()
-        logging.getLogger("batchgen.models.text").addFilter(_DropLibraryTruncationWarning())
         self.renderer = _load_renderer(model_uri, dtype, storage_cfg, self.hooks, torch_threads)
         self.fingerprint = self.renderer.model_info["fingerprint"]
         self.render_env = json.dumps(render_env(self.renderer), sort_keys=True)
@@ -273,21 +264,6 @@ class GeneratorActor:
                 .append_column("model_fingerprint", pa.array([self.fingerprint] * len(rows), pa.string()))
                 .append_column("render_env", pa.array([self.render_env] * len(rows), pa.string())))
 
-    def _warn_truncated(self, rows, members) -> None:
-        """One warning per item whose prompt is longer than the tokenizer takes, naming the item."""
-        encoder = getattr(self.renderer, "prompt_encoder", None)
-        tokenizer = getattr(encoder, "tokenizer", None)
-        if tokenizer is None:
-            return
-        limit = int(tokenizer.model_max_length)
-        prompts = [rows[i]["prompt"] for i in members]
-        for i, ids in zip(members, tokenizer(prompts, truncation=False).input_ids):
-            if len(ids) > limit:
-                dropped = tokenizer.decode(ids[limit - 1:-1])
-                shown = dropped if len(dropped) <= 60 else dropped[:57] + "..."
-                log.warning("item %s: prompt is %d tokens, longer than %d; truncated, dropping %d characters: %r",
-                            rows[i]["item_id"], len(ids), limit, len(dropped), shown)
-
     def _render_group(self, rows, members, images, errors, render_ms) -> None:
         first = rows[members[0]]
         init_images = None
@@ -302,7 +278,6 @@ class GeneratorActor:
             members = ok
             if not members:
                 return
-        self._warn_truncated(rows, members)
         start = time.perf_counter()
         try:
             arrays = self.renderer.generate(
@@ -312,6 +287,7 @@ class GeneratorActor:
                 height=first["height"], init_images=init_images,
                 strength=first["strength"] if first["strength"] is not None else 0.8,
                 micro_batch=self.batch_size, sampler_options=self.sampler_options or None,
+                item_ids=[rows[i]["item_id"] for i in members], progress=False,
             )
         except Exception as exc:  # noqa: BLE001 - the group's items fail, the job goes on
             log.exception("render failed for %d items", len(members))

@@ -76,6 +76,23 @@ def _t5(d_model: int, layers: int, heads: int, d_ff: int, d_kv: int = 64):
     return transformers.T5EncoderModel(config).eval().requires_grad_(False)
 
 
+class _building:
+    """Build modules straight on ``device`` in ``dtype`` (a 12B transformer never exists in fp32)."""
+
+    def __init__(self, device, dtype):
+        self.device, self.dtype = torch.device(device), dtype
+
+    def __enter__(self):
+        self.saved = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        self.ctx = torch.device(self.device)
+        self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        self.ctx.__exit__(*exc)
+        torch.set_default_dtype(self.saved)
+
+
 def _twin(ours: torch.nn.Module, diffusers_cls_name: str, config: dict) -> torch.nn.Module:
     """diffusers' module of the same config, sharing ``ours``'s weight tensors."""
     import diffusers
@@ -266,7 +283,7 @@ def run_model(name: str, spec: Model, args, device, dtype, tok) -> list[dict]:
     small = args.cpu
     size = spec.small_size if small else spec.size
     steps = 4 if small else spec.steps
-    with torch.device(device):
+    with _building(device, dtype):
         ours_parts, their_parts, index = spec.build(small, tok)
     module, cls = spec.family.split(":")
     family_cls = getattr(importlib.import_module(f"batchgen.families.{module}"), cls)
@@ -377,7 +394,7 @@ def run_job_benchmark(args, device, dtype, tok) -> dict:
     small = args.cpu
     spec = MODELS["sd15"]
     root = Path(tempfile.mkdtemp(prefix="bench-sd15-"))
-    with torch.device(device):
+    with _building(device, dtype):
         parts, _, _ = spec.build(small, tok)
     index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
              "scheduler": ["diffusers", "EulerDiscreteScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
@@ -483,7 +500,7 @@ def run_tweaks(args, device, dtype, tok) -> list[dict]:
     spec = MODELS["sd15"]
     small = args.cpu
     size = spec.small_size if small else spec.size
-    with torch.device(device):
+    with _building(device, dtype):
         parts, _, index = spec.build(small, tok)
     module, cls = spec.family.split(":")
     fam = getattr(importlib.import_module(f"batchgen.families.{module}"), cls).from_parts(parts, index).to(device, dtype)

@@ -27,7 +27,7 @@ _CONFIG_CLASSES = {
     "T5EncoderModel": "T5Config",
 }
 _MODEL_TYPES = {"CLIPTextConfig": (None, "clip_text_model", "clip"), "T5Config": (None, "t5", "umt5")}
-_WARN_CHARS = 80  # dropped text quoted in a truncation warning
+_WARN_CHARS = 60  # dropped text quoted in a truncation warning
 
 
 def build_text_encoder(cls_name: str, config: dict):
@@ -68,7 +68,7 @@ def load_tokenizer(folder: Path, cls_name: str = "CLIPTokenizer"):
 
 
 def _label(labels: Sequence[str] | None, i: int) -> str:
-    return f"item {labels[i]!r}" if labels is not None and i < len(labels) else f"prompt {i}"
+    return f"item {labels[i]}" if labels is not None and i < len(labels) and labels[i] else f"prompt {i}"
 
 
 class _Tokenized:
@@ -85,8 +85,8 @@ class _Tokenized:
                 # CLIP ([BOS] ... [EOS]) and T5 (... [EOS]) both keep max_length - 1 tokens + EOS.
                 dropped = tokenizer.decode(ids[max_length - 1:-1])
                 shown = dropped if len(dropped) <= _WARN_CHARS else dropped[:_WARN_CHARS] + "..."
-                log.warning("%s: prompt is longer than %d tokens (%d); truncated, dropping: %r",
-                            _label(labels, i), max_length, len(ids), shown)
+                log.warning("%s: prompt is %d tokens, longer than %d; truncated, dropping %d characters: %r",
+                            _label(labels, i), len(ids), max_length, len(dropped), shown)
 
 
 class ClipEncoder:
