@@ -60,5 +60,8 @@ def randn_items(
     diffusers per-item order), then the batch is moved to ``device`` and cast to ``dtype``.
     """
     shape = (1, *tuple(int(d) for d in item_shape))
-    draws = [torch.randn(shape, generator=g, dtype=torch.float32) for g in generators]
-    return torch.cat(draws, dim=0).to(device=device, dtype=dtype)
+    draws = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators], dim=0)
+    if torch.device(device).type == "cuda":  # pinned + non_blocking: the copy does not stall the host
+        draws = draws.pin_memory()
+        return draws.to(device=device, non_blocking=True).to(dtype)
+    return draws.to(device=device, dtype=dtype)

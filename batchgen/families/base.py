@@ -79,6 +79,7 @@ class Family:
     upcast_vae: ClassVar[bool] = False  # decode/encode fp16 in float32 when the VAE asks (force_upcast)
     cuda_dtype: ClassVar[torch.dtype] = torch.float16  # dtype "auto" on a GPU
     denoiser_name: ClassVar[str] = "unet"  # the component whose config has sample_size
+    channels_last: ClassVar[bool] = False  # compile="max" on a GPU stores the denoiser channels-last
     no_negative_prompt: ClassVar[str | None] = None  # why the family takes none (non-empty ones are refused)
     # Memory plans (load_pipeline's text_encoder_device / fp8): the text encoders a family lets live
     # on another device than the denoiser (its encode_prompts moves their outputs), and per
@@ -191,9 +192,13 @@ class Family:
         shape is fixed, which is what graphs need). Compilation happens on the first call per shape.
         """
         options = {"dynamic": False}
+        denoiser = self.parts[self.denoiser_name]
         if mode == "max":
             options["mode"] = "reduce-overhead" if self.device.type == "cuda" else "max-autotune-no-cudagraphs"
-        self.parts[self.denoiser_name].compile(**options)
+            if self.device.type == "cuda" and self.channels_last:
+                # conv UNets: 5% faster compiled denoiser calls on an H100 (eager: 10% slower, so max only)
+                denoiser.to(memory_format=torch.channels_last)
+        denoiser.compile(**options)
         if self.vae is not None:
             self.vae.decoder.compile(**options)
         self.compiled = mode

@@ -25,6 +25,7 @@ class StableDiffusion(Family):
         "scheduler": SCHEDULER,
     }
     default_sampler = "ddim"
+    channels_last = True
 
     def __init__(self, parts, folder):
         super().__init__(parts, folder)

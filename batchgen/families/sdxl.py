@@ -40,6 +40,7 @@ class StableDiffusionXL(Family):
     default_sampler = "euler"
     default_guidance = 5.0
     upcast_vae = True
+    channels_last = True
 
     def __init__(self, parts, folder):
         super().__init__(parts, folder)
