@@ -162,7 +162,10 @@ def test_vae_and_text_encoder_overrides(tiny, tmp_path):
     assert via_file.model_info["overrides"] == {"vae": str(ldm_vae)}
     assert via_file.fingerprint not in (single_pipe.fingerprint, swapped_pipe.fingerprint)
     assert same(render(load(single, vae=other / "vae" / "diffusion_pytorch_model.safetensors")), want)
-    assert same(render(load(folder, vae=other / "vae")), want)  # a component folder, onto a diffusers folder
+    on_folder = load(folder, vae=other / "vae")  # a component folder, onto a diffusers folder
+    assert same(render(on_folder), want)
+    assert inspect_model(folder, vae=other / "vae")["fingerprint"] == on_folder.fingerprint
+    assert inspect_model(single, vae=ldm_vae)["fingerprint"] == via_file.fingerprint
     assert same(render(load(folder, vae=other)), want)  # a whole diffusers folder: its vae/
     # An OpenCLIP-layout text encoder file (fused in_proj, resblocks) for SDXL's text_encoder_2.
     te2 = load_file(str(other / "text_encoder_2" / "model.safetensors"))
@@ -201,8 +204,10 @@ def test_transformer_only_file_with_separate_components(tiny, tmp_path):
 def test_t5_tokenizer_must_be_given_never_downloaded(tiny, tmp_path):
     folder, _ = tiny("sd3")
     single = write_single_file(folder, tmp_path / "no_tok.safetensors", embed_tokenizers=False)
-    with pytest.raises(CheckpointError, match=r"tokenizers=\{'tokenizer_3'.*model\.tokenizers\.tokenizer_3"):
-        load(single)
+    clip = {"tokenizer": folder / "tokenizer", "tokenizer_2": folder / "tokenizer_2"}  # (else: open_clip's vocab)
+    with pytest.raises(CheckpointError, match=r"no T5TokenizerFast tokenizer.*never downloads.*"
+                                              r"tokenizers=\{'tokenizer_3'.*model\.tokenizers\.tokenizer_3"):
+        load(single, tokenizers=clip)
     got = load(single, tokenizers=str(folder))  # a diffusers folder: tokenizer/, tokenizer_2/, tokenizer_3/
     assert same(render(got), render(load(folder)))
     got = load(single, tokenizers={"tokenizer": folder / "tokenizer", "tokenizer_2": folder / "tokenizer_2",
@@ -438,7 +443,7 @@ def test_full_size_sd15_single_file_matches_diffusers(tmp_path):
     images = ours.generate(["a photo of a cat"], [7], sampler="ddim", steps=2, width=64, height=64,
                            negative_prompts=["blurry"])
     del ours
-    ref = diffusers.StableDiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32,
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(str(folder), dtype=torch.float32,
                                                             safety_checker=None, local_files_only=True)
     ref.set_progress_bar_config(disable=True)
     ref.scheduler = getattr(diffusers, REFERENCE["ddim"][0]).from_config(ref.scheduler.config)
@@ -450,3 +455,13 @@ def test_full_size_sd15_single_file_matches_diffusers(tmp_path):
     print(f"full-size SD1.5 single file vs diffusers folder: max diff {diff} levels, "
           f"{time.perf_counter() - start:.1f} s")
     assert diff <= 1
+
+
+def test_missing_open_clip_is_a_clear_error(tiny, tmp_path, monkeypatch):
+    folder, _ = tiny("sd1")
+    single = write_single_file(folder, tmp_path / "no_tok.safetensors", embed_tokenizers=False)
+    monkeypatch.setitem(__import__("sys").modules, "open_clip", None)  # as if open_clip_torch were not installed
+    assert open_clip_bpe_path() is None
+    with pytest.raises(CheckpointError, match=r"open_clip_torch.*not installed.*tokenizers=\{'tokenizer'"):
+        load(single)
+    assert same(render(load(single, tokenizers={"tokenizer": folder / "tokenizer"})), render(load(folder)))

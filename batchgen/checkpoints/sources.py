@@ -144,7 +144,8 @@ class _WeightFile:
 def _build_module(cls: str, config: dict, where: str, meta: bool = False) -> torch.nn.Module:
     spec = MODEL_CLASSES.get(cls)
     if spec is None:
-        raise CheckpointError(f"{where}: component class {cls!r} cannot be built (known: {', '.join(sorted(MODEL_CLASSES))})")
+        raise CheckpointError(f"{where}: component class {cls!r} cannot be built "
+                              f"(known: {', '.join(sorted(MODEL_CLASSES))})")
     with torch.device("meta"):
         module = spec.build(copy.deepcopy(config))
     if not meta:
@@ -365,7 +366,8 @@ class _Override:
             if (path / "model_index.json").is_file():
                 self.full, self.folder = path, path / name
                 if not (self.folder / "config.json").is_file():
-                    raise CheckpointError(f"{path}: override '{name}' is a diffusers folder without '{name}/config.json'")
+                    raise CheckpointError(f"{path}: override '{name}' is a diffusers folder without "
+                                          f"'{name}/config.json'")
             elif (path / "config.json").is_file():
                 self.folder = path
                 if (path.parent / "model_index.json").is_file():
@@ -482,8 +484,8 @@ class OverrideSource:
     def _base_class(self, name: str) -> tuple[str, str]:
         entry = self.base.model_index.get(name)
         if not _listed(entry):
-            raise CheckpointError(f"{self.overrides[name].path}: override '{name}' is a weights file, but this model has "
-                                  f"no config for a '{name}'; give a diffusers component folder (with config.json)")
+            raise CheckpointError(f"{self.overrides[name].path}: override '{name}' is a weights file, but this model "
+                                  f"has no config for a '{name}'; give a diffusers component folder (with config.json)")
         return str(entry[0]), str(entry[1])
 
     @property
@@ -533,14 +535,22 @@ class OverrideSource:
             from .folder import read_state_dict
 
             weights = override.weight_files(library, variant, allow_pickle or self.allow_pickle)
+            self._record(override, weights)
             state = read_state_dict(weights)
         return _load_module(cls, config, state, where, options.get("dtype"))
+
+    def _record(self, override: _Override, weights) -> None:
+        """The files a folder override is loaded from, for the fingerprint."""
+        chosen = [override.folder / "config.json", *weights.files] + ([weights.index] if weights.index else [])
+        self._files += [(f"{override.name}/{p.relative_to(override.folder).as_posix()}", p) for p in chosen]
 
     def build_model(self, name: str, variant: str | None = None, allow_pickle: bool = False):
         override = self.overrides.get(name)
         if override is None:
             return self.base.build_model(name, variant, allow_pickle)
-        _library, cls = self.model_index[name]
+        library, cls = self.model_index[name]
+        if override.folder is not None:
+            self._record(override, override.weight_files(library, variant, allow_pickle or self.allow_pickle))
         return _build_module(cls, self._override_config(override, cls), str(override.path), meta=True).eval()
 
     def load_tokenizer(self, name: str):
@@ -579,16 +589,8 @@ class OverrideSource:
         return {} if weights.pickle else header_dtypes(sf.read_header(f) for f in weights.files)
 
     def _override_files(self) -> list[tuple[str, Path]]:
-        files: list[tuple[str, Path]] = []
-        for name, override in self.overrides.items():
-            if override.file is not None:
-                files.append((f"{name}/{override.path.name}", override.path))
-            else:
-                library = self.model_index[name][0]
-                weights = override.weight_files(library, None, True)
-                chosen = [override.folder / "config.json", *weights.files] + ([weights.index] if weights.index else [])
-                files += [(f"{name}/{p.relative_to(override.folder).as_posix()}", p) for p in chosen]
-        return files
+        """Override weight files (folder overrides and tokenizers are recorded as they are loaded)."""
+        return [(f"{name}/{o.path.name}", o.path) for name, o in self.overrides.items() if o.file is not None]
 
     def fingerprint(self) -> str:
         """The base's fingerprint alone when nothing changes what it loads; else sha256 over it,
