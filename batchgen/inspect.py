@@ -8,9 +8,11 @@ steps / guidance, and for each ``--lora`` how many of its modules match this mod
 
 Why nothing is loaded: the family is built exactly as for rendering (same source, same
 ``Family.load``) but every model module is created on the meta device, so a 12B-parameter model
-is inspected in seconds and in little memory. Stored dtypes and element counts come from the
-safetensors headers; parameter counts from the modules' shapes; LoRA matching only needs names
-and shapes.
+is inspected in seconds and in little memory. The key conversion and the strict key / shape check
+still run, on meta tensors made from the safetensors headers, so a file inspect accepts loads
+(which makes :func:`inspect_model` a complete pre-flight check of a model). Stored dtypes and
+element counts come from the headers; parameter counts from the modules' shapes; LoRA matching
+only needs names and shapes. The fingerprint does read every file once (sha256).
 """
 
 from __future__ import annotations

@@ -465,3 +465,24 @@ def test_missing_open_clip_is_a_clear_error(tiny, tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match=r"open_clip_torch.*not installed.*tokenizers=\{'tokenizer'"):
         load(single)
     assert same(render(load(single, tokenizers={"tokenizer": folder / "tokenizer"})), render(load(folder)))
+
+
+def test_inspect_checks_every_key_from_headers_alone(tiny, tmp_path):
+    """inspect (usable as a pre-flight) runs the conversion and the strict key / shape check on
+    meta tensors built from the header: a broken file fails without its weights being read."""
+    _, single = tiny("sd1")
+    state = load_file(str(single))
+    from safetensors import safe_open
+
+    with safe_open(str(single), "pt") as fh:
+        metadata = fh.metadata()
+    dropped = sorted(k for k in state if k.startswith("model.diffusion_model.out.2."))[0]
+    broken = {k: v for k, v in state.items() if k != dropped}
+    save_file(broken, str(tmp_path / "missing.safetensors"), metadata=metadata)
+    with pytest.raises(CheckpointError, match=r"missing.safetensors: unet .* missing weight key.*conv_out"):
+        inspect_model(tmp_path / "missing.safetensors")
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    wrong = {**state, key: torch.zeros(state[key].shape[0], 4, 1, 1)}
+    save_file(wrong, str(tmp_path / "shape.safetensors"), metadata=metadata)
+    with pytest.raises(CheckpointError, match=r"shape.safetensors: unet .*'conv_in.weight' has shape"):
+        inspect_model(tmp_path / "shape.safetensors")

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import CheckpointError
-from .folder import WEIGHT_BASENAMES, CheckpointFolder, find_weight_files, load_component
+from .folder import WEIGHT_BASENAMES, CheckpointFolder, find_weight_files, load_component, load_weights_into
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,8 @@ def load_model(folder: CheckpointFolder, name: str, variant: str | None = None,
 def build_model(folder: CheckpointFolder, name: str, variant: str | None = None,
                 allow_pickle: bool = False) -> torch.nn.Module:
     """Component ``name`` built on the meta device from its config, weights not read (``batchgen
-    inspect``); its config and weight files are recorded as loaded, as :func:`load_model` does."""
+    inspect``): the weight files' keys and shapes (safetensors headers) are checked strictly
+    against it, and its config and weight files are recorded as loaded, as :func:`load_model` does."""
     library, cls = component_class(folder, name)
     spec = MODEL_CLASSES.get(cls)
     if spec is None:
@@ -132,6 +133,15 @@ def build_model(folder: CheckpointFolder, name: str, variant: str | None = None,
         module = spec.build(config)
     weights = find_weight_files(folder.component_dir(name), WEIGHT_BASENAMES.get(library, "model"), variant,
                                 allow_pickle)
+    if not weights.pickle:
+        from .single_file import meta_state, read_header
+
+        header = {}
+        for path in weights.files:
+            header.update(read_header(path))
+        state = meta_state(header)
+        source = ", ".join(str(p) for p in ([weights.index] if weights.index else weights.files))
+        load_weights_into(module, spec.convert(state) if spec.convert else state, source)
     folder.loaded_files.extend(([weights.index] if weights.index else []) + weights.files)
     return module.eval().requires_grad_(False)
 

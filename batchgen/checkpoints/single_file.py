@@ -58,6 +58,7 @@ __all__ = [
     "FAMILIES",
     "read_header",
     "read_metadata",
+    "meta_state",
     "detect",
     "convert",
     "convert_component",
@@ -122,6 +123,21 @@ def read_header(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
             out[key] = (str(entry["dtype"]), tuple(int(d) for d in entry["shape"]))
         except (TypeError, KeyError, ValueError):
             raise CheckpointError(f"{path}: header entry for key '{key}' has no valid dtype/shape") from None
+    return out
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+                       "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def meta_state(header: Mapping[str, tuple[str, tuple[int, ...]]]) -> dict[str, torch.Tensor]:
+    """Meta-device tensors with a header's dtypes and shapes: run :func:`convert` and a strict key
+    check on a file's layout without reading any tensor data (``batchgen inspect``, pre-flight)."""
+    out = {}
+    for key, (dtype, shape) in header.items():
+        torch_dtype = _SAFETENSORS_DTYPES.get(dtype) or getattr(torch, str(dtype), torch.float32)
+        out[key] = torch.empty(shape, dtype=torch_dtype, device="meta")
     return out
 
 

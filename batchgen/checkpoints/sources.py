@@ -156,6 +156,14 @@ def _build_module(cls: str, config: dict, where: str, meta: bool = False) -> tor
     return module
 
 
+def _check_meta(cls: str, config: dict, state: dict[str, torch.Tensor], where: str) -> torch.nn.Module:
+    """``cls`` on the meta device with ``state`` (meta tensors) checked strictly against it."""
+    module = _build_module(cls, config, where, meta=True)
+    convert = MODEL_CLASSES[cls].convert
+    load_weights_into(module, convert(state) if convert is not None else state, where)
+    return module.eval().requires_grad_(False)
+
+
 def _load_module(cls: str, config: dict, state: dict[str, torch.Tensor], where: str,
                  dtype: torch.dtype | None = None) -> torch.nn.Module:
     """Build ``cls`` from ``config``, load ``state`` strictly (upcast to ``dtype``, default float32)."""
@@ -302,8 +310,14 @@ class SingleFileSource:
         return _load_module(cls, config, converted, where, dtype)
 
     def build_model(self, name: str, variant: str | None = None, allow_pickle: bool = False) -> torch.nn.Module:
-        self._keys(name)
-        return _build_module(self._class(name), self._config(name), f"{self.root}: {name}", meta=True).eval()
+        """Component ``name`` on the meta device, its converted keys and shapes checked strictly
+        against it from the header alone (no tensor data read)."""
+        cls, config = self._class(name), self._config(name)
+        prefix = self.detected.components.get(name)
+        where = f"{self.root}: {name} ('{prefix}*')" if prefix else f"{self.root}: {name} (bare keys)"
+        state = {k[len(prefix):]: v for k, v in sf.meta_state({k: self._file.header[k] for k in self._keys(name)}).items()}
+        converted = sf.convert_component(state, sf.COMPONENT_KINDS[self.detected.family][name], where)
+        return _check_meta(cls, config, converted, where)
 
     def load_tokenizer(self, name: str):
         cls = self._class(name)
@@ -549,9 +563,19 @@ class OverrideSource:
         if override is None:
             return self.base.build_model(name, variant, allow_pickle)
         library, cls = self.model_index[name]
-        if override.folder is not None:
-            self._record(override, override.weight_files(library, variant, allow_pickle or self.allow_pickle))
-        return _build_module(cls, self._override_config(override, cls), str(override.path), meta=True).eval()
+        config = self._override_config(override, cls)
+        where = f"{override.path} (override '{name}')"
+        if override.file is not None:
+            state = _convert_override_file(sf.meta_state(override.file.header), cls, where)
+            return _check_meta(cls, config, state, where)
+        weights = override.weight_files(library, variant, allow_pickle or self.allow_pickle)
+        self._record(override, weights)
+        if weights.pickle:
+            return _build_module(cls, config, where, meta=True).eval()
+        header = {}
+        for path in weights.files:
+            header.update(sf.read_header(path))
+        return _check_meta(cls, config, sf.meta_state(header), where)
 
     def load_tokenizer(self, name: str):
         from ..models.text import load_tokenizer
