@@ -38,12 +38,18 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         prog="batchgen",
         description="Distributed, reproducible batch image generation for Stable-Diffusion-family models.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    from . import __version__
+
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and Ray's and the libraries' own logs")
+    parser.add_argument("--version", action="version", version=f"batchgen {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     chosen = _chosen_command(argv)
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == chosen:
+            p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                           help="debug logging, and Ray's and the libraries' own logs")
             module = importlib.import_module(module_name)
             configure = getattr(module, f"configure_{name.replace('-', '_')}", None) or module.configure
             runner = getattr(module, f"run_{name.replace('-', '_')}", None) or module.run
@@ -61,14 +67,23 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:
+        quiet_libraries()
     try:
         return int(args._run(args) or 0)
     except (BatchgenError, ValueError, FileNotFoundError) as exc:
-        print(f"batchgen {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        code = int(getattr(exc, "exit_code", 2))
+        print(f"batchgen {args.command}: {'error: ' if code != 130 else ''}{exc}", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         print(f"batchgen {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def quiet_libraries() -> None:
+    from .quiet import quiet_libraries as _quiet
+
+    _quiet()
 
 
 if __name__ == "__main__":  # pragma: no cover

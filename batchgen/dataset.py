@@ -49,17 +49,18 @@ ROW_SCHEMA = pa.schema(
     ]
 )
 
-# Optional per-row columns: name -> (arrow type family check, cast type)
+# Optional per-row columns: name -> (value family, allowed range as words, row type)
 ROW_OVERRIDES = {
-    "negative_prompt": pa.string(),
-    "seed": pa.int64(),
-    "width": pa.int32(),
-    "height": pa.int32(),
-    "steps": pa.int32(),
-    "guidance_scale": pa.float64(),
-    "init_image": pa.string(),
-    "strength": pa.float64(),
+    "negative_prompt": ("string", None, pa.string()),
+    "seed": ("int", "[0, 2**63)", pa.int64()),
+    "width": ("int", "[8, 4096]", pa.int32()),
+    "height": ("int", "[8, 4096]", pa.int32()),
+    "steps": ("int", "[1, 1000]", pa.int32()),
+    "guidance_scale": ("float", "[0, 100]", pa.float64()),
+    "init_image": ("string", None, pa.string()),
+    "strength": ("float", "(0, 1]", pa.float64()),
 }
+_FAMILY_TYPE = {"string": pa.string(), "int": pa.int64(), "float": pa.float64()}
 
 
 @dataclass(frozen=True)
@@ -71,14 +72,22 @@ class InputFile:
     row_groups: tuple[int, ...] = ()  # rows per row group
 
 
+MAX_SAMPLER_CASES = 1000
+
+
 @dataclass
 class ScanResult:
-    """What the pre-flight pass learned: files, row count, settings groups."""
+    """What the pre-flight pass learned: files, row count, settings groups, what is done."""
 
     files: list[InputFile]
     total_rows: int
     groups: dict[str, int] = field(default_factory=dict)  # group key -> rows (None when too many)
     too_many_groups: bool = False
+    identities: list[dict] = field(default_factory=list)  # per file: uri, rel, rows, size, sha256|etag
+    done_in_input: int = 0  # items of this input with a committed ok row
+    failed_in_input: int = 0  # items of this input whose committed rows all failed
+    # (steps, strength or None) -> (file uri, row) of its first row: the sampler schedules to check
+    sampler_cases: dict[tuple, tuple[str, int]] = field(default_factory=dict)
 
 
 def row_settings(spec) -> dict[str, Any]:
@@ -173,30 +182,34 @@ def _first_true(mask: pa.Array) -> int:
     return pc.index(mask.fill_null(False), True).as_py()
 
 
-def _column(table: pa.Table, name: str, typ: pa.DataType, file_uri: str, first_row: int):
+def _column(table: pa.Table, name: str, family: str, file_uri: str, first_row: int, allowed: str | None = None):
+    """Column ``name`` as string / int64 / float64 (dictionary-encoded columns decoded), or None
+    when the file has no such column. Errors name the file, column and, for a value, the row."""
     col = table.column(name).combine_chunks() if name in table.column_names else None
     if col is None:
         return None
+    if pa.types.is_dictionary(col.type):
+        col = col.dictionary_decode()
+    target = _FAMILY_TYPE[family]
     if pa.types.is_null(col.type):
-        return pa.nulls(len(col), typ)
+        return pa.nulls(len(col), target)
     family_ok = {
-        "string": pa.types.is_string(col.type) or pa.types.is_large_string(col.type),
+        "string": pa.types.is_string(col.type) or pa.types.is_large_string(col.type)
+        or pa.types.is_string_view(col.type),
         "int": pa.types.is_integer(col.type),
         "float": pa.types.is_integer(col.type) or pa.types.is_floating(col.type),
     }
-    family = "string" if pa.types.is_string(typ) else "int" if pa.types.is_integer(typ) else "float"
     if not family_ok[family]:
         raise InputError(
             f"input file {file_uri}, column {name!r}: expected {family} values, got {col.type}"
         )
-    if family == "int":
-        if pa.types.is_unsigned_integer(col.type):
-            too_big = pc.greater_equal(col, pa.scalar(SEED_LIMIT, pa.uint64()))
-            if pc.any(too_big).as_py():
-                i = _first_true(too_big)
-                raise _fail(file_uri, first_row + i, name, f"{col[i].as_py()} is outside [0, 2**63)")
-        col = col.cast(pa.int64())
-    return col.cast(typ)
+    if family == "int" and pa.types.is_unsigned_integer(col.type) and col.type.bit_width == 64:
+        too_big = pc.greater(col, pa.scalar(SEED_LIMIT - 1, pa.uint64()))
+        if pc.any(too_big).as_py():
+            i = _first_true(too_big)
+            raise _fail(file_uri, first_row + i, name,
+                        f"{col[i].as_py()} is outside {allowed or '[0, 2**63)'}")
+    return col.cast(target)
 
 
 def normalize_batch(
@@ -214,7 +227,7 @@ def normalize_batch(
             f"input file {file_uri}: no prompt column {pcol!r} (columns: {table.column_names}); "
             f"set input.prompt_column"
         )
-    prompt = _column(table, pcol, pa.string(), file_uri, first_row)
+    prompt = _column(table, pcol, "string", file_uri, first_row)
     if prompt.null_count:
         i = _first_true(pc.is_null(prompt))
         raise _fail(file_uri, first_row + i, pcol, "prompt is null (use \"\" for an unconditional prompt)")
@@ -224,6 +237,8 @@ def normalize_batch(
         if idcol not in table.column_names:
             raise InputError(f"input file {file_uri}: no id column {idcol!r} (columns: {table.column_names})")
         ids = table.column(idcol).combine_chunks()
+        if pa.types.is_dictionary(ids.type):
+            ids = ids.dictionary_decode()
         if not (pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type)
                 or pa.types.is_integer(ids.type)):
             raise InputError(f"input file {file_uri}, column {idcol!r}: ids must be strings or integers, got {ids.type}")
@@ -240,27 +255,28 @@ def normalize_batch(
         ids = pa.array([f"{prefix}-{r:08d}" for r in range(first_row, first_row + n)], pa.string())
 
     cols: dict[str, pa.Array] = {}
-    for name, typ in ROW_OVERRIDES.items():
-        col = _column(table, name, typ, file_uri, first_row)
-        default = settings.get(name)
-        if name == "init_image":
-            cols[name] = col if col is not None else pa.nulls(n, pa.string())
+    for name, (family, allowed, _typ) in ROW_OVERRIDES.items():
+        col = _column(table, name, family, file_uri, first_row, allowed)
+        if name in ("init_image", "seed"):
+            cols[name] = col if col is not None else pa.nulls(n, _FAMILY_TYPE[family])
             continue
-        if name == "seed":
-            cols[name] = col if col is not None else pa.nulls(n, pa.int64())
-            continue
-        cols[name] = col.fill_null(pa.scalar(default, typ)) if col is not None else pa.array([default] * n, typ)
+        default = pa.scalar(settings.get(name), _FAMILY_TYPE[family])
+        cols[name] = col.fill_null(default) if col is not None else pa.array([default.as_py()] * n, default.type)
 
+    # Range checks run on int64 / float64, before the cast to the row types (no overflow there).
     _check_range(cols["seed"], 0, SEED_LIMIT - 1, file_uri, first_row, "seed", "is outside [0, 2**63)")
     for side in ("width", "height"):
         _check_range(cols[side], 8, 4096, file_uri, first_row, side, "must be in [8, 4096]")
-        odd = pc.not_equal(pc.bit_wise_and(cols[side], pa.scalar(7, pa.int32())), 0)
+        odd = pc.not_equal(pc.bit_wise_and(cols[side], pa.scalar(7, pa.int64())), 0)
         if pc.any(odd).as_py():
             i = _first_true(odd)
             raise _fail(file_uri, first_row + i, side, f"{cols[side][i].as_py()} is not a multiple of 8")
     _check_range(cols["steps"], 1, 1000, file_uri, first_row, "steps", "must be in [1, 1000]")
     _check_range(cols["guidance_scale"], 0.0, 100.0, file_uri, first_row, "guidance_scale", "must be in [0, 100]")
     _check_range(cols["strength"], 1e-9, 1.0, file_uri, first_row, "strength", "must be in (0, 1]")
+    for name, (_family, _allowed, typ) in ROW_OVERRIDES.items():
+        if name != "seed":
+            cols[name] = cols[name].cast(typ)
 
     if cols["seed"].null_count:
         seeds = [
@@ -298,6 +314,10 @@ def normalize_batch(
 def _check_range(col, lo, hi, file_uri, first_row, name, message):
     if len(col) == 0 or col.null_count == len(col):
         return
+    if pa.types.is_floating(col.type):
+        nan = pc.is_nan(col)
+        if pc.any(nan).as_py():
+            raise _fail(file_uri, first_row + _first_true(nan), name, f"NaN is not a number ({name} {message})")
     bad = pc.or_(pc.less(col, pa.scalar(lo, col.type)), pc.greater(col, pa.scalar(hi, col.type)))
     if pc.any(bad).as_py():
         i = _first_true(bad)
@@ -365,33 +385,50 @@ class _DuplicateFinder:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def scan_inputs(spec, storage_cfg) -> ScanResult:
+def scan_inputs(spec, storage_cfg, committed=None) -> ScanResult:
     """Streaming pre-flight pass: every file readable, every row valid, ids unique.
 
-    Memory stays flat: one batch of one file at a time, ids spilled to disk buckets.
+    Memory stays flat: one batch of one file at a time, ids spilled to disk buckets. With
+    ``committed`` (a :class:`~batchgen.manifest.CommittedState`) it also counts how many items of
+    this input are already done or failed.
     """
+    from .storage import Location
+
     settings = row_settings(spec)
     files = list_input_files(spec.input.uri, storage_cfg)
     dupes = _DuplicateFinder() if settings["id_column"] else None
     groups: dict[str, int] = {}
+    cases: dict[tuple, tuple[str, int]] = {}
     too_many = False
-    total = 0
+    total = done = failed = 0
     planned: list[InputFile] = []
+    identities: list[dict] = []
+    done_ids = committed.done if committed is not None and len(committed.done) else None
+    failed_ids = committed.failed_ids() if committed is not None and committed.failed else None
     try:
         for fi, f in enumerate(files):
             pf = open_parquet(f.uri, storage_cfg)
             meta = pf.metadata
             row_groups = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
             planned.append(InputFile(f.uri, f.rel, row_groups))
+            identities.append({"uri": f.uri, "rel": f.rel, "rows": meta.num_rows,
+                               **Location.parse(f.uri, storage_cfg).identity()})
             try:
                 for first, table in iter_file_batches(pf):
                     rows = normalize_batch(table, f.uri, f.rel, first, settings)
+                    ids = rows.column("item_id")
                     if dupes is not None:
-                        dupes.add(rows.column("item_id").to_pylist(), fi, first)
+                        dupes.add(ids.to_pylist(), fi, first)
                     if not too_many:
                         for g, c in zip(*_value_counts(rows.column("group"))):
                             groups[g] = groups.get(g, 0) + c
                         too_many = len(groups) > MAX_GROUPS_TO_SPLIT
+                    if len(cases) < MAX_SAMPLER_CASES:
+                        _sampler_cases(rows, f.uri, cases)
+                    if done_ids is not None:
+                        done += _count_in(ids, done_ids)
+                    if failed_ids is not None:
+                        failed += _count_in(ids, failed_ids)
                     total += rows.num_rows
             except (OSError, pa.ArrowException) as exc:
                 raise InputError(f"input file {f.uri}: cannot read as Parquet: {exc}") from None
@@ -403,7 +440,19 @@ def scan_inputs(spec, storage_cfg) -> ScanResult:
             dupes.close()
     if total == 0:
         raise InputError(f"input.uri {spec.input.uri!r}: the input has no rows")
-    return ScanResult(planned, total, {} if too_many else groups, too_many)
+    return ScanResult(planned, total, {} if too_many else groups, too_many, identities, done, failed, cases)
+
+
+def _count_in(ids, value_set: pa.Array) -> int:
+    return int(pc.sum(pc.cast(pc.is_in(ids, value_set=value_set), pa.int64())).as_py() or 0)
+
+
+def _sampler_cases(rows: pa.Table, file_uri: str, cases: dict) -> None:
+    """Record each new (steps, strength) pair of ``rows`` with the row it first appears on."""
+    firsts = rows.group_by(["steps", "strength"], use_threads=False).aggregate([("source_row", "min")])
+    for steps, strength, row in zip(firsts.column("steps").to_pylist(), firsts.column("strength").to_pylist(),
+                                    firsts.column("source_row_min").to_pylist()):
+        cases.setdefault((steps, strength), (file_uri, row))
 
 
 def _value_counts(col: pa.ChunkedArray):

@@ -17,6 +17,13 @@ parquet
     columns, with the ``huggingface`` schema metadata declaring ``image`` an ``Image`` feature.
 
 Both write ``export.json`` (counts). One shard is held in memory at a time.
+
+Provenance (``provenance=``): the manifest records where each item came from on the machine that
+rendered it: ``source_file`` (an absolute input path), ``image_uri`` (an absolute output path),
+``init_image``, a local ``model_uri`` and ``worker`` (``host:pid``). ``keep`` (the default) exports
+them as they are; ``relative`` rewrites paths relative to the job's input / output roots (and a
+local model or init image to its file name) and blanks ``worker``; ``drop`` leaves those columns
+out. Use ``relative`` or ``drop`` for exports meant for publishing.
 """
 
 from __future__ import annotations
@@ -45,7 +52,11 @@ def sample_key(item_id: str) -> str:
     return item_id.replace(".", "_")
 
 
-def _source_rows(output: str, shard_size, storage_config):
+PROVENANCE = ("keep", "relative", "drop")
+PROVENANCE_COLUMNS = ("source_file", "image_uri", "init_image", "model_uri", "worker")
+
+
+def _source_rows(output: str, shard_size, storage_config, provenance: str = "keep"):
     """The job output to export, its ok manifest rows as an Arrow table (in manifest order: sorted
     by item id) and the number of other rows. Rows become Python dicts one shard at a time."""
     import pyarrow.compute as pc
@@ -53,10 +64,46 @@ def _source_rows(output: str, shard_size, storage_config):
     from .compare import open_output, read_manifest
 
     _check_shard_size(shard_size)
+    if provenance not in PROVENANCE:
+        raise ValueError(f"provenance must be one of {', '.join(PROVENANCE)}, got {provenance!r}")
     root = open_output(output, storage_config)
     table = read_manifest(root)
     ok = table.filter(pc.equal(table.column("status"), "ok"))
     return root, ok, table.num_rows - ok.num_rows
+
+
+def _input_roots(root) -> dict[str, str]:
+    """{input file uri: its path relative to the input root}, from the job's job.json."""
+    try:
+        job = json.loads(root.join("job.json").read_bytes().decode())
+    except Exception:  # noqa: BLE001 - an output without job.json: fall back to file names
+        return {}
+    return {i["uri"]: i["rel"] for i in job.get("inputs") or [] if isinstance(i, dict) and "uri" in i and "rel" in i}
+
+
+def _is_local_path(value) -> bool:
+    return isinstance(value, str) and (value.startswith("/") or value.startswith("file:"))
+
+
+def public_row(row: dict, provenance: str, root_uri: str, inputs: dict[str, str]) -> dict:
+    """A manifest row as exported under the ``provenance`` policy (see the module doc)."""
+    if provenance == "keep":
+        return row
+    if provenance == "drop":
+        return {k: v for k, v in row.items() if k not in PROVENANCE_COLUMNS}
+    out = dict(row)
+    src = row.get("source_file")
+    if src is not None:
+        out["source_file"] = inputs.get(src) or posixpath.basename(src)
+    uri = row.get("image_uri")
+    prefix = root_uri.rstrip("/") + "/"
+    if uri is not None:
+        out["image_uri"] = uri[len(prefix):] if uri.startswith(prefix) else posixpath.basename(uri)
+    for key in ("init_image", "model_uri"):
+        if _is_local_path(row.get(key)):
+            out[key] = posixpath.basename(row[key].rstrip("/"))
+    out["worker"] = None
+    return out
 
 
 def _shards(ok, shard_size: int):
@@ -122,13 +169,16 @@ def _remove_stale(dest, existing: list, written: set[str]) -> None:
 
 
 def export_webdataset(output: str, to: str, shard_size: int = 1000, storage_config=None,
-                      overwrite: bool = False) -> dict:
+                      overwrite: bool = False, provenance: str = "keep") -> dict:
     """Write WebDataset shards of a job output's ok items; returns the counts."""
     import pyarrow as pa
 
     from .storage import Location
 
-    root, ok, failed = _source_rows(output, shard_size, storage_config)
+    root, ok, failed = _source_rows(output, shard_size, storage_config, provenance)
+    inputs = _input_roots(root) if provenance == "relative" else {}
+    schema = pa.schema([("key", pa.string())] + [f for f in ok.schema if provenance != "drop"
+                                                  or f.name not in PROVENANCE_COLUMNS])
     keys: dict[str, str] = {}
     for item_id in ok.column("item_id").to_pylist():
         key = sample_key(item_id)
@@ -152,18 +202,20 @@ def export_webdataset(output: str, to: str, shard_size: int = 1000, storage_conf
                 data, ext = _image_bytes(root, r, storage_config)
                 _tar_add(tar, f"{key}.{ext}", data)
                 _tar_add(tar, f"{key}.txt", (r.get("prompt") or "").encode("utf-8"))
-                _tar_add(tar, f"{key}.json", _json_row(r))
+                _tar_add(tar, f"{key}.json", _json_row(public_row(r, provenance, root.uri, inputs)))
         dest.join(f"{name}.tar").write_bytes(buf.getvalue())
-        shard_rows = pa.Table.from_pylist([{"key": sample_key(r["item_id"]), **r} for r in chunk],
-                                          schema=pa.schema([("key", pa.string())] + list(ok.schema)))
+        shard_rows = pa.Table.from_pylist(
+            [{"key": sample_key(r["item_id"]), **public_row(r, provenance, root.uri, inputs)} for r in chunk],
+            schema=schema)
         dest.join(f"{name}.parquet").write_bytes(_parquet_bytes(shard_rows))
         sizes[f"{name}.tar"] = len(chunk)
         written |= {f"{name}.tar", f"{name}.parquet"}
         done += len(chunk)
         log.info("export: shard %s (%d samples, %d/%d done)", name, len(chunk), done, ok.num_rows)
     dest.join("sizes.json").write_bytes(json.dumps(sizes, indent=2, sort_keys=True).encode())
-    counts = {"format": "webdataset", "source": root.uri, "exported": ok.num_rows, "failed_skipped": failed,
-              "shards": len(sizes), "shard_size": shard_size}
+    counts = {"format": "webdataset", "source": root.uri if provenance == "keep" else root.name,
+              "exported": ok.num_rows, "failed_skipped": failed, "shards": len(sizes), "shard_size": shard_size,
+              "provenance": provenance}
     dest.join("export.json").write_bytes(json.dumps(counts, indent=2, sort_keys=True).encode())
     _remove_stale(dest, existing, written | {"sizes.json", "export.json"})
     log.info("export: %d samples in %d shards in %.1f s (%d failed items left out)",
@@ -188,18 +240,20 @@ def hf_features(schema) -> dict:
 
 
 def export_parquet(output: str, to: str, shard_size: int = 1000, storage_config=None,
-                   overwrite: bool = False) -> dict:
+                   overwrite: bool = False, provenance: str = "keep") -> dict:
     """Write Hugging Face datasets Parquet files of a job output's ok items; returns the counts."""
     import pyarrow as pa
 
     from .storage import Location
 
-    root, ok, failed = _source_rows(output, shard_size, storage_config)
+    root, ok, failed = _source_rows(output, shard_size, storage_config, provenance)
+    inputs = _input_roots(root) if provenance == "relative" else {}
     dest = Location.parse(str(to), storage_config)
     existing = _prepare_destination(dest, overwrite)
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     fields = [pa.field("image", image_type), pa.field("text", pa.string())]
-    fields += [f for f in ok.schema if f.name not in ("image", "text")]
+    fields += [f for f in ok.schema if f.name not in ("image", "text")
+               and (provenance != "drop" or f.name not in PROVENANCE_COLUMNS)]
     schema = pa.schema(fields)
     schema = schema.with_metadata({"huggingface": json.dumps(hf_features(schema))})
     n_files = max(1, -(-ok.num_rows // shard_size))
@@ -208,15 +262,17 @@ def export_parquet(output: str, to: str, shard_size: int = 1000, storage_config=
         out_rows = []
         for r in chunk:
             data, ext = _image_bytes(root, r, storage_config)
+            pub = public_row(r, provenance, root.uri, inputs)
             out_rows.append({"image": {"bytes": data, "path": f"{r['item_id']}.{ext}"},
-                             "text": r.get("prompt"), **{k: v for k, v in r.items() if k not in ("image", "text")}})
+                             "text": r.get("prompt"), **{k: v for k, v in pub.items() if k not in ("image", "text")}})
         name = f"data/train-{shard:05d}-of-{n_files:05d}.parquet"
         tab = pa.Table.from_pylist(out_rows, schema=schema)
         dest.join(name).write_bytes(_parquet_bytes(tab, row_group_size=100))
         written.add(name)
         log.info("export: %s (%d rows)", name, len(chunk))
-    counts = {"format": "parquet", "source": root.uri, "exported": ok.num_rows, "failed_skipped": failed,
-              "files": n_files, "shard_size": shard_size}
+    counts = {"format": "parquet", "source": root.uri if provenance == "keep" else root.name,
+              "exported": ok.num_rows, "failed_skipped": failed, "files": n_files, "shard_size": shard_size,
+              "provenance": provenance}
     dest.join("export.json").write_bytes(json.dumps(counts, indent=2, sort_keys=True).encode())
     _remove_stale(dest, existing, written | {"export.json"})
     return counts
@@ -228,12 +284,13 @@ def _check_shard_size(shard_size) -> None:
 
 
 def export_output(output: str, fmt: str, to: str, shard_size: int = 1000, storage_config=None,
-                  overwrite: bool = False) -> dict:
+                  overwrite: bool = False, provenance: str = "keep") -> dict:
     """Export a job output in ``fmt`` ("webdataset" or "parquet") to ``to``."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     fn = export_webdataset if fmt == "webdataset" else export_parquet
-    return fn(output, to, shard_size=shard_size, storage_config=storage_config, overwrite=overwrite)
+    return fn(output, to, shard_size=shard_size, storage_config=storage_config, overwrite=overwrite,
+              provenance=provenance)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -245,6 +302,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="samples per tar / rows per Parquet file (default 1000)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier export at --to")
     parser.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (default AWS_ENDPOINT_URL)")
+    parser.add_argument("--provenance", choices=PROVENANCE, default="keep",
+                        help="absolute paths and host:pid columns: keep them (default), make paths relative "
+                             "to the job's input/output roots and blank worker, or drop those columns "
+                             "(for exports meant for publishing)")
 
 
 def run(args) -> int:
@@ -252,7 +313,7 @@ def run(args) -> int:
 
     counts = export_output(args.output, args.fmt, args.to, shard_size=args.shard_size,
                            storage_config=StorageConfig(endpoint_url=args.endpoint_url),
-                           overwrite=args.overwrite)
+                           overwrite=args.overwrite, provenance=args.provenance)
     print(json.dumps(counts, sort_keys=True))
     return 0
 

@@ -13,36 +13,68 @@ def configure_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a spec field, e.g. --set sampling.steps=20 (repeatable)")
     p.add_argument("--address", default=None,
-                   help="Ray cluster to join (default: RAY_ADDRESS, else start a local Ray)")
+                   help="Ray cluster to join, HOST:PORT (default: RAY_ADDRESS, else a private local Ray)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing output written by a different spec")
+                   help="replace an existing batchgen output (only what its job.json proves is ours)")
     p.add_argument("--max-failures", type=int, default=None, metavar="N",
                    help="abort after more than N failed items (default: 1%% of the items, at least 1)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
 
 
-def run_run(args) -> int:
-    import ray
+def _hooks() -> dict | None:
+    from .runner import TEST_HOOKS_ENV
 
-    from .runner import TEST_HOOKS_ENV, ensure_ray, run_job
+    return json.loads(os.environ[TEST_HOOKS_ENV]) if os.environ.get(TEST_HOOKS_ENV) else None
+
+
+def run_run(args) -> int:
+    from .runner import check_address, ensure_ray, execute, prepare, shutdown_ray
     from .spec import load_spec
 
-    spec = load_spec(args.spec, args.overrides)
+    verbose = bool(getattr(args, "verbose", False))
     if args.max_failures is not None and args.max_failures < 0:
         raise ValueError(f"--max-failures: expected N >= 0, got {args.max_failures}")
-    hooks = json.loads(os.environ[TEST_HOOKS_ENV]) if os.environ.get(TEST_HOOKS_ENV) else None
-    started = ensure_ray(args.address, args.num_cpus)
+    spec = load_spec(args.spec, args.overrides)
+    address = args.address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        check_address(address)  # an unreachable cluster fails now, not after a long retry
+    plan = prepare(spec, overwrite=args.overwrite, max_failures=args.max_failures, hooks=_hooks())
+    started = False
     try:
-        result = run_job(spec, overwrite=args.overwrite, max_failures=args.max_failures, hooks=hooks)
+        for line in plan.removed:
+            print(f"--overwrite removed {plan.out.uri}/{line}", file=sys.stderr)
+        if plan.todo > 0:
+            started = ensure_ray(address, args.num_cpus, verbose=verbose)
+        result = execute(plan, progress_bar=None if not verbose else False, verbose=verbose)
     finally:
+        plan.release()
         if started:
-            ray.shutdown()
+            shutdown_ray()
     print(f"{result.ok}/{result.total} items ok, {result.failed} failed "
           f"({result.rendered_this_run} rendered now, {result.skipped} already done)")
+    _print_failures(result.summary.get("failures") or {}, result.failed)
+    removed = result.summary.get("removed_inputs") or []
+    if removed:
+        print(f"note: {len(removed)} input file(s) of earlier runs are gone; their "
+              f"{result.summary.get('not_in_input', 0)} items stay in the manifest but are not counted")
     print(f"images:   {result.output_uri}/images/")
     print(f"manifest: {result.output_uri}/manifest.parquet")
     print(f"summary:  {result.output_uri}/summary.json")
     return 0 if result.all_ok else 1
+
+
+def _print_failures(failures: dict, failed: int, out=None) -> None:
+    out = out or sys.stdout
+    if not failed or not failures.get("count"):
+        return
+    kinds = ", ".join(f"{n} {kind}" for kind, n in failures.get("by_kind", {}).items())
+    print(f"failed items by kind: {kinds}", file=out)
+    first = failures.get("first") or []
+    for f in first[:10]:
+        err = f.get("error") or ""
+        print(f"  {f.get('item_id')}: {err if len(err) <= 200 else err[:197] + '...'}", file=out)
+    if failures["count"] > min(10, len(first)):
+        print(f"  ... {failures['count'] - min(10, len(first))} more (status='failed' in the manifest)", file=out)
 
 
 def configure_status(p: argparse.ArgumentParser) -> None:
@@ -55,9 +87,13 @@ def configure_status(p: argparse.ArgumentParser) -> None:
 
 
 def job_status(output: str, endpoint_url: str | None = None) -> dict:
-    """Counts for an output: total (from job.json), done, failed, remaining, parts."""
+    """Counts for an output, from job.json and the manifest parts: total, done, failed, remaining
+    (items of the recorded input files only), the failures by kind with the first ones, parts."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     from .errors import InputError
-    from .manifest import JOB_FILE, committed_state, read_json
+    from .manifest import JOB_FILE, FailureSummary, iter_parts, read_json
     from .storage import Location, StorageConfig
 
     out = Location.parse(output, StorageConfig(endpoint_url=endpoint_url))
@@ -65,11 +101,33 @@ def job_status(output: str, endpoint_url: str | None = None) -> dict:
     if not job_loc.exists():
         raise InputError(f"{out.uri}: no job.json, not a batchgen job output")
     job = read_json(job_loc)
-    state = committed_state(out)
+    inputs = [i.get("uri") for i in job.get("inputs") or [] if isinstance(i, dict)]
+    tables = [t for _, t in iter_parts(out, ["item_id", "status", "attempt", "source_file", "error"])]
+    parts = len(tables)
+    table = pa.concat_tables(tables) if tables else None
+    done = failed = outside = 0
+    failures = FailureSummary()
+    if table is not None and table.num_rows:
+        if inputs:
+            inside = pc.is_in(table.column("source_file"), value_set=pa.array(inputs, pa.string()))
+            outside_rows = table.filter(pc.invert(inside))
+            table = table.filter(inside)
+            outside = len(pc.unique(outside_rows.column("item_id")))
+        ok_ids = pc.unique(table.filter(pc.equal(table.column("status"), "ok")).column("item_id"))
+        done = len(ok_ids)
+        bad = table.filter(pc.invert(pc.is_in(table.column("item_id"), value_set=ok_ids)))
+        if bad.num_rows:  # the latest attempt of each item that never succeeded
+            latest = bad.sort_by([("item_id", "ascending"), ("attempt", "descending")])
+            ids = latest.column("item_id").to_pylist()
+            keep = [i == 0 or ids[i] != ids[i - 1] for i in range(len(ids))]
+            latest = latest.filter(pa.array(keep))
+            failed = latest.num_rows
+            failures.add(latest)
     total = int(job.get("total_items", 0))
-    return {"output": out.uri, "name": job.get("name"), "total": total, "done": state.done_count,
-            "failed": state.failed, "remaining": max(0, total - state.done_count - state.failed),
-            "manifest_parts": state.parts, "consolidated": out.join("manifest.parquet").exists()}
+    return {"output": out.uri, "name": job.get("name"), "total": total, "done": done,
+            "failed": failed, "remaining": max(0, total - done - failed), "not_in_input": outside,
+            "failures": failures.as_dict(), "manifest_parts": parts,
+            "consolidated": out.join("manifest.parquet").exists()}
 
 
 def run_status(args) -> int:
@@ -83,9 +141,11 @@ def run_status(args) -> int:
     if args.json:
         print(json.dumps(status, indent=2))
     else:
+        extra = f", {status['not_in_input']} no longer in the input" if status["not_in_input"] else ""
         print(f"{status['output']} ({status['name']}): {status['done']}/{status['total']} done, "
-              f"{status['failed']} failed, {status['remaining']} remaining "
+              f"{status['failed']} failed, {status['remaining']} remaining{extra} "
               f"({status['manifest_parts']} manifest parts; consolidated: {status['consolidated']})")
+        _print_failures(status["failures"], status["failed"])
     return 0 if status["done"] == status["total"] else 1
 
 
@@ -105,7 +165,7 @@ def rerender_item(output: str, item_id: str, endpoint_url: str | None = None) ->
     from .errors import InputError
     from .images import encode_image
     from .manifest import JOB_FILE, image_parameters, iter_parts, read_json, read_manifest
-    from .stages import _load_renderer, _read_init_image
+    from .stages import _load_renderer, apply_render_env, env_differences, read_init_image, render_env
     from .storage import Location, StorageConfig
 
     cfg = StorageConfig(endpoint_url=endpoint_url)
@@ -122,19 +182,44 @@ def rerender_item(output: str, item_id: str, endpoint_url: str | None = None) ->
             row = hit.slice(hit.num_rows - 1, 1).to_pylist()[0]
     if row is None:
         raise InputError(f"{out.uri}: item {item_id!r} has no ok row in the manifest")
+    import torch
+
     spec = job["spec"]
-    hooks = json.loads(os.environ["BATCHGEN_TEST_HOOKS"]) if os.environ.get("BATCHGEN_TEST_HOOKS") else {}
-    renderer = _load_renderer(row["model_uri"], spec["model"]["dtype"], cfg, hooks)
-    fp = renderer.model_info["fingerprint"]
-    if fp != row["model_fingerprint"]:
-        print(f"warning: model fingerprint {fp[:12]} differs from the manifest's "
-              f"{row['model_fingerprint'][:12]}", file=sys.stderr)
-    init = [_read_init_image(row["init_image"], cfg)] if row["init_image"] else None
-    arrays = renderer.generate(
-        [row["prompt"]], [row["seed"]], negative_prompts=[row["negative_prompt"]], sampler=row["sampler"],
-        steps=row["steps"], guidance_scale=row["guidance_scale"], width=row["width"], height=row["height"],
-        init_images=init, strength=row["strength"] if row["strength"] is not None else 0.8,
-        micro_batch=row["batch_size"], sampler_options=json.loads(row["sampler_options"] or "{}") or None)
+    hooks = _hooks() or {}
+    # Reproduce the item's numeric environment: its device, dtype, torch thread count and switches.
+    recorded = json.loads(row.get("render_env") or "null") or {}
+    threads = recorded.get("torch_threads") or spec.get("compute", {}).get("torch_threads") or 1
+    device, dtype = None, spec["model"]["dtype"]
+    if recorded.get("device") in ("cpu", "cuda"):
+        device = recorded["device"] if recorded["device"] == "cpu" or torch.cuda.is_available() else "cpu"
+        dtype = recorded.get("dtype") or dtype
+    saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+             torch.get_float32_matmul_precision())
+    try:
+        apply_render_env({**recorded, "torch_threads": threads})
+        renderer = _load_renderer(row["model_uri"], dtype, cfg, hooks, threads, device=device)
+        differences = env_differences(recorded, render_env(renderer)) if recorded else {}
+        row["render_env_differences"] = differences
+        if differences:
+            what = ", ".join(f"{k} {a!r} (job) vs {b!r} (here)" for k, a, b in
+                             ((k, v[0], v[1]) for k, v in differences.items()))
+            print(f"warning: cannot reproduce the item's render environment exactly: {what}; the bytes may differ",
+                  file=sys.stderr)
+        fp = renderer.model_info["fingerprint"]
+        if fp != row["model_fingerprint"]:
+            print(f"warning: model fingerprint {fp[:12]} differs from the manifest's "
+                  f"{row['model_fingerprint'][:12]}", file=sys.stderr)
+        limit = spec.get("input", {}).get("max_init_image_pixels")
+        init = [read_init_image(row["init_image"], cfg, limit)] if row["init_image"] else None
+        arrays = renderer.generate(
+            [row["prompt"]], [row["seed"]], negative_prompts=[row["negative_prompt"]], sampler=row["sampler"],
+            steps=row["steps"], guidance_scale=row["guidance_scale"], width=row["width"], height=row["height"],
+            init_images=init, strength=row["strength"] if row["strength"] is not None else 0.8,
+            micro_batch=row["batch_size"], sampler_options=json.loads(row["sampler_options"] or "{}") or None)
+    finally:
+        torch.set_num_threads(saved[0])
+        torch.use_deterministic_algorithms(saved[1])
+        torch.set_float32_matmul_precision(saved[2])
     data = encode_image(arrays[0], row["image_format"], spec["output"]["quality"], image_parameters(row))
     row["rerender_sha256"] = hashlib.sha256(data).hexdigest()
     return data, row

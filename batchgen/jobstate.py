@@ -1,58 +1,235 @@
-"""Driver-side helpers of the job runner: pre-flight checks, job.json (resume vs different
-spec), read-task planning, progress, and the final consolidation + summary."""
+"""Driver-side helpers of the job runner: pre-flight checks (output location, model, sampler,
+inputs against the previous run), job.json (resume vs different spec, what --overwrite removes),
+resources for the stages, read-task planning, progress, and the final consolidation + summary."""
 
 from __future__ import annotations
 
 import logging
+import math
+import os
 import platform
+import sys
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .errors import BatchgenError, CheckpointError, InputError, StorageError
-from .manifest import JOB_FILE, MANIFEST_FILE, PARTS_DIR, SUMMARY_FILE, consolidate, read_json, write_json
+from .errors import BatchgenError, InputError, StorageError
+from .manifest import JOB_FILE, MANIFEST_FILE, PARTS_DIR, SUMMARY_FILE, read_json, write_json
 
 log = logging.getLogger(__name__)
 
-READ_CPUS = 0.5  # read tasks are light; a distinct request also keeps them out of the GPU actors
+# CPU the non-generator stages ask for. Ray Data's streaming repartition between them asks for one
+# whole CPU (its default), so one CPU always stays free of generator actors: then every stage can
+# be scheduled, one at a time at worst, and the job always makes progress.
+READ_CPUS = 0.5
+ENCODE_CPUS = 0.5
+RESERVED_CPUS = 1.0
+OUR_ENTRIES = ("images", PARTS_DIR, MANIFEST_FILE, SUMMARY_FILE)  # what --overwrite may remove
+
+
+class SchedulingError(BatchgenError):
+    """The cluster cannot run the job's stages (no GPU for GPU workers, actors never start)."""
+
+    exit_code = 1
 
 
 # ----------------------------------------------------------------------------- pre-flight
 
 
-def check_model(spec, cfg, hooks: dict) -> None:
-    """Fail before rendering when the model URI cannot be a checkpoint."""
+def check_model(spec, cfg, hooks: dict):
+    """Validate the checkpoint's metadata and weight headers (see modelcheck); None for the test
+    renderer. Raises CheckpointError before anything is written."""
     if hooks.get("renderer") == "null":
-        return
-    uri = spec.model.uri
-    if uri.startswith("builtin:"):
-        from .tiny import BUILTINS
+        return None
+    from .modelcheck import validate_model
 
-        name = uri[len("builtin:"):]
-        if name not in BUILTINS:
-            raise CheckpointError(f"model.uri {uri!r}: unknown built-in model; known: "
-                                  + ", ".join(f"builtin:{n}" for n in BUILTINS))
-        return
-    from .storage import Location
-
-    loc = Location.parse(uri, cfg)
-    if not loc.exists():
-        raise CheckpointError(f"model.uri {uri!r}: no such model folder ({loc.uri})")
-    if not loc.join("model_index.json").exists():
-        raise CheckpointError(f"model.uri {uri!r}: not a diffusers folder (no model_index.json in {loc.uri})")
+    return validate_model(spec.model.uri, cfg)
 
 
 def check_sampler(spec) -> None:
-    """Fail before rendering on an unknown sampler name."""
-    try:
-        from .sampling import SAMPLER_NAMES
-    except ImportError:  # pragma: no cover - sampler registry not present in this build
-        return
+    """Fail before rendering on an unknown sampler name (with the closest names)."""
+    from .samplernames import unknown_sampler_message
+    from .sampling import SAMPLER_NAMES
+
     if spec.sampling.sampler not in SAMPLER_NAMES:
-        raise InputError(f"sampling.sampler: unknown sampler {spec.sampling.sampler!r}; "
-                         f"choose one of: {', '.join(sorted(SAMPLER_NAMES))}")
+        raise InputError(f"sampling.sampler: {unknown_sampler_message(spec.sampling.sampler, SAMPLER_NAMES)}")
+
+
+def check_sampling(spec, model, scan) -> None:
+    """Build every sampler schedule the job needs (each (steps, strength) of its rows) from the
+    checkpoint's scheduler config: bad sampler options, unsupported config keys or a strength that
+    leaves no step fail here, naming the first row that needs it, not in every actor."""
+    if model is None:
+        return
+    from .sampling import get_sampler
+
+    for (steps, strength), (file_uri, row) in sorted(scan.sampler_cases.items(), key=lambda kv: kv[1]):
+        try:
+            get_sampler(spec.sampling.sampler, model.scheduler_config, steps, strength=strength,
+                        options=spec.sampling.sampler_options or None)
+        except ValueError as exc:
+            where = f"input file {file_uri}, row {row} (steps={steps}" + (
+                f", strength={strength})" if strength is not None else ")")
+            raise InputError(f"sampling.sampler {spec.sampling.sampler!r} with sampling.sampler_options "
+                             f"{spec.sampling.sampler_options}: {exc}; first needed by {where}") from None
+
+
+def input_root(uri: str, cfg):
+    """(Location of the input's root, True when the input is a folder or glob)."""
+    from .dataset import _is_glob
+    from .storage import Location
+
+    if _is_glob(uri):
+        cut = min(uri.index(ch) for ch in "*?[" if ch in uri)
+        slash = uri.rfind("/", 0, cut)
+        return Location.parse(uri[:slash] if slash >= 0 else ".", cfg), True
+    loc = Location.parse(uri, cfg)
+    return loc, not (loc.scheme == "local" and os.path.isfile(loc.path)) and not (
+        loc.scheme == "s3" and loc.key.endswith(".parquet"))
+
+
+def _within(child: str, parent: str) -> bool:
+    """True when ``child`` is ``parent`` or below it (normalized '/'-paths)."""
+    parent = parent.rstrip("/")
+    return child == parent or child.startswith(parent + "/") or parent == ""
+
+
+def check_output_location(out, spec, cfg) -> None:
+    """Refuse outputs batchgen must never write to or clean: the filesystem root, the home folder,
+    the input or a folder above it, a folder inside a folder input (its manifests would be read
+    back as prompts), and outputs whose own entries are symbolic links (never followed)."""
+    from .lease import LEASE_FILE
+
+    root, is_folder = input_root(spec.input.uri, cfg)
+    what = f"output.uri {spec.output.uri!r}"
+    if out.scheme == "local":
+        real = os.path.realpath(out.path)
+        if real == os.path.realpath(os.sep):
+            raise InputError(f"{what}: the filesystem root cannot be a job output; use a folder of its own")
+        home = os.path.expanduser("~")
+        if home not in ("~", "") and real == os.path.realpath(home):
+            raise InputError(f"{what}: your home folder cannot be a job output; use a folder of its own")
+        if root.scheme == "local":
+            inp = os.path.realpath(root.path)
+            if _within(inp, real):
+                raise InputError(f"{what} is the input ({spec.input.uri}) or a folder above it; "
+                                 "use a folder of its own for the output")
+            if is_folder and _within(real, inp):
+                raise InputError(f"{what} is inside the input folder {root.uri}: its manifest files would be "
+                                 "read back as prompts; put the output outside the input folder")
+        for name in (*OUR_ENTRIES, JOB_FILE, LEASE_FILE):
+            path = os.path.join(out.path, name)
+            if os.path.islink(path):
+                raise InputError(f"{what}: {path} is a symbolic link (to {os.readlink(path)}); batchgen does "
+                                 "not write or delete through links: replace it with a real folder or file")
+    elif root.scheme == "s3" and root.bucket == out.bucket:
+        if _within(root.key, out.key):
+            raise InputError(f"{what} is the input ({spec.input.uri}) or a prefix above it; "
+                             "use a prefix of its own for the output")
+        if is_folder and _within(out.key, root.key):
+            raise InputError(f"{what} is inside the input prefix {root.uri}: its manifest files would be read "
+                             "back as prompts; put the output outside the input prefix")
+
+
+def is_job_file(job: Any) -> bool:
+    """True for a job.json batchgen wrote (the proof --overwrite needs before deleting anything)."""
+    return isinstance(job, dict) and isinstance(job.get("digest"), str) and isinstance(job.get("spec"), dict) \
+        and isinstance(job.get("digest_fields"), dict)
+
+
+def read_previous(out) -> dict | None:
+    """The output's job.json, None when there is none; refuses folders holding our entry names
+    without a job.json (not a batchgen output: nothing there is ours to resume or delete)."""
+    job_loc = out.join(JOB_FILE)
+    if job_loc.exists():
+        try:
+            job = read_json(job_loc)
+        except (ValueError, StorageError) as exc:
+            job = None
+            why = f"unreadable ({exc})"
+        else:
+            why = "not written by batchgen"
+        if is_job_file(job):
+            return job
+        raise InputError(f"{job_loc.uri}: {why}; batchgen only resumes or replaces its own outputs: choose "
+                         "another output.uri, or remove that folder yourself")
+    present = [name for name in OUR_ENTRIES if out.join(name).exists()]
+    if present:
+        raise InputError(f"output {out.uri} holds {', '.join(present)} but no job.json, so it is not a batchgen "
+                         "job output; batchgen never deletes or mixes files it did not write: choose an empty "
+                         "or new output.uri")
+    return None
+
+
+def check_previous(out, spec, previous: dict | None, overwrite: bool) -> list[str]:
+    """Same spec: resume. Different spec: refuse unless ``overwrite``. Returns the entries
+    ``overwrite`` will remove (only ever ours: ``previous`` is a batchgen job.json)."""
+    from .spec import diff_keys
+
+    if previous is None:
+        return []
+    differing = diff_keys(previous.get("digest_fields", {}), spec.digest_fields())
+    if differing and not overwrite:
+        raise InputError(
+            f"output {out.uri} holds a different job (keys differ: {', '.join(differing)}); "
+            f"use the same spec to resume, another output.uri, or --overwrite to replace it")
+    if overwrite:
+        return [name for name in OUR_ENTRIES if out.join(name).exists()]
+    return []
+
+
+def _identity_changes(old: dict, new: dict) -> list[str]:
+    out = []
+    if old.get("size") != new.get("size"):
+        out.append(f"size {old.get('size')} -> {new.get('size')} bytes")
+    if old.get("rows") != new.get("rows"):
+        out.append(f"{old.get('rows')} -> {new.get('rows')} rows")
+    for key in ("sha256", "etag"):
+        if old.get(key) and new.get(key) and old[key] != new[key]:
+            out.append(f"content {key} differs")
+    return out
+
+
+def check_inputs(out, spec, previous: dict | None, scan, committed) -> dict[str, list]:
+    """Compare the input files with those job.json recorded. A changed file whose ids are row
+    positions (no ``input.id_column``) and that has committed items is an error: its items would
+    be matched to other prompts. Removed files are reported (their items are kept, not counted)."""
+    from .dataset import derived_id_prefix
+
+    notes: dict[str, list] = {"changed": [], "removed": []}
+    if previous is None or not isinstance(previous.get("inputs"), list):
+        return notes
+    before = {i.get("rel"): i for i in previous["inputs"] if isinstance(i, dict)}
+    now = {i["rel"]: i for i in scan.identities}
+    for rel, cur in now.items():
+        old = before.get(rel)
+        changes = _identity_changes(old, cur) if old else []
+        if not changes:
+            continue
+        notes["changed"].append({"file": cur["uri"], "changes": changes})
+        if spec.input.id_column:
+            log.info("input file %s changed since the last run (%s); ids come from column %r, so finished "
+                     "items stay finished", cur["uri"], ", ".join(changes), spec.input.id_column)
+            continue
+        prefix = derived_id_prefix(rel) + "-"
+        ids = committed.done if len(committed.done) else pa.array([], pa.string())
+        touched = int(pc.sum(pc.cast(pc.starts_with(ids, prefix), pa.int64())).as_py() or 0) + sum(
+            1 for i in committed.attempts if i.startswith(prefix))
+        if touched:
+            raise InputError(
+                f"input file {cur['uri']} changed since the last run on {out.uri} ({', '.join(changes)}) and "
+                f"{touched} of its items are already committed; without input.id_column its item ids are row "
+                "numbers, so resuming would render some prompts twice and others never. Restore the file and "
+                "put new prompts in a new file, set input.id_column, or start over with --overwrite")
+    for rel, old in before.items():
+        if rel not in now:
+            notes["removed"].append({"file": old.get("uri"), "rows": old.get("rows")})
+            log.warning("input file %s (%s rows) is no longer part of the input: its items stay in the manifest "
+                        "but are not counted", old.get("uri"), old.get("rows"))
+    return notes
 
 
 def versions() -> dict[str, str]:
@@ -61,7 +238,7 @@ def versions() -> dict[str, str]:
     from . import __version__
 
     out = {"batchgen": __version__, "python": platform.python_version()}
-    for pkg in ("torch", "transformers", "ray", "pyarrow"):
+    for pkg in ("torch", "transformers", "ray", "pyarrow", "safetensors", "numpy", "pillow"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:  # pragma: no cover
@@ -69,44 +246,43 @@ def versions() -> dict[str, str]:
     return out
 
 
-def prepare_output(out, spec, total: int, overwrite: bool) -> dict | None:
-    """Check ``job.json`` (same spec: resume; different: refuse unless overwrite) and write it.
+def _describe(loc) -> str:
+    if loc.scheme == "local" and os.path.isdir(loc.path):
+        n = sum(len(files) for _, _, files in os.walk(loc.path))
+        return f"{loc.name}/ ({n} files)"
+    if loc.scheme == "s3" and loc.is_dir_like():
+        return f"{loc.name}/ ({len(loc.list(recursive=True))} objects)"
+    return loc.name
 
-    Returns the previous job.json (None for a fresh or overwritten output)."""
-    from .spec import diff_keys
 
-    job_loc = out.join(JOB_FILE)
-    previous = None
-    if job_loc.exists():
-        try:
-            previous = read_json(job_loc)
-        except (ValueError, StorageError) as exc:
-            raise InputError(f"{job_loc.uri}: unreadable job.json ({exc}); use --overwrite to start over") from None
-        differing = diff_keys(previous.get("digest_fields", {}), spec.digest_fields())
-        if differing and not overwrite:
-            raise InputError(
-                f"output {out.uri} holds a different job (keys differ: {', '.join(differing)}); "
-                f"use the same spec to resume, another output.uri, or --overwrite to replace it")
-        if differing or overwrite:
-            log.warning("overwriting job output %s", out.uri)
-            for name in ("images", PARTS_DIR, MANIFEST_FILE, SUMMARY_FILE):
-                out.join(name).delete()
-            previous = None
-    elif overwrite:
-        for name in ("images", PARTS_DIR, MANIFEST_FILE, SUMMARY_FILE):
-            out.join(name).delete()
+def prepare_output(out, spec, scan, previous: dict | None, remove: list[str], hooks: dict) -> list[str]:
+    """Remove what ``--overwrite`` replaces (only our entries, never through links), write
+    job.json, and return what was removed, described."""
+    removed = []
+    for name in remove:
+        loc = out.join(name)
+        removed.append(_describe(loc))
+        loc.delete()
+    if removed:
+        log.warning("--overwrite: removed from %s: %s", out.uri, ", ".join(removed))
+    keep = previous if previous is not None and not remove else None
     job = {
         "name": spec.name,
         "spec": spec.model_dump(mode="json"),
         "digest": spec.digest(),
         "digest_fields": spec.digest_fields(),
         "versions": versions(),
-        "model_fingerprint": (previous or {}).get("model_fingerprint"),
-        "total_items": total,
-        "created": (previous or {}).get("created") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model_fingerprint": (keep or {}).get("model_fingerprint"),
+        "render_env": (keep or {}).get("render_env", []),
+        "torch_threads": spec.compute.torch_threads,
+        "total_items": scan.total_rows,
+        "inputs": scan.identities,
+        "created": (keep or {}).get("created") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    write_json(job_loc, job)
-    return previous
+    if hooks.get("renderer") == "null":
+        job["test_renderer"] = "null"
+    write_json(out.join(JOB_FILE), job)
+    return removed
 
 
 # ----------------------------------------------------------------------------- planning
@@ -128,25 +304,92 @@ def read_tasks(scan) -> list[dict[str, Any]]:
     return tasks
 
 
-def actor_resources(compute) -> dict[str, float]:
-    """Generator actors: ``num_gpus`` when gpus_per_worker > 0, else one CPU each."""
+@dataclass
+class ActorPlan:
+    """Resources and pool size of the generator actors on this cluster, and why they differ from
+    the spec when they do."""
+
+    resources: dict[str, float]
+    min_workers: int
+    max_workers: int
+    notes: list[str] = field(default_factory=list)
+
+
+def actor_plan(compute, cluster: dict, fixed: bool) -> ActorPlan:
+    """Fit the generator pool to the cluster so that the read and encode stages always have room.
+
+    ``cluster`` is ``ray.cluster_resources()``; ``fixed`` is True for a local Ray this process
+    started (no autoscaler: what it has now is all it will ever have).
+
+    - CPU workers (``gpus_per_worker: 0``) take one CPU each, and at most ``CPUs - 1`` of them
+      run, so one CPU stays free for reading and encoding (with a single CPU the actor is
+      scheduled with a share of it: all stages then share the core).
+    - GPU workers: on a fixed local Ray without enough GPUs the job fails at once; on a joined
+      cluster the autoscaler may add GPU nodes, so the job waits up to ``start_timeout_s``.
+    """
+    cpus = float(cluster.get("CPU", 0))
+    gpus = float(cluster.get("GPU", 0))
+    lo, hi = compute.min_workers, compute.max_workers
+    notes: list[str] = []
+    if cpus < ENCODE_CPUS and (fixed or cpus > 0):
+        raise SchedulingError(f"the Ray cluster has {cpus:g} CPUs; reading prompts and encoding images need at "
+                              f"least {ENCODE_CPUS:g} (start Ray with more CPUs)")
     if compute.gpus_per_worker > 0:
-        return {"num_gpus": compute.gpus_per_worker}
-    return {"num_cpus": 1}
+        g = compute.gpus_per_worker
+        if fixed:
+            fit = int(gpus // g + 1e-9)
+            if fit < 1:
+                raise SchedulingError(
+                    f"compute.gpus_per_worker is {g:g} but the local Ray has {gpus:g} GPUs: set "
+                    "compute.gpus_per_worker: 0 to render with CPU workers, or run on a cluster with GPUs "
+                    "(--address)")
+            if hi > fit:
+                notes.append(f"generator pool capped at {fit} GPU workers (compute.max_workers {hi}): the local Ray has "
+                             f"{gpus:g} GPUs and each worker takes {g:g}")
+                hi, lo = fit, min(lo, fit)
+        return ActorPlan({"num_gpus": g}, lo, hi, notes)
+    free = cpus - RESERVED_CPUS
+    if free < 1 and not fixed and cpus < 1:
+        # A joined cluster with no CPUs yet (workers still to come from an autoscaler): ask normally.
+        return ActorPlan({"num_cpus": 1.0}, lo, hi, notes)
+    per = 1.0 if free >= 1 else max(0.0, round(free, 3))
+    fit = max(1, int(free // per + 1e-9)) if per > 0 else 1
+    if per < 1:
+        notes.append(f"the Ray cluster has {cpus:g} CPUs: the CPU generator actor is scheduled with {per:g} CPU "
+                     f"so that {RESERVED_CPUS:g} CPU stays free for reading prompts and encoding images "
+                     "(all stages share the cores)")
+    if hi > fit:
+        notes.append(f"generator pool capped at {fit} CPU workers (compute.max_workers {hi}): the Ray cluster "
+                     f"has {cpus:g} CPUs and {RESERVED_CPUS:g} stays free for reading and encoding")
+        hi = fit
+    if lo > hi:
+        notes.append(f"compute.min_workers {lo} lowered to {hi} for the same reason")
+        lo = hi
+    return ActorPlan({"num_cpus": per}, lo, hi, notes)
 
 
 # ----------------------------------------------------------------------------- streaming
 
 
 class Progress:
-    """A periodic log line: rendered N/M items, X img/s."""
+    """Progress of the render stream: one bar on a terminal (done/total, img/s, ETA, failures),
+    else a log line every ``every_s`` seconds with the same numbers."""
 
-    def __init__(self, total: int, every_s: float):
+    def __init__(self, total: int, every_s: float, bar: bool | None = None, file=None):
         self.total, self.every_s = total, every_s
         self.done = 0
+        self.failed = 0
         self.start = self.last = time.perf_counter()
+        self.last_at = self.start
         self.first_at: float | None = None  # when the first results arrived (actors warm)
         self.first_rows = 0
+        file = file or sys.stderr
+        use_bar = _isatty(file) if bar is None else bar
+        self.bar = None
+        if use_bar and total > 0:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="img", dynamic_ncols=True, file=file, smoothing=0.1)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
@@ -158,20 +401,69 @@ class Progress:
             return None
         return (self.done - self.first_rows) / max(self.last_at - self.first_at, 1e-9)
 
+    def line(self) -> str:
+        now = time.perf_counter()
+        rate = self.done / max(now - self.start, 1e-9)
+        steady = self.steady_rate() or rate
+        left = self.total - self.done
+        eta = f", ETA {_duration(left / steady)}" if steady > 0 and left > 0 and self.done else ""
+        return f"rendered {self.done}/{self.total} items, {rate:.2f} img/s{eta} ({self.failed} failed)"
+
     def update(self, n: int, failed: int) -> None:
         self.done += n
+        self.failed = failed
         now = time.perf_counter()
         self.last_at = now
         if self.first_at is None:
             self.first_at, self.first_rows = now, n
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{failed} failed", refresh=False)
+            self.bar.update(n)
+            return
         if now - self.last >= self.every_s or self.done >= self.total:
             self.last = now
-            rate = self.done / max(now - self.start, 1e-9)
-            log.info("rendered %d/%d items, %.2f img/s (%d failed)", self.done, self.total, rate, failed)
+            log.info("%s", self.line())
+
+    def tick(self) -> None:
+        """Called while waiting: a log line when nothing arrived for ``every_s`` (not silent)."""
+        if self.bar is not None:
+            self.bar.refresh()
+            return
+        now = time.perf_counter()
+        if now - self.last >= self.every_s:
+            self.last = now
+            log.info("%s", self.line() if self.done else
+                     f"waiting for the first results ({_duration(now - self.start)}: starting workers, loading "
+                     "the model)")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def count_failed(batch: pa.Table) -> int:
     return int(pc.sum(pc.cast(pc.not_equal(batch.column("status"), "ok"), pa.int64())).as_py() or 0)
+
+
+def count_retried(batch: pa.Table) -> int:
+    return int(pc.sum(pc.cast(pc.greater(batch.column("attempt"), 1), pa.int64())).as_py() or 0)
 
 
 def check_fingerprint(batch: pa.Table, expected: str | None, out, spec) -> str | None:
@@ -187,16 +479,39 @@ def check_fingerprint(batch: pa.Table, expected: str | None, out, spec) -> str |
     return expected
 
 
-def finish(out, spec, total: int, fingerprint: str | None) -> dict[str, int]:
-    """Consolidate the manifest and record the model fingerprint in job.json."""
-    counts = consolidate(out)
+def render_envs(batch: pa.Table, seen: list[str]) -> list[str]:
+    """Add the batch's distinct render_env JSON strings to ``seen`` (in order of appearance)."""
+    for value in pc.unique(batch.column("render_env")).to_pylist():
+        if value and value not in seen:
+            seen.append(value)
+    return seen
+
+
+def finish(out, spec, fingerprint: str | None, envs: list[str], failures=None) -> dict[str, int]:
+    """Consolidate the manifest; record the model fingerprint and the render environments in job.json."""
+    import json
+
+    from .manifest import consolidate
+
+    counts = consolidate(out, failures=failures)
     job_loc = out.join(JOB_FILE)
     job = read_json(job_loc)
-    if fingerprint and job.get("model_fingerprint") != fingerprint:
-        job["model_fingerprint"] = fingerprint
+    recorded = list(job.get("render_env") or [])
+    merged = recorded + [json.loads(e) for e in envs if json.loads(e) not in recorded]
+    if (fingerprint and job.get("model_fingerprint") != fingerprint) or merged != recorded:
+        job["model_fingerprint"] = fingerprint or job.get("model_fingerprint")
+        job["render_env"] = merged
         write_json(job_loc, job)
     return counts
 
 
 def write_summary(out, summary: dict) -> None:
     write_json(out.join(SUMMARY_FILE), summary)
+
+
+def max_failures_for(total: int, max_failures: int | None) -> int:
+    return max_failures if max_failures is not None else max(1, math.ceil(0.01 * total))
+
+
+__all__ = ["check_model", "check_sampler", "check_sampling", "check_output_location", "read_previous",
+           "check_previous", "check_inputs", "prepare_output", "actor_plan", "Progress", "SchedulingError"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import threading
 import time
 import uuid
 from typing import Any, Iterator
@@ -58,8 +59,12 @@ MANIFEST_SCHEMA = pa.schema(
         ("encode_ms", pa.float64()),
         ("batchgen_version", pa.string()),
         ("sampler_options", pa.string()),
+        ("render_env", pa.string()),
     ]
 )
+# render_env: JSON of what else decides an item's bytes (device kind and name, dtype, torch
+# intra-op threads, torch/CUDA/cuDNN versions, deterministic flags); see stages.render_env().
+
 
 # Generation parameters embedded in each image: a row's output-determining fields only (no
 # timings or worker names, so the bytes are the same whoever renders the item).
@@ -111,24 +116,40 @@ class PartWriter:
         self.seq = 0
         self.last_flush = time.monotonic()
         self.parts_written = 0
+        self._committed = 0
+        self._lock = threading.RLock()  # the runner's commit thread flushes on the time bound
 
     def add(self, table: pa.Table) -> None:
-        if table.num_rows:
-            self.buffer.append(table)
-            self.buffered += table.num_rows
-        if self.buffered >= self.max_rows or time.monotonic() - self.last_flush >= self.max_seconds:
-            self.flush()
+        with self._lock:
+            if table.num_rows:
+                self.buffer.append(table)
+                self.buffered += table.num_rows
+            self.flush_if_due()
+
+    def flush_if_due(self) -> None:
+        """Flush on the row bound, or on the time bound (the runner calls this while it waits, so
+        rows are committed within ``max_seconds`` even when no further batch arrives)."""
+        with self._lock:
+            if self.buffered >= self.max_rows or time.monotonic() - self.last_flush >= self.max_seconds:
+                self.flush()
+
+    @property
+    def committed_rows(self) -> int:
+        """Rows this writer has written to part files."""
+        return self._committed
 
     def flush(self) -> None:
-        self.last_flush = time.monotonic()
-        if not self.buffered:
-            return
-        table = pa.concat_tables(self.buffer)
-        name = f"part-{self.run_id}-{self.seq:06d}.parquet"
-        self.dir.join(name).write_bytes(table_bytes(table))
-        self.seq += 1
-        self.parts_written += 1
-        self.buffer, self.buffered = [], 0
+        with self._lock:
+            self.last_flush = time.monotonic()
+            if not self.buffered:
+                return
+            table = pa.concat_tables(self.buffer)
+            name = f"part-{self.run_id}-{self.seq:06d}.parquet"
+            self.dir.join(name).write_bytes(table_bytes(table))
+            self.seq += 1
+            self.parts_written += 1
+            self._committed += table.num_rows
+            self.buffer, self.buffered = [], 0
 
 
 def part_locations(out_loc) -> list:
@@ -137,13 +158,29 @@ def part_locations(out_loc) -> list:
     return [p for p in parts if p.name.startswith("part-") and p.name.endswith(".parquet")]
 
 
+def conform(table: pa.Table, names: list[str] | None = None) -> pa.Table:
+    """``table`` with exactly the MANIFEST_SCHEMA columns ``names`` (all by default): parts written
+    by an older batchgen lack newer columns, which read as nulls."""
+    fields = [MANIFEST_SCHEMA.field(n) for n in (names or MANIFEST_SCHEMA.names)]
+    arrays = []
+    for f in fields:
+        if f.name in table.column_names:
+            arrays.append(table.column(f.name).cast(f.type))
+        else:
+            arrays.append(pa.nulls(table.num_rows, f.type))
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
 def read_part(loc, columns: list[str] | None = None) -> pa.Table | None:
-    """One part file's rows, or None (with a warning) when it is unreadable."""
+    """One part file's rows (conformed to the schema), or None (with a warning) when unreadable."""
     try:
-        return pq.read_table(io.BytesIO(loc.read_bytes()), columns=columns)
+        pf = pq.ParquetFile(io.BytesIO(loc.read_bytes()))
+        wanted = [n for n in (columns or MANIFEST_SCHEMA.names) if n in pf.schema_arrow.names]
+        table = pf.read(columns=wanted)
     except (OSError, pa.ArrowException) as exc:
         log.warning("ignoring unreadable manifest part %s: %s", loc.uri, exc)
         return None
+    return conform(table, columns)
 
 
 def iter_parts(out_loc, columns: list[str] | None = None) -> Iterator[tuple[int, pa.Table]]:
@@ -165,6 +202,13 @@ class CommittedState:
     @property
     def done_count(self) -> int:
         return len(self.done)
+
+    def failed_ids(self) -> pa.Array:
+        return pa.array(list(self.attempts), pa.string())
+
+
+def empty_state() -> CommittedState:
+    return CommittedState(pa.array([], pa.string()), {}, 0, 0)
 
 
 def committed_state(out_loc) -> CommittedState:
@@ -209,8 +253,47 @@ def _first_per_item(table: pa.Table, carry_id: str | None) -> tuple[pa.Table, st
     return table.filter(keep), ids[len(ids) - 1].as_py()
 
 
-def consolidate(out_loc, in_memory_limit: int = IN_MEMORY_CONSOLIDATE_ROWS) -> dict[str, int]:
-    """Write ``manifest.parquet``: one row per item, sorted by item_id. Returns status counts."""
+class FailureSummary:
+    """Failed items for people: a count per error kind and the first ``keep`` items with their errors."""
+
+    def __init__(self, keep: int = 20):
+        self.keep = keep
+        self.count = 0
+        self.by_kind: dict[str, int] = {}
+        self.first: list[dict[str, Any]] = []
+
+    def add(self, table: pa.Table) -> None:
+        failed = table.filter(pc.not_equal(table.column("status"), "ok"))
+        if not failed.num_rows:
+            return
+        attempts = failed.column("attempt").to_pylist() if "attempt" in failed.column_names else [None] * failed.num_rows
+        for item_id, error, attempt in zip(failed.column("item_id").to_pylist(),
+                                           failed.column("error").to_pylist(), attempts):
+            self.count += 1
+            kind = error_kind(error)
+            self.by_kind[kind] = self.by_kind.get(kind, 0) + 1
+            if len(self.first) < self.keep:
+                self.first.append({"item_id": item_id, "error": error, "attempt": attempt})
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "by_kind": dict(sorted(self.by_kind.items(), key=lambda kv: -kv[1])),
+                "first": self.first}
+
+
+def error_kind(error: str | None) -> str:
+    """The kind of a manifest error: its exception name, after a 'render failed: ' style stage prefix."""
+    import re
+
+    if not error:
+        return "unknown"
+    m = re.match(r"^((?:render|store) failed: )?([A-Za-z_][A-Za-z0-9_.]*)(?=:)", error)
+    return (m.group(1) or "") + m.group(2) if m else error.split(":", 1)[0][:60]
+
+
+def consolidate(out_loc, in_memory_limit: int = IN_MEMORY_CONSOLIDATE_ROWS,
+                failures: FailureSummary | None = None) -> dict[str, int]:
+    """Write ``manifest.parquet``: one row per item, sorted by item_id. Returns status counts
+    (and adds the failed rows to ``failures`` when given)."""
     parts = part_locations(out_loc)
     total_rows = 0
     for loc in parts:
@@ -228,8 +311,10 @@ def consolidate(out_loc, in_memory_limit: int = IN_MEMORY_CONSOLIDATE_ROWS) -> d
         table = table.drop_columns(["_ok", "_part"])
         target.write_bytes(table_bytes(table))
         _count(table, counts)
+        if failures is not None:
+            failures.add(table)
         return counts
-    _consolidate_with_ray(out_loc, parts, target, counts, partitions=max(2, -(-total_rows // SORT_ROWS_PER_BLOCK)))
+    _consolidate_with_ray(out_loc, parts, target, counts, max(2, -(-total_rows // SORT_ROWS_PER_BLOCK)), failures)
     return counts
 
 
@@ -239,19 +324,24 @@ def _count(table: pa.Table, counts: dict[str, int]) -> None:
         counts[value] = counts.get(value, 0) + n
 
 
-def _consolidate_with_ray(out_loc, parts, target, counts, partitions: int) -> None:
+def _consolidate_with_ray(out_loc, parts, target, counts, partitions: int, failures=None) -> None:
     import ray
+
+    if not ray.is_initialized():  # a resumed run with nothing left to render has not started Ray
+        from .runner import ensure_ray
+
+        ensure_ray()
 
     ctx = ray.data.DataContext.get_current()
     saved = ctx.default_hash_shuffle_parallelism
     ctx.default_hash_shuffle_parallelism = partitions  # the sort's partition count (default 200)
     try:
-        _sorted_write(ray, out_loc, parts, target, counts)
+        _sorted_write(ray, out_loc, parts, target, counts, failures)
     finally:
         ctx.default_hash_shuffle_parallelism = saved
 
 
-def _sorted_write(ray, out_loc, parts, target, counts) -> None:
+def _sorted_write(ray, out_loc, parts, target, counts, failures=None) -> None:
     fs, _ = out_loc.pyarrow_fs()
     paths = [p.pyarrow_fs()[1] for p in parts]
     index = {path: i for i, path in enumerate(paths)}
@@ -259,7 +349,7 @@ def _sorted_write(ray, out_loc, parts, target, counts) -> None:
     def rank(batch: pa.Table) -> pa.Table:
         # include_paths gives each row its part file, hence the part order
         part = [index.get(p, 0) for p in batch.column("path").to_pylist()]
-        batch = batch.drop_columns(["path"])
+        batch = conform(batch.drop_columns(["path"]))  # parts of an older batchgen lack new columns
         batch = batch.append_column("_ok", pc.cast(pc.equal(batch.column("status"), "ok"), pa.int8()))
         return batch.append_column("_part", pa.array(part, pa.int32()))
 
@@ -276,6 +366,8 @@ def _sorted_write(ray, out_loc, parts, target, counts) -> None:
             batch = batch.drop_columns(["_ok", "_part"]).select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA)
             writer.write_table(batch)
             _count(batch, counts)
+            if failures is not None:
+                failures.add(batch)
     if tmp != tpath:
         tfs.move(tmp, tpath)
 

@@ -92,6 +92,9 @@ class Pipeline:
         """
         from .checkpoints.lora import LoraFuser, lora_components
 
+        if loras and self.family.fp8:
+            raise ValueError(f"loras: this model stores {', '.join(self.family.fp8)} in float8 (fp8=...); LoRAs are "
+                             f"fused into full-precision weights: load it without fp8 to use LoRAs")
         if self._lora_fuser is None:
             if not loras:
                 return []
@@ -144,15 +147,31 @@ class Pipeline:
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"micro_batch: expected a positive integer or None, got {micro_batch!r}")
         report, close = _progress(progress, total)
-        images: list[np.ndarray] = []
+        images: list[np.ndarray | None] = [None] * total
+        done = 0
         try:
-            for start in range(0, total, size):
-                stop = min(start + size, total)
-                images.extend(self._render_batch(req, start, stop, size))
-                report(stop, total)
+            for settings, members in self._partitions(req):
+                for start in range(0, len(members), size):
+                    indices = members[start:start + size]
+                    for i, image in zip(indices, self._render_batch(req, indices, size, settings)):
+                        images[i] = image
+                    done += len(indices)
+                    report(done, total)
         finally:
             close()
         return images
+
+    def _partitions(self, req: _Request) -> list[tuple[dict, list[int]]]:
+        """Items that may share micro-batches: all of them, unless the family's prompts vary in
+        length (A1111 syntax), in which case one partition per token-chunk count."""
+        fam = self.family
+        keys = [fam.prompt_chunks(p, n, req.settings) for p, n in zip(req.prompts, req.negatives)]
+        if all(k is None for k in keys):
+            return [(req.settings, list(range(len(req.prompts))))]
+        groups: dict[int, list[int]] = {}
+        for i, key in enumerate(keys):
+            groups.setdefault(key, []).append(i)
+        return [({**req.settings, "prompt_chunks": key}, members) for key, members in sorted(groups.items())]
 
     # ------------------------------------------------------------------------------- validation
     def _validate(self, prompts, seeds, negative_prompts, sampler, steps, guidance_scale, width, height,
@@ -227,34 +246,38 @@ class Pipeline:
         name = sampler or fam.default_sampler
         # Fail on a bad sampler name, option or step count before any work is done.
         get_sampler(name, fam.scheduler_config, group["steps"], strength=group.get("strength"), options=options,
-                    **fam.schedule(group))
+                    **fam.schedule(group, name))
         return _Request(prompts, negatives, seeds, name, options, group, items, images, labels)
 
     # -------------------------------------------------------------------------------- rendering
     @torch.inference_mode()
-    def _render_batch(self, req: _Request, start: int, stop: int, size: int) -> list[np.ndarray]:
+    def _render_batch(self, req: _Request, indices: list[int], size: int, settings: dict) -> list[np.ndarray]:
+        """Render the items ``indices`` as one model batch of exactly ``size`` (padded)."""
         from .sampling import get_sampler
 
         fam = self.family
-        real = stop - start
+        real = len(indices)
         pad = size - real
-        settings = req.settings
+
+        def take(values: list, fill) -> list:
+            return [values[i] for i in indices] + [fill] * pad
+
         batch = Batch(
-            prompts=req.prompts[start:stop] + [""] * pad,
-            negatives=req.negatives[start:stop] + [""] * pad,
+            prompts=take(req.prompts, ""),
+            negatives=take(req.negatives, ""),
             settings=settings,
-            items={k: v[start:stop] + [v[start]] * pad for k, v in req.items.items()},
-            labels=None if req.labels is None else req.labels[start:stop] + [None] * pad,
+            items={k: take(v, v[indices[0]]) for k, v in req.items.items()},
+            labels=None if req.labels is None else take(req.labels, None),
             guided=fam.guided(settings),
         )
-        generators = item_generators(req.seeds[start:stop] + [0] * pad)
+        generators = item_generators(take(req.seeds, 0))
         sampler = get_sampler(req.sampler, fam.scheduler_config, settings["steps"], strength=settings.get("strength"),
-                              options=req.options, **fam.schedule(settings))
+                              options=req.options, **fam.schedule(settings, req.sampler))
         cond = fam.encode_prompts(batch)
         shape = fam.noise_shape(settings["width"], settings["height"])
         # Each generator's draw order is diffusers': img2img's VAE posterior sample, then the noise.
         if req.init_images is not None:
-            clean = fam.encode_images(req.init_images[start:stop], generators[:real])
+            clean = fam.encode_images([req.init_images[i] for i in indices], generators[:real])
             if pad:
                 clean = torch.cat([clean, clean.new_zeros((pad, *clean.shape[1:]))])
             noise = randn_items(generators, shape, fam.device, fam.dtype)
@@ -320,8 +343,9 @@ COMPILE_MODES = ("none", "default", "max")
 
 
 def load_pipeline(path, device=None, dtype=None, variant: str | None = None, allow_pickle: bool = False,
-                  storage_config=None, compile: str = "none", loras=None, *, vae=None, text_encoders=None,
-                  tokenizers=None, prediction_type: str | None = None) -> Pipeline:
+                  storage_config=None, compile: str = "none", loras=None, text_encoder_device=None,
+                  fp8=(), *, vae=None, text_encoders=None, tokenizers=None,
+                  prediction_type: str | None = None) -> Pipeline:
     """Load a checkpoint of any known family: a diffusers folder or a single-file checkpoint
     (``.safetensors`` in the A1111 / ComfyUI layout), local, file://, s3:// or ``builtin:``.
 
@@ -336,6 +360,12 @@ def load_pipeline(path, device=None, dtype=None, variant: str | None = None, all
     ``tokenizers`` ``{"tokenizer_2": FOLDER, ...}`` (T5 tokenizers of single files must come from
     here). ``prediction_type``: ``epsilon`` / ``v_prediction`` for checkpoints that do not say
     (SD 2.x 768-v, v-prediction SDXL finetunes). Pickle files (``.ckpt``) need ``allow_pickle``.
+
+    Weights are built directly in the run dtype (bf16 on a GPU for FLUX), never in float32 first.
+    Memory plans for large models (README, "GPU memory"): ``text_encoder_device="cpu"`` keeps the
+    text encoders on the host and runs them there (families that list ``text_encoders``: FLUX);
+    ``fp8=("transformer",)`` stores the named components' Linear weights in float8 e4m3 and upcasts
+    them at each matmul (half the bytes of bf16).
     """
     if compile not in COMPILE_MODES:
         raise ValueError(f"compile: expected one of {', '.join(COMPILE_MODES)}, got {compile!r}")
@@ -344,7 +374,8 @@ def load_pipeline(path, device=None, dtype=None, variant: str | None = None, all
                          prediction_type=prediction_type, allow_pickle=allow_pickle, storage_config=storage_config)
     family_cls = family_for(source)
     device, dtype = default_device_dtype(device, dtype, family_cls.cuda_dtype)
-    family = family_cls.load(source, variant, allow_pickle).to(device, dtype)
+    family = family_cls.load(source, variant, allow_pickle, dtype=dtype)
+    family.quantize_fp8(fp8).to(device, dtype, text_device=text_encoder_device)
     if compile != "none":
         _inductor_cache()
         family.compile(compile)
@@ -357,6 +388,8 @@ def load_pipeline(path, device=None, dtype=None, variant: str | None = None, all
         "compile": compile,
         **source.describe(),
     }
+    if family.text_device != device:
+        info["text_encoder_device"] = str(family.text_device)
     log.info("loaded %s (%s, fingerprint %s) on %s/%s", path, info["variant"], info["fingerprint"][:12],
              device, info["dtype"])
     pipe = Pipeline(family, info, storage_config)

@@ -242,14 +242,22 @@ def apply_emphasis(z, multipliers, emphasis: str = "original"):
     return (weighted * factor).to(z.dtype)
 
 
+def chunk_count(tokenizer, prompt: str, *, chunk_length: int = CHUNK_LENGTH,
+                comma_backtrack: int = COMMA_BACKTRACK) -> int:
+    """How many 77-token chunks ``prompt`` needs (at least 1)."""
+    return len(tokenize_chunks(tokenizer, prompt, chunk_length=chunk_length, comma_backtrack=comma_backtrack)[0])
+
+
 def encode_prompts(tokenizer, encode: Callable, prompts: Sequence[str], *, emphasis: str = "original",
-                   chunk_length: int = CHUNK_LENGTH, comma_backtrack: int = COMMA_BACKTRACK, device=None):
+                   chunk_length: int = CHUNK_LENGTH, comma_backtrack: int = COMMA_BACKTRACK, device=None,
+                   n_chunks: int | None = None):
     """(hidden (B, 77 * chunks, D), pooled (B, P) or None) for A1111-syntax ``prompts``.
 
     ``encode(ids)`` takes a LongTensor (N, 77) and returns the hidden states (N, 77, D), or a
     tuple (hidden states, pooled (N, P)); it decides which layer (last, penultimate, ...) is used.
     Every chunk is encoded as its own 77-token sequence; shorter prompts are padded with
-    empty-prompt chunks up to the longest prompt's chunk count.
+    empty-prompt chunks up to ``n_chunks`` (default: the longest prompt's chunk count). Pass a
+    fixed ``n_chunks`` to make an item's embedding independent of the other prompts in the call.
     """
     import torch
 
@@ -257,7 +265,10 @@ def encode_prompts(tokenizer, encode: Callable, prompts: Sequence[str], *, empha
         raise ValueError("encode_prompts: no prompts")
     per_prompt = [tokenize_chunks(tokenizer, p, emphasis=emphasis, chunk_length=chunk_length,
                                   comma_backtrack=comma_backtrack)[0] for p in prompts]
-    n_chunks = max(len(c) for c in per_prompt)
+    longest = max(len(c) for c in per_prompt)
+    if n_chunks is not None and n_chunks < longest:
+        raise ValueError(f"encode_prompts: a prompt needs {longest} chunks, more than n_chunks={n_chunks}")
+    n_chunks = n_chunks or longest
     filler = empty_chunk(tokenizer, chunk_length)
     rows = [c[i] if i < len(c) else filler for i in range(n_chunks) for c in per_prompt]  # chunk-major
     ids = torch.tensor([r.tokens for r in rows], dtype=torch.long, device=device)
@@ -275,5 +286,5 @@ def encode_prompts(tokenizer, encode: Callable, prompts: Sequence[str], *, empha
     return hidden, pooled
 
 
-__all__ = ["parse_prompt_attention", "tokenize_chunks", "empty_chunk", "apply_emphasis", "encode_prompts",
+__all__ = ["parse_prompt_attention", "tokenize_chunks", "empty_chunk", "apply_emphasis", "encode_prompts", "chunk_count",
            "PromptChunk", "PromptSyntaxError", "CHUNK_LENGTH", "COMMA_BACKTRACK", "EMPHASIS_MODES", "SYNTAXES"]

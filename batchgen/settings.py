@@ -33,6 +33,7 @@ class Setting:
     group: bool = False  # items with different values never share a model call
     families: tuple[str, ...] | None = None  # None: every family
     img2img: bool = False  # only meaningful for img2img items (rows with init_image)
+    choices: tuple[str, ...] | None = None  # allowed values of a "str" setting
 
     def check(self, value: Any, where: str) -> Any:
         """``value`` normalized to this setting's type; ValueError naming ``where`` otherwise."""
@@ -41,6 +42,8 @@ class Setting:
         if self.type == "str":
             if not isinstance(value, str):
                 raise ValueError(f"{where}: expected a string, got {type(value).__name__}")
+            if self.choices is not None and value not in self.choices:
+                raise ValueError(f"{where}: expected one of {', '.join(self.choices)}, got {value!r}")
             return value
         if isinstance(value, bool) or not isinstance(value, (Integral, Real)):
             raise ValueError(f"{where}: expected {'an integer' if self.type == 'int' else 'a number'}, "
@@ -108,6 +111,9 @@ SETTINGS: tuple[Setting, ...] = (
             lo=0, hi=10, families=("sdxl",)),
     Setting("max_sequence_length", "int", None, "T5 tokens per prompt (SD3 default 256; FLUX schnell 256, "
             "dev 512)", lo=1, hi=512, group=True, families=("sd3", "flux")),
+    Setting("prompt_syntax", "str", "plain", "plain: prompts as diffusers reads them; a1111: (word:1.2) weights, "
+            "[word], BREAK and prompts over 75 tokens in 75-token chunks, as the A1111 webui computes them",
+            group=True, families=("sd", "sdxl"), choices=("plain", "a1111")),
     Setting("true_cfg_scale", "float", 1.0, "FLUX: true classifier-free guidance with the negative prompt "
             "(1 = off)", lo=1, hi=100, group=True, families=("flux",)),
 )

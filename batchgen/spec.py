@@ -1,26 +1,38 @@
 """JobSpec: the YAML contract between the user, the CLI and the workers.
 
-Unknown keys are refused (with the dotted key named), every field is documented, and
-``spec.digest()`` hashes the fields that change what lands in the output, so a re-run on an
-existing output can tell "resume" from "different job".
+Unknown keys are refused (with the dotted key named and the closest known key suggested), every
+field is documented, values have strict types (``steps: true`` or ``seed: "7"`` are errors, not 1
+and 7), and ``spec.digest()`` hashes the fields that change what lands in the output, so a re-run on
+an existing output can tell "resume" from "different job".
+
+The YAML reader is strict too: duplicate keys are errors, aliases (``*name``) are refused (a few
+lines of nested aliases expand into gigabytes: the "billion laughs"), and a spec file may be at
+most 1 MiB.
+
+Relative paths in a spec (and in ``--set``) are used as they are, so they resolve against the
+current directory, not the spec file's folder.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import InputError
 
 MAX_SIDE = 4096
+MAX_SPEC_BYTES = 1 << 20  # a job spec is a few hundred bytes; anything near this is not one
+DEFAULT_MAX_INIT_IMAGE_PIXELS = 40_000_000
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
 
 
 class InputSpec(_Section):
@@ -31,6 +43,11 @@ class InputSpec(_Section):
         None, description="column with unique item ids; else ids derive from file path + row number"
     )
     prompt_column: str = Field("prompt", description="column holding the prompt text")
+    max_init_image_pixels: int = Field(
+        DEFAULT_MAX_INIT_IMAGE_PIXELS, ge=1,
+        description="largest init_image (width x height) a row may use; larger ones fail that item "
+                    "before they are decoded (decompression bombs)",
+    )
 
 
 class ModelSpec(_Section):
@@ -45,14 +62,16 @@ class ModelSpec(_Section):
 class SamplingSpec(_Section):
     """Job-wide sampling settings; per-row columns of the same name override them."""
 
-    sampler: str = Field("ddim", description="sampler name (see the samplers section)")
+    sampler: str = Field("ddim", description="sampler name (see the samplers section; A1111 names are aliases)")
     steps: int = Field(30, ge=1, le=1000, description="denoising steps")
-    guidance_scale: float = Field(7.5, ge=0.0, le=100.0, description="classifier-free guidance")
+    guidance_scale: float = Field(7.5, ge=0.0, le=100.0, allow_inf_nan=False,
+                                  description="classifier-free guidance")
     width: int = Field(512, ge=8, le=MAX_SIDE, description="image width, a multiple of 8")
     height: int = Field(512, ge=8, le=MAX_SIDE, description="image height, a multiple of 8")
     negative_prompt: str = Field("", description="default negative prompt")
     seed: int = Field(0, ge=0, lt=2**63, description="job seed; rows without seed get derive(seed, item_id)")
-    strength: float = Field(0.8, gt=0.0, le=1.0, description="img2img strength (rows with init_image)")
+    strength: float = Field(0.8, gt=0.0, le=1.0, allow_inf_nan=False,
+                            description="img2img strength (rows with init_image)")
     sampler_options: dict[str, Any] = Field(
         default_factory=dict, description="extra sampler keyword options (JSON-serializable)"
     )
@@ -62,6 +81,34 @@ class SamplingSpec(_Section):
     def _multiple_of_8(cls, value: int) -> int:
         if value % 8:
             raise ValueError(f"must be a multiple of 8, got {value}")
+        return value
+
+    @field_validator("sampler")
+    @classmethod
+    def _canonical_sampler(cls, value: str) -> str:
+        from .samplernames import canonical_sampler
+
+        return canonical_sampler(value)
+
+    @field_validator("sampler_options")
+    @classmethod
+    def _finite_json(cls, value: dict) -> dict:
+        def check(v: Any, where: str) -> None:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"{where} is {v}: numbers must be finite")
+            if isinstance(v, dict):
+                for k, item in v.items():
+                    if not isinstance(k, str):
+                        raise ValueError(f"{where}: keys must be strings, got {k!r}")
+                    check(item, f"{where}.{k}")
+            elif isinstance(v, list):
+                for i, item in enumerate(v):
+                    check(item, f"{where}[{i}]")
+            elif not (v is None or isinstance(v, (str, int, float, bool))):
+                raise ValueError(f"{where}: {type(v).__name__} is not a JSON value")
+
+        for key, item in value.items():
+            check(item, key)
         return value
 
 
@@ -77,11 +124,21 @@ class ComputeSpec(_Section):
     """How the work is spread over Ray."""
 
     batch_size: int = Field(4, ge=1, le=256, description="fixed micro-batch per model call")
-    gpus_per_worker: float = Field(1, ge=0, description="GPUs per generator actor; 0 = CPU workers")
+    gpus_per_worker: float = Field(1, ge=0, allow_inf_nan=False,
+                                   description="GPUs per generator actor; 0 = CPU workers")
     min_workers: int = Field(1, ge=1, description="smallest generator actor pool")
     max_workers: int = Field(4, ge=1, description="largest generator actor pool")
     batches_per_call: int = Field(
         4, ge=1, le=64, description="micro-batches handed to an actor per call (Ray Data batch)"
+    )
+    torch_threads: int = Field(
+        1, ge=1, le=256, description="torch intra-op threads per generator actor (CPU bytes depend on it; "
+                                     "recorded per item and reproduced by rerender)"
+    )
+    start_timeout_s: float = Field(
+        600.0, gt=0, allow_inf_nan=False,
+        description="fail when min_workers generator actors have not started (resources, model load) "
+                    "within this many seconds",
     )
 
     @model_validator(mode="after")
@@ -95,6 +152,20 @@ class StorageSpec(_Section):
     """S3-compatible storage settings (credentials come only from the standard AWS chain)."""
 
     endpoint_url: Optional[str] = Field(None, description="S3 endpoint; default AWS_ENDPOINT_URL")
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _no_credentials(cls, value: Optional[str]) -> Optional[str]:
+        if value is None:
+            return value
+        parts = urlsplit(value)
+        if "@" in parts.netloc:
+            raise ValueError("must not contain user:password@ (it would be written to job.json and "
+                             "logs); credentials come only from the AWS chain (AWS_ACCESS_KEY_ID / "
+                             "AWS_SECRET_ACCESS_KEY, profiles, roles)")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"must look like http(s)://host[:port], got {value!r}")
+        return value
 
 
 class JobSpec(_Section):
@@ -144,17 +215,79 @@ def diff_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 
-def _parse_value(text: str) -> Any:
+# ----------------------------------------------------------------------------- strict YAML
+
+
+class _Refused(Exception):
+    """A YAML construct a job spec may not use (alias, duplicate key)."""
+
+
+def _strict_loader():
     import yaml
 
+    class StrictLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise _Refused(f"line {event.start_mark.line + 1}: YAML alias '*{event.anchor}' is not "
+                               "allowed in a job spec (aliases can expand a small file into gigabytes); "
+                               "write the value out")
+            return super().compose_node(parent, index)
+
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                seen: dict = {}
+                for key_node, _ in node.value:
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        first = seen.get(key)
+                    except TypeError:
+                        raise _Refused(f"line {key_node.start_mark.line + 1}: a mapping key must be a "
+                                       f"scalar") from None
+                    line = key_node.start_mark.line + 1
+                    if first is not None:
+                        raise _Refused(f"line {line}: duplicate key {key!r} (first on line {first})")
+                    seen[key] = line
+            return super().construct_mapping(node, deep)
+
+    return StrictLoader
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """Parse a job spec document strictly (size limit, no aliases, no duplicate keys)."""
+    import yaml
+
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_SPEC_BYTES:
+        raise InputError(f"{source}: {len(text)} characters is too large for a job spec "
+                         f"(limit {MAX_SPEC_BYTES // 1024} KiB)")
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_strict_loader())  # noqa: S506 - a SafeLoader subclass
+    except _Refused as exc:
+        raise InputError(f"{source}, {exc}") from None
+    except yaml.YAMLError as exc:
+        raise InputError(f"{source}: not valid YAML: {exc}") from None
+
+
+def _parse_value(text: str, item: str) -> Any:
+    """A ``--set`` value as a YAML scalar or flow collection (plain text when it is not YAML)."""
+    import yaml
+
+    if len(text) > MAX_SPEC_BYTES:
+        raise InputError(f"--set {item[:60]!r}...: value too large")
+    try:
+        return yaml.load(text, Loader=_strict_loader())  # noqa: S506
+    except _Refused as exc:
+        raise InputError(f"--set {item!r}: {str(exc).split(': ', 1)[-1]}") from None
     except yaml.YAMLError:
         return text
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply ``dotted.key=value`` overrides (values parsed as YAML scalars) to a raw spec dict."""
+def apply_overrides(data: dict, overrides: list[str], origins: dict[str, str] | None = None) -> dict:
+    """Apply ``dotted.key=value`` overrides (values parsed as YAML) to a raw spec dict.
+
+    ``origins`` (when given) receives ``{dotted key: the --set argument}`` so validation errors
+    can name the ``--set`` that caused them instead of the file.
+    """
     for item in overrides or []:
         if "=" not in item:
             raise InputError(f"--set {item!r}: expected dotted.key=value")
@@ -163,53 +296,106 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if not parts:
             raise InputError(f"--set {item!r}: empty key")
         node = data
-        for part in parts[:-1]:
+        for i, part in enumerate(parts[:-1]):
             child = node.get(part)
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                raise InputError(f"--set {item!r}: {part!r} is not a section")
+                raise InputError(f"--set {item!r}: {'.'.join(parts[:i + 1])!r} is not a section")
             node = child
-        node[parts[-1]] = _parse_value(raw)
+        node[parts[-1]] = _parse_value(raw, item)
+        if origins is not None:
+            origins[".".join(parts)] = item
     return data
 
 
-def _format_errors(exc: ValidationError, source: str) -> str:
+# ----------------------------------------------------------------------------- errors
+
+
+def _safe_repr(value: Any, limit: int = 80) -> str:
+    """A short repr of a bad value, with any URL user:password@ removed."""
+    if isinstance(value, str) and "@" in value and "://" in value:
+        parts = urlsplit(value)
+        if "@" in parts.netloc:
+            value = value.replace(parts.netloc, "***@" + parts.netloc.rsplit("@", 1)[1], 1)
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    model: Any = JobSpec
+    for part in loc:
+        fields = getattr(model, "model_fields", None)
+        if fields is None or part not in fields:
+            return None
+        model = fields[part].annotation
+    return model if isinstance(model, type) and hasattr(model, "model_fields") else None
+
+
+def _origin(key: str, origins: dict[str, str]) -> str | None:
+    parts = key.split(".")
+    for n in range(len(parts), 0, -1):
+        hit = origins.get(".".join(parts[:n]))
+        if hit is not None:
+            return hit
+    return None
+
+
+def _format_errors(exc: ValidationError, source: str, origins: dict[str, str] | None = None) -> str:
+    from .samplernames import did_you_mean
+
     lines = []
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        loc = tuple(str(p) for p in err["loc"])
+        key = ".".join(loc) or "(top level)"
         if err["type"] == "extra_forbidden":
-            lines.append(f"unknown key {key!r}")
+            parent = _model_at(loc[:-1])
+            hint = ""
+            if parent is not None:
+                prefix = ".".join(loc[:-1])
+                names = [f"{prefix}.{n}" if prefix else n for n in parent.model_fields]
+                hint = did_you_mean(key, names)
+            what = f"unknown key {key!r}{hint}"
         elif err["type"] == "missing":
-            lines.append(f"missing key {key!r}")
+            what = f"missing key {key!r}"
         else:
-            lines.append(f"key {key!r}: {err['msg']} (got {err.get('input')!r})")
-    return f"{source}: invalid job spec: " + "; ".join(lines)
+            msg = err["msg"].removeprefix("Value error, ")
+            got = "" if " got " in f" {msg}" else f" (got {_safe_repr(err.get('input'))})"
+            what = f"key {key!r}: {msg}{got}"
+        origin = _origin(key, origins or {})
+        lines.append(f"--set {origin!r}: {what}" if origin else f"{source}: {what}")
+    return "invalid job spec: " + "; ".join(lines)
 
 
-def spec_from_dict(data: Any, source: str = "job spec") -> JobSpec:
-    """Validate a raw dict into a JobSpec; errors name the source and the dotted key."""
+def spec_from_dict(data: Any, source: str = "job spec", origins: dict[str, str] | None = None) -> JobSpec:
+    """Validate a raw dict into a JobSpec; errors name the source (file or --set) and the dotted key."""
     if not isinstance(data, dict):
         raise InputError(f"{source}: a job spec must be a YAML mapping, got {type(data).__name__}")
     try:
         return JobSpec.model_validate(data)
     except ValidationError as exc:
-        raise InputError(_format_errors(exc, source)) from None
+        raise InputError(_format_errors(exc, source, origins)) from None
+
+
+def read_spec_file(path: str | Path) -> Any:
+    """The raw (unvalidated) document of a spec file, read strictly."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > MAX_SPEC_BYTES:
+            raise InputError(f"{path}: {size} bytes is too large for a job spec (limit {MAX_SPEC_BYTES // 1024} KiB)")
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read job spec: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not UTF-8 text ({exc})") from None
+    return parse_yaml(text, str(path))
 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
     """Read a YAML job spec from ``path``, apply ``--set`` overrides, validate."""
-    import yaml
-
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read job spec: {exc.strerror or exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise InputError(f"{path}: not valid YAML: {exc}") from None
+    data = read_spec_file(path)
+    origins: dict[str, str] = {}
     if isinstance(data, dict):
-        data = apply_overrides(data, overrides or [])
-    return spec_from_dict(data, str(path))
+        data = apply_overrides(data, overrides or [], origins)
+    return spec_from_dict(data, str(path), origins)

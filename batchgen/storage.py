@@ -71,6 +71,10 @@ class StorageConfig(BaseModel):
 
 def _check_endpoint_text(value: str, where: str) -> None:
     parts = urlsplit(value)
+    if "@" in parts.netloc:
+        raise ValueError(f"{where} must not contain user:password@ (got {_redact(value)!r}): credentials "
+                         "come only from the AWS chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
+                         "profiles, instance roles), never from the endpoint URL")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"{where} must look like http(s)://host[:port], got {_redact(value)!r}")
 
@@ -317,6 +321,29 @@ class Location:
             if not _is_not_found(exc):
                 raise self._error(exc, "check") from None
         return self.is_dir_like()
+
+    def identity(self) -> dict[str, Any]:
+        """What identifies this file's content cheaply: ``{"size", "sha256"}`` for a local file
+        (the content hashed), ``{"size", "etag"}`` for an S3 object (no download)."""
+        if self.scheme == "local":
+            digest = hashlib.sha256()
+            size = 0
+            try:
+                with open(self.path, "rb") as fh:
+                    for chunk in iter(lambda: fh.read(1 << 22), b""):
+                        digest.update(chunk)
+                        size += len(chunk)
+            except FileNotFoundError:
+                raise StorageError(f"no such file: {self.uri}") from None
+            except OSError as exc:
+                raise StorageError(f"cannot read {self.uri}: {exc.strerror or exc}") from None
+            return {"size": size, "sha256": digest.hexdigest()}
+        self._need_key("check")
+        try:
+            head = self._client().head_object(Bucket=self.bucket, Key=self.key)
+        except Exception as exc:  # noqa: BLE001
+            raise self._error(exc, "check") from None
+        return {"size": int(head.get("ContentLength", 0)), "etag": str(head.get("ETag", "")).strip('"')}
 
     def is_dir_like(self) -> bool:
         """A local folder, or an S3 prefix with at least one object under ``key/``."""

@@ -14,8 +14,13 @@ What travels with the job (the runtime_env's ``working_dir``, a staging folder b
   absolute path on every node (shared disk or baked into the image) — or use s3:// / builtin:tiny.
   A local ``output.uri`` is made absolute; on a multi-node cluster each node would write to its own
   disk, so use s3:// there. Init images named in the input rows must be reachable from the cluster.
-- ``--ship-code`` also uploads this checkout's ``batchgen`` package (``py_modules``), for clusters
-  whose image does not have batchgen or has an older one.
+- This checkout's ``batchgen`` package (``py_modules``) when the cluster cannot import the same
+  one: before submitting, a probe job (a second of ``python -c``) reports the batchgen version and
+  a digest of its source files as the cluster's Python sees them, and the torch / ray versions.
+  Without batchgen, or with different sources, the package ships automatically (a note says so);
+  without torch or ray the submit fails with exit 2 instead of a job that dies on the cluster.
+  ``--ship-code`` always ships, ``--no-ship-code`` never does (the probe then only warns) and
+  ``--no-check`` skips the probe.
 - Environment: ``AWS_ENDPOINT_URL`` / ``AWS_REGION`` / ``AWS_DEFAULT_REGION`` when set here (not
   secrets). Credentials are never sent: cluster nodes use their own AWS chain (instance role,
   Kubernetes secret). ``--env KEY=VALUE`` adds variables explicitly (they are visible in the
@@ -35,6 +40,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from .errors import BatchgenError, InputError
 
@@ -124,20 +130,20 @@ def prepare_submission(spec_path: str | Path, overrides: list[str] | None = None
     """Validate the spec and build the staging folder and runtime_env for the Jobs API."""
     import yaml
 
-    from .spec import apply_overrides, spec_from_dict
+    from .spec import apply_overrides, read_spec_file, spec_from_dict
     from .storage import StorageConfig
 
     spec_path = Path(spec_path)
-    try:
-        raw = yaml.safe_load(spec_path.read_text())
-    except OSError as exc:
-        raise InputError(f"{spec_path}: cannot read job spec: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        raise InputError(f"{spec_path}: not valid YAML: {exc}") from None
+    raw = read_spec_file(spec_path)
     if not isinstance(raw, dict):
         raise InputError(f"{spec_path}: a job spec must be a YAML mapping")
-    raw = apply_overrides(raw, overrides or [])
-    spec = spec_from_dict(raw, str(spec_path))  # fail here, not on the cluster
+    origins: dict[str, str] = {}
+    raw = apply_overrides(raw, overrides or [], origins)
+    spec = spec_from_dict(raw, str(spec_path), origins)  # fail here, not on the cluster
+    forwarded = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    if forwarded.get("AWS_ENDPOINT_URL") and "@" in urlsplit(forwarded["AWS_ENDPOINT_URL"]).netloc:
+        raise InputError("AWS_ENDPOINT_URL contains user:password@; it would be sent to the cluster in the job's "
+                         "environment (visible in the dashboard): put credentials in the AWS chain instead")
 
     staging = Path(staging_dir) if staging_dir else Path(tempfile.mkdtemp(prefix="batchgen-submit-"))
     staging.mkdir(parents=True, exist_ok=True)
@@ -167,7 +173,7 @@ def prepare_submission(spec_path: str | Path, overrides: list[str] | None = None
                          "--no-ship-inputs if the path exists on the cluster")
     (staging / "job.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
 
-    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    env = dict(forwarded)
     env.update(extra_env or {})
     runtime_env: dict = {"working_dir": str(staging)}
     if env:
@@ -208,6 +214,90 @@ def submit(sub: Submission, address: str, submission_id: str | None = None) -> s
         )
     except Exception as exc:
         raise SubmitError(f"the Ray job server at {address} refused the job: {exc}") from None
+
+
+PROBE_MARK = "BATCHGEN_PROBE "
+_PROBE_CODE = r"""
+import hashlib, json, sys
+out = {"python": sys.version.split()[0]}
+for name in ("torch", "ray"):
+    try:
+        out[name] = __import__(name).__version__
+    except Exception as exc:
+        out[name + "_error"] = f"{type(exc).__name__}: {exc}"
+try:
+    import batchgen, pathlib
+    root = pathlib.Path(batchgen.__file__).parent
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*.py")):
+        h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
+    out.update(batchgen=batchgen.__version__, batchgen_digest=h.hexdigest(), batchgen_path=str(root))
+except Exception as exc:
+    out["batchgen_error"] = f"{type(exc).__name__}: {exc}"
+print("BATCHGEN_PROBE " + json.dumps(out, sort_keys=True))
+"""
+
+
+def local_code_info() -> dict:
+    """This checkout's batchgen version and source digest (what the probe compares with)."""
+    import hashlib
+
+    from . import __version__
+
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*.py")):
+        h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
+    return {"batchgen": __version__, "batchgen_digest": h.hexdigest()}
+
+
+def probe_cluster(address: str, env_vars: dict[str, str] | None = None, timeout_s: float = 120.0) -> dict:
+    """Run a tiny probe job on the cluster; returns what its Python can import (see ``_PROBE_CODE``)."""
+    client = _client(address)
+    runtime_env = {"env_vars": dict(env_vars)} if env_vars else None
+    job_id = f"batchgen-probe-{uuid.uuid4().hex[:8]}"
+    try:
+        client.submit_job(entrypoint=shlex.join(["python", "-c", _PROBE_CODE]), submission_id=job_id,
+                          runtime_env=runtime_env, metadata={"batchgen_probe": "1"})
+    except Exception as exc:
+        raise SubmitError(f"the Ray job server at {address} refused the probe job: {exc}") from None
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = str(getattr(client.get_job_status(job_id), "value", client.get_job_status(job_id)))
+        if status in TERMINAL:
+            break
+        if time.monotonic() > deadline:
+            raise SubmitError(f"the probe job {job_id} did not finish within {timeout_s:.0f} s on {address}; "
+                              "pass --no-check to submit without checking the cluster's batchgen")
+        time.sleep(0.5)
+    logs = client.get_job_logs(job_id)
+    for line in reversed(logs.splitlines()):
+        if line.startswith(PROBE_MARK):
+            import json
+
+            return json.loads(line[len(PROBE_MARK):])
+    raise SubmitError(f"the probe job {job_id} on {address} ended {status} without a report; its log ends: "
+                      f"{logs[-500:]}")
+
+
+def shipping_decision(local: dict, remote: dict, ship_code: bool | None) -> tuple[bool, str | None]:
+    """(ship the package?, note for the user) from the probe's report; raises when the cluster's
+    Python lacks what shipping cannot fix (torch, ray)."""
+    for dep in ("torch", "ray"):
+        if remote.get(f"{dep}_error"):
+            raise SubmitError(f"the cluster's Python cannot import {dep} ({remote[f'{dep}_error']}): install "
+                              "batchgen's dependencies in the cluster image (see infra/Dockerfile)")
+    if remote.get("batchgen_error"):
+        why = f"the cluster cannot import batchgen ({remote['batchgen_error']})"
+    elif remote.get("batchgen") != local["batchgen"]:
+        why = f"the cluster has batchgen {remote.get('batchgen')}, this checkout is {local['batchgen']}"
+    elif remote.get("batchgen_digest") != local["batchgen_digest"]:
+        why = f"the cluster's batchgen {remote.get('batchgen')} ({remote.get('batchgen_path')}) has other sources"
+    else:
+        return bool(ship_code), None
+    if ship_code is False:
+        return False, f"{why}; not shipping this checkout (--no-ship-code): the job may fail or differ"
+    return True, f"{why}: shipping this checkout's batchgen package with the job"
 
 
 def _exit_code(info) -> int:
@@ -284,8 +374,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="passed to `batchgen run` on the cluster")
     parser.add_argument("--no-ship-inputs", action="store_true",
                         help="do not upload local input files (the path exists on the cluster)")
-    parser.add_argument("--ship-code", action="store_true",
-                        help="upload this batchgen package with the job (py_modules)")
+    parser.add_argument("--ship-code", action="store_true", default=None,
+                        help="always upload this batchgen package with the job (py_modules); by default it "
+                             "is uploaded when the cluster cannot import the same batchgen")
+    parser.add_argument("--no-ship-code", dest="ship_code", action="store_false",
+                        help="never upload this batchgen package")
+    parser.add_argument("--no-check", action="store_true",
+                        help="skip the probe job that checks the cluster's batchgen, torch and ray")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="extra environment variable for the job (visible in the dashboard)")
     parser.add_argument("--submission-id", default=None, help="submission id (default batchgen-<name>-<random>)")
@@ -295,8 +390,21 @@ def run(args: argparse.Namespace) -> int:
     address = dashboard_address(args.address)
     run_args = (["--overwrite"] if args.overwrite else []) + (
         ["--max-failures", str(args.max_failures)] if args.max_failures is not None else [])
+    extra_env = _parse_env(args.env)
+    ship = args.ship_code
     sub = prepare_submission(args.spec, args.overrides, ship_inputs=not args.no_ship_inputs,
-                             ship_code=args.ship_code, extra_env=_parse_env(args.env), run_args=run_args)
+                             ship_code=bool(ship), extra_env=extra_env, run_args=run_args)
+    if not args.no_check:
+        try:
+            ship, note = shipping_decision(local_code_info(), probe_cluster(address, sub.runtime_env.get("env_vars")),
+                                           args.ship_code)
+        except BaseException:
+            shutil.rmtree(sub.staging_dir, ignore_errors=True)
+            raise
+        if note:
+            sub.warnings.append(note)
+        if ship:
+            sub.runtime_env["py_modules"] = [str(Path(__file__).resolve().parent)]
     for w in sub.warnings:
         print(f"batchgen submit: note: {w}", file=sys.stderr)
     try:

@@ -76,6 +76,23 @@ def _t5(d_model: int, layers: int, heads: int, d_ff: int, d_kv: int = 64):
     return transformers.T5EncoderModel(config).eval().requires_grad_(False)
 
 
+class _building:
+    """Build modules straight on ``device`` in ``dtype`` (a 12B transformer never exists in fp32)."""
+
+    def __init__(self, device, dtype):
+        self.device, self.dtype = torch.device(device), dtype
+
+    def __enter__(self):
+        self.saved = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        self.ctx = torch.device(self.device)
+        self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        self.ctx.__exit__(*exc)
+        torch.set_default_dtype(self.saved)
+
+
 def _twin(ours: torch.nn.Module, diffusers_cls_name: str, config: dict) -> torch.nn.Module:
     """diffusers' module of the same config, sharing ``ours``'s weight tensors."""
     import diffusers
@@ -176,10 +193,34 @@ def _sd35m(small: bool, tok: dict):
     return ours, theirs, {}
 
 
+def _flux(small: bool, tok: dict, dev: bool = False):
+    from batchgen.models import AutoencoderKL
+    from batchgen.models.flux import FLUX_1_DEV, FLUX_1_SCHNELL, FLUX_TINY_DEV, FLUX_TINY_SCHNELL, FluxTransformer2DModel
+    from batchgen.models.vae import FLUX_VAE_CONFIG, VAE_TINY_16CH
+    from batchgen.tiny.flux import SCHEDULERS
+
+    cfg = dict((FLUX_TINY_DEV if dev else FLUX_TINY_SCHNELL) if small else (FLUX_1_DEV if dev else FLUX_1_SCHNELL))
+    vae_cfg = {**VAE_TINY_16CH, "scaling_factor": FLUX_VAE_CONFIG["scaling_factor"],
+               "shift_factor": FLUX_VAE_CONFIG["shift_factor"]} if small else dict(FLUX_VAE_CONFIG)
+    transformer, vae = FluxTransformer2DModel(cfg).eval(), AutoencoderKL(vae_cfg).eval()
+    te = _clip("CLIPTextModel", 32, 2, 4, "quick_gelu") if small else _clip("CLIPTextModel", 768, 12, 12, "quick_gelu")
+    te2 = _t5(cfg["joint_attention_dim"], 2, 4, 64, 8) if small else _t5(4096, 24, 64, 10240)
+    ours = {"transformer": transformer, "vae": vae, "text_encoder": te, "tokenizer": tok["clip"], "text_encoder_2": te2,
+            "tokenizer_2": tok["t5"], "scheduler": dict(SCHEDULERS["flux-dev" if dev else "flux-schnell"])}
+    theirs = {"transformer": _twin(transformer, "FluxTransformer2DModel", cfg), "vae": _twin(vae, "AutoencoderKL", vae_cfg),
+              **{k: v for k, v in ours.items() if k.startswith(("text_encoder", "tokenizer"))}}
+    return ours, theirs, {}
+
+
 MODELS: dict[str, Model] = {
     "sd15": Model("sd:StableDiffusion", "StableDiffusionPipeline", _sd15, 512, 30, 7.5, "euler", batch=8),
     "sdxl": Model("sdxl:StableDiffusionXL", "StableDiffusionXLPipeline", _sdxl, 1024, 30, 5.0, "euler", batch=4),
     "sd35m": Model("sd3:StableDiffusion3", "StableDiffusion3Pipeline", _sd35m, 1024, 28, 7.0, "flow_euler", batch=2),
+    # FLUX.1 at its defaults (T5 256 / 512 tokens); diffusers' FluxPipeline defaults to 512 for both.
+    "flux-schnell": Model("flux:Flux", "FluxPipeline", _flux, 1024, 4, 0.0, "flow_euler", batch=2,
+                          call_kwargs={"max_sequence_length": 256}),
+    "flux-dev": Model("flux:Flux", "FluxPipeline", lambda small, tok: _flux(small, tok, dev=True), 1024, 28, 3.5,
+                      "flow_euler", batch=2),
 }
 
 
@@ -242,7 +283,7 @@ def run_model(name: str, spec: Model, args, device, dtype, tok) -> list[dict]:
     small = args.cpu
     size = spec.small_size if small else spec.size
     steps = 4 if small else spec.steps
-    with torch.device(device):
+    with _building(device, dtype):
         ours_parts, their_parts, index = spec.build(small, tok)
     module, cls = spec.family.split(":")
     family_cls = getattr(importlib.import_module(f"batchgen.families.{module}"), cls)
@@ -353,7 +394,7 @@ def run_job_benchmark(args, device, dtype, tok) -> dict:
     small = args.cpu
     spec = MODELS["sd15"]
     root = Path(tempfile.mkdtemp(prefix="bench-sd15-"))
-    with torch.device(device):
+    with _building(device, dtype):
         parts, _, _ = spec.build(small, tok)
     index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
              "scheduler": ["diffusers", "EulerDiscreteScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
@@ -459,7 +500,7 @@ def run_tweaks(args, device, dtype, tok) -> list[dict]:
     spec = MODELS["sd15"]
     small = args.cpu
     size = spec.small_size if small else spec.size
-    with torch.device(device):
+    with _building(device, dtype):
         parts, _, index = spec.build(small, tok)
     module, cls = spec.family.split(":")
     fam = getattr(importlib.import_module(f"batchgen.families.{module}"), cls).from_parts(parts, index).to(device, dtype)

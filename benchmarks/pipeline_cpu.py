@@ -28,6 +28,15 @@ def _call_text(pipe, prompts, generators, args):
                 output_type="np").images
 
 
+def _call_flux(max_sequence_length):
+    """FluxPipeline at batchgen's default T5 length for the variant (diffusers defaults to 512 for both)."""
+    def call(pipe, prompts, generators, args):
+        return pipe(prompts, num_inference_steps=args.steps, width=args.size, height=args.size, generator=generators,
+                    max_sequence_length=max_sequence_length, output_type="np").images
+
+    return call
+
+
 def _call_dit(pipe, prompts, generators, args):
     """DiTPipeline: class ids (from the same id2label names the batchgen side renders), fixed size."""
     return pipe(pipe.get_label_ids(prompts), num_inference_steps=args.steps, generator=generators,
@@ -52,6 +61,8 @@ REFERENCES = {
     "sd3": ("StableDiffusion3Pipeline", _call_text, "flow_euler"),
     "sd35": ("StableDiffusion3Pipeline", _call_text, "flow_euler"),
     "dit": ("DiTPipeline", _call_dit, "ddim", {"prompts": _class_prompts, "fixed_size": True}),
+    "flux-schnell": ("FluxPipeline", _call_flux(256), "flow_euler"),
+    "flux-dev": ("FluxPipeline", _call_flux(512), "flow_euler"),
 }
 
 

@@ -4,13 +4,25 @@
 #   jobs/nightly.sh                 # compare against $BASELINES (default baselines/nightly)
 #   jobs/nightly.sh --bless         # render and make these outputs the new baselines
 # Environment: OUT (default out/nightly), BASELINES (local folder or s3:// prefix),
-# SAMPLERS (default "ddim euler_a dpmpp_2m"), COMPARE_ARGS (e.g. "--max-pixel-diff 1").
+# SAMPLERS (default "ddim euler_a dpmpp_2m"), COMPARE_ARGS (e.g. "--max-pixel-diff 1"),
+# BATCHGEN (default: .venv/bin/batchgen of this checkout, else batchgen on PATH).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/nightly}
 BASELINES=${BASELINES:-baselines/nightly}
 SAMPLERS=${SAMPLERS:-ddim euler_a dpmpp_2m}
-BATCHGEN=${BATCHGEN:-batchgen}
+# The batchgen command: $BATCHGEN, else this checkout's .venv (made by `make install`), else PATH.
+if [[ -z "${BATCHGEN:-}" ]]; then
+  if [[ -x .venv/bin/batchgen ]]; then
+    BATCHGEN=.venv/bin/batchgen
+  elif command -v batchgen >/dev/null 2>&1; then
+    BATCHGEN=batchgen
+  else
+    echo "nightly.sh: no batchgen found: run \`make install\` (creates .venv), activate the virtualenv that has" \
+         "batchgen, or set BATCHGEN=/path/to/batchgen" >&2
+    exit 2
+  fi
+fi
 status=0
 for s in $SAMPLERS; do
   if [[ "${1:-}" == "--bless" ]]; then

@@ -3,11 +3,18 @@
 ``ray_local`` (module scope) starts Ray unless one is already initialized (then it is reused and
 left running). It depends on ``s3_server`` so the test AWS credentials and region are in the
 environment *before* Ray starts: workers inherit the environment of the process that started Ray.
+The Ray is private (``address="local"``: never a cluster named in /tmp/ray/ray_current_cluster)
+and keeps its session files in a temp folder of its own, removed afterwards.
+
+``ray_tmpdir`` gives a subprocess a private ``RAY_TMPDIR`` (removed afterwards), so a
+``batchgen run`` started by a test leaves no Ray session behind and cannot see other Rays' files.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -27,9 +34,34 @@ def ray_local(s3_server):
     path = os.environ.get("PYTHONPATH", "")
     if str(REPO) not in path.split(os.pathsep):
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), path) if p)
-    ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, object_store_memory=300 * 2**20,
-             log_to_driver=False, configure_logging=False)
+    temp = tempfile.mkdtemp(prefix="bgt-")  # short: Ray's socket paths live below it
+    ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False, object_store_memory=300 * 2**20,
+             log_to_driver=False, configure_logging=False, _temp_dir=temp)
     try:
         yield ray
     finally:
         ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture
+def ray_tmpdir():
+    """A private RAY_TMPDIR for `batchgen run` subprocesses (removed afterwards)."""
+    temp = tempfile.mkdtemp(prefix="bgt-")
+    try:
+        yield temp
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def subprocess_env(ray_tmpdir: str, **extra: str) -> dict:
+    """The environment for a `batchgen` subprocess: this checkout importable, a private Ray temp dir,
+    no RAY_ADDRESS inherited."""
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    env["RAY_TMPDIR"] = ray_tmpdir
+    env["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    env.update(extra)
+    return env

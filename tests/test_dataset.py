@@ -122,3 +122,37 @@ def test_missing_unreadable_and_glob_inputs(tmp_path):
     write_prompts(tmp_path / "g" / "other.parquet", 1)
     files = list_input_files(str(tmp_path / "g" / "part-*.parquet"), CFG)
     assert [f.rel for f in files] == ["part-1.parquet", "part-2.parquet"]
+
+
+# ----------------------------------------------------------------------------- issue 9 hardening
+
+
+@pytest.mark.parametrize(
+    "column, values, message",
+    [  # item 14: overflow and unsigned values name the row, the column and the column's own range
+     ("width", pa.array([64, 2**40], pa.int64()), "row 1, column 'width': 1099511627776 must be in [8, 4096]"),
+     ("width", pa.array([64, 2**64 - 1], pa.uint64()), "row 1, column 'width': 18446744073709551615 is outside [8, 4096]"),
+     ("steps", pa.array([2, 2**31], pa.int64()), "row 1, column 'steps': 2147483648 must be in [1, 1000]"),
+     # item 13: NaN is not a number in range
+     ("guidance_scale", pa.array([5.0, float("nan")]), "row 1, column 'guidance_scale': NaN is not a number"),
+     ("strength", pa.array([float("nan"), 0.5]), "row 0, column 'strength': NaN is not a number")],
+)
+def test_bad_values_name_row_column_and_range(tmp_path, column, values, message):
+    f = write_prompts(tmp_path / "p.parquet", 2, **{column: values})
+    with pytest.raises(InputError) as err:
+        _rows(f)
+    assert message in str(err.value) and str(f) in str(err.value)
+    assert "2**63" not in str(err.value)
+
+
+def test_dictionary_encoded_columns_are_read(tmp_path):
+    """Item 14: dictionary-typed prompts and ids (pandas categoricals) are plain strings to us."""
+    f = tmp_path / "p.parquet"
+    table = pa.table({"id": pa.array(["a", "b", "c"]).dictionary_encode(),
+                      "prompt": pa.array(["x", "y", "x"]).dictionary_encode(),
+                      "negative_prompt": pa.array(["n", None, "n"]).dictionary_encode()})
+    pq.write_table(table, f)
+    scan, rows = _rows(f, input={"id_column": "id"})
+    assert [r["item_id"] for r in rows] == ["a", "b", "c"]
+    assert [r["prompt"] for r in rows] == ["x", "y", "x"]
+    assert [r["negative_prompt"] for r in rows] == ["n", "", "n"]

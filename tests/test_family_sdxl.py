@@ -169,9 +169,9 @@ def test_sd1_and_sdxl_share_one_generate_code_path(sdxl, tiny_sd1, monkeypatch):
     calls = []
     original = pipeline_module.Pipeline._render_batch
 
-    def spy(self, req, start, stop, size):
+    def spy(self, req, indices, size, settings):
         calls.append(self.family.name)
-        return original(self, req, start, stop, size)
+        return original(self, req, indices, size, settings)
 
     monkeypatch.setattr(pipeline_module.Pipeline, "_render_batch", spy)
     sd1 = load_pipeline(tiny_sd1, device="cpu", dtype=torch.float32)

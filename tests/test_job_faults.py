@@ -22,6 +22,7 @@ from batchgen.runner import run_job
 from batchgen.spec import spec_from_dict
 
 from .fixtures_jobs import image_digests, job_dict, write_prompts
+from .fixtures_ray import subprocess_env
 
 N = 12
 IDS = [f"item-{i:02d}" for i in range(N)]
@@ -82,12 +83,12 @@ def test_generator_actor_dies_mid_job(tmp_path, clean):
     assert image_digests(out) == reference
 
 
-def test_driver_sigkill_then_resume(tmp_path, clean):
+def test_driver_sigkill_then_resume(tmp_path, clean, ray_tmpdir):
     inp, reference = clean
     out = tmp_path / "out"
     spec_path = tmp_path / "job.yaml"
     spec_path.write_text(yaml.safe_dump(_job(inp, out)))
-    env = dict(os.environ, BATCHGEN_TEST_HOOKS=json.dumps({"sleep_per_call_s": 1.0, "part_max_rows": 2}))
+    env = subprocess_env(ray_tmpdir, BATCHGEN_TEST_HOOKS=json.dumps({"sleep_per_call_s": 1.0, "part_max_rows": 2}))
     proc = subprocess.Popen([sys.executable, "-m", "batchgen.cli", "run", str(spec_path), "--num-cpus", "2"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     parts = out / "manifest"

@@ -83,3 +83,91 @@ def test_digest_covers_output_affecting_fields_only():
     c = spec_from_dict({**base, "sampling": {"steps": 3}, "compute": {"batch_size": 8}})
     assert a.digest() != c.digest()
     assert diff_keys(a.digest_fields(), c.digest_fields()) == ["compute.batch_size", "sampling.steps"]
+
+
+# ----------------------------------------------------------------------------- issue 9 hardening
+
+
+def test_yaml_alias_bomb_is_refused_fast_and_small(tmp_path):
+    """Item 3: a billion-laughs document is refused before it expands (no repr, no digest)."""
+    import time
+
+    lines = ["a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]
+    p = _write(tmp_path, "\n".join(lines) + "\ninput: {uri: *a9}\noutput: {uri: o}\n")
+    start = time.monotonic()
+    with pytest.raises(InputError) as err:
+        load_spec(p)
+    assert time.monotonic() - start < 2
+    msg = str(err.value)
+    assert "line 2: YAML alias '*a0' is not allowed" in msg and str(p) in msg and len(msg) < 400
+    with pytest.raises(InputError, match="YAML alias"):
+        load_spec(_write(tmp_path, "input: {uri: x}\noutput: {uri: o}\n"),
+                  ["sampling.sampler_options={a: &x [1, 2], b: *x}"])
+    big = _write(tmp_path, "input: {uri: x}\noutput: {uri: o}\nname: " + "x" * (1 << 20) + "\n")
+    with pytest.raises(InputError, match="too large for a job spec"):
+        load_spec(big)
+
+
+def test_duplicate_keys_and_strict_types(tmp_path):
+    """Item 14: duplicate keys are errors; `steps: true` and `seed: "7"` are not 1 and 7."""
+    with pytest.raises(InputError, match=r"line 5: duplicate key 'steps' \(first on line 4\)"):
+        load_spec(_write(tmp_path, "input: {uri: x}\noutput: {uri: o}\nsampling:\n  steps: 3\n  steps: 4\n"))
+    with pytest.raises(InputError) as err:
+        load_spec(_write(tmp_path, "input: {uri: x}\noutput: {uri: o}\nsampling: {steps: true, seed: '7'}\n"))
+    msg = str(err.value)
+    assert "key 'sampling.steps': Input should be a valid integer (got True)" in msg
+    assert "key 'sampling.seed': Input should be a valid integer (got '7')" in msg
+    # floats accept integers; YAML integers stay integers
+    spec = load_spec(_write(tmp_path, "input: {uri: x}\noutput: {uri: o}\nsampling: {guidance_scale: 7}\n"))
+    assert spec.sampling.guidance_scale == 7.0
+
+
+def test_set_errors_name_the_set_not_the_file(tmp_path):
+    """Item 14: a --set typo is blamed on the --set, with the closest key; no 'got X (got X)'."""
+    p = _write(tmp_path, "input: {uri: x}\noutput: {uri: o}\n")
+    with pytest.raises(InputError) as err:
+        load_spec(p, ["sampling.stepz=3"])
+    msg = str(err.value)
+    assert "--set 'sampling.stepz=3': unknown key 'sampling.stepz' (did you mean 'sampling.steps'?)" in msg
+    assert str(p) not in msg
+    with pytest.raises(InputError) as err:
+        load_spec(p, ["sampling.width=100"])
+    assert str(err.value).count("got 100") == 1 and "--set 'sampling.width=100'" in str(err.value)
+    with pytest.raises(InputError) as err:
+        load_spec(_write(tmp_path, "input: {uri: x}\noutput: {uri: o}\ncompute: {gpus_per_workers: 0}\n"))
+    assert "unknown key 'compute.gpus_per_workers' (did you mean 'compute.gpus_per_worker'?)" in str(err.value)
+
+
+def test_endpoint_url_with_credentials_is_refused_without_echoing_them(tmp_path):
+    """Item 9: user-info in storage.endpoint_url is an error and the secret is never printed."""
+    with pytest.raises(InputError) as err:
+        load_spec(_write(tmp_path, "input: {uri: x}\noutput: {uri: o}\n"
+                                   "storage: {endpoint_url: 'http://AKIAKEY:s3cr3t@minio:9000'}\n"))
+    msg = str(err.value)
+    assert "storage.endpoint_url" in msg and "user:password@" in msg
+    assert "s3cr3t" not in msg and "AKIAKEY" not in msg
+
+
+def test_a1111_sampler_names_and_non_finite_options():
+    """Item 20: A1111 names are aliases (the spec holds our name); item 13: NaN options are refused."""
+    base = {"input": {"uri": "x"}, "output": {"uri": "o"}}
+    for alias, name in [("Euler a", "euler_a"), ("DPM++ 2M Karras", "dpmpp_2m_karras"), ("UniPC", "unipc"),
+                        ("dpm++ 2m sde", "dpmpp_2m_sde")]:
+        spec = spec_from_dict({**base, "sampling": {"sampler": alias}})
+        assert spec.sampling.sampler == name
+        assert spec.digest() == spec_from_dict({**base, "sampling": {"sampler": name}}).digest()
+    with pytest.raises(InputError, match=r"sampler_options.*eta is nan: numbers must be finite"):
+        spec_from_dict({**base, "sampling": {"sampler_options": {"eta": float("nan")}}})
+    with pytest.raises(InputError, match=r"guidance_scale.*finite"):
+        spec_from_dict({**base, "sampling": {"guidance_scale": float("nan")}})
+
+
+def test_unknown_sampler_suggests_names():
+    """Item 20: an unknown sampler gets 'did you mean'."""
+    from batchgen.jobstate import check_sampler
+
+    with pytest.raises(InputError) as err:
+        check_sampler(spec_from_dict({"input": {"uri": "x"}, "output": {"uri": "o"},
+                                      "sampling": {"sampler": "eular_a"}}))
+    assert "unknown sampler 'eular_a' (did you mean 'euler_a'?)" in str(err.value)

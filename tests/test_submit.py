@@ -90,12 +90,15 @@ def test_address_normalization_and_unreachable_server(tmp_path):
 def test_submit_wait_runs_job_to_completion(tmp_path, tiny_sd1, ray_head_with_dashboard):
     head = ray_head_with_dashboard
     spec, ids = write_job(tmp_path, tiny_sd1, n_items=4, gpus_per_worker=0, min_workers=1, max_workers=1)
+    # No --ship-code: the probe job finds this checkout's batchgen on the head (PYTHONPATH), so
+    # nothing is shipped (item 18 of issue 9: a cluster without it gets the package automatically).
     proc = subprocess.run(
         [sys.executable, "-m", "batchgen.cli", "submit", str(spec), "--address", head.dashboard_url,
-         "--wait", "--ship-code", "--set", "name=submitted"],
+         "--wait", "--set", "name=submitted"],
         env=_base_env(), capture_output=True, text=True, timeout=240,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "shipping" not in proc.stderr and "cannot import" not in proc.stderr
     job_id = proc.stdout.splitlines()[0].strip()
     assert job_id.startswith("batchgen-submitted-")
     assert "4/4 items ok" in proc.stdout  # the job's own log, followed by --wait
@@ -106,3 +109,8 @@ def test_submit_wait_runs_job_to_completion(tmp_path, tiny_sd1, ray_head_with_da
     with redirect_stdout(buf):
         assert status_submission(job_id, head.dashboard_url) == 0
     assert "SUCCEEDED" in buf.getvalue()
+
+    from batchgen.submit import local_code_info, probe_cluster
+
+    report = probe_cluster(head.dashboard_url)
+    assert report["batchgen_digest"] == local_code_info()["batchgen_digest"] and report["torch"] and report["ray"]

@@ -17,6 +17,7 @@ FAMILIES: dict[str, str] = {
     "sdxl": "StableDiffusionXL",
     "sd3": "StableDiffusion3",
     "dit": "DiT",
+    "flux": "Flux",
 }
 
 

@@ -80,6 +80,11 @@ class Family:
     cuda_dtype: ClassVar[torch.dtype] = torch.float16  # dtype "auto" on a GPU
     denoiser_name: ClassVar[str] = "unet"  # the component whose config has sample_size
     no_negative_prompt: ClassVar[str | None] = None  # why the family takes none (non-empty ones are refused)
+    # Memory plans (load_pipeline's text_encoder_device / fp8): the text encoders a family lets live
+    # on another device than the denoiser (its encode_prompts moves their outputs), and per
+    # component the Linear layers fp8 storage keeps in the run dtype (qualified-name prefixes).
+    text_encoders: ClassVar[tuple[str, ...]] = ()
+    fp8_keep: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def __init__(self, parts: dict[str, Any], folder: CheckpointFolder):
         self.parts = parts
@@ -89,15 +94,22 @@ class Family:
         self.device = torch.device("cpu")
         self.dtype = torch.float32
         self.vae_dtype = torch.float32
+        self.text_device = torch.device("cpu")  # where self.text_encoders run (see to())
+        self.text_dtype = torch.float32
+        self.fp8: tuple[str, ...] = ()  # components whose Linear weights are stored in float8
         self.compiled = "none"
 
     # ------------------------------------------------------------------------------- loading
     @classmethod
-    def load(cls, folder: CheckpointFolder, variant: str | None, allow_pickle: bool) -> "Family":
+    def load(cls, folder: CheckpointFolder, variant: str | None, allow_pickle: bool,
+             dtype: torch.dtype | None = None) -> "Family":
         """Load every component this family reads; refuse missing or wrong-class ones by name.
 
         ``folder`` is a model source (:mod:`batchgen.checkpoints.sources`): a diffusers folder, a
         single file, either with component overrides. It yields components by name.
+
+        ``dtype``: build the weights of every model but the VAE directly in this dtype (a bf16
+        checkpoint then never passes through float32: half the host memory); None: float32.
         """
         listed = folder.components()
         parts: dict[str, Any] = {}
@@ -119,7 +131,7 @@ class Family:
             elif comp.kind == "scheduler":
                 parts[name] = folder.load_scheduler_config(name)
             else:
-                parts[name] = folder.load_model(name, variant, allow_pickle)
+                parts[name] = folder.load_model(name, variant, allow_pickle, dtype=None if name == "vae" else dtype)
         return cls(parts, folder)
 
     @classmethod
@@ -134,15 +146,45 @@ class Family:
                 part.eval().requires_grad_(False)
         return cls(parts, CheckpointFolder(root=Path(root), model_index=index))
 
-    def to(self, device: torch.device, dtype: torch.dtype) -> "Family":
-        """Move every module to ``device``; weights in ``dtype`` (the VAE per the upcast policy)."""
+    def to(self, device: torch.device, dtype: torch.dtype, text_device: torch.device | None = None) -> "Family":
+        """Move every module to ``device``; weights in ``dtype`` (the VAE per the upcast policy).
+
+        ``text_device``: where the family's :attr:`text_encoders` live and run (None: ``device``);
+        on the CPU they keep ``dtype`` unless it is float16 (slow on CPUs: float32 then).
+        """
+        text_device = device if text_device is None else torch.device(text_device)
+        if text_device != device and not self.text_encoders:
+            raise ValueError(f"text_encoder_device: {self.name} models keep their text encoders on the model "
+                             f"device; pass text_encoder_device=None")
         self.device, self.dtype = device, dtype
+        self.text_device = text_device
+        self.text_dtype = torch.float32 if text_device.type == "cpu" and dtype == torch.float16 else dtype
         self.vae_dtype = dtype
         if self.upcast_vae and dtype == torch.float16 and self.vae is not None and self.vae.config.get("force_upcast"):
             self.vae_dtype = torch.float32
         for name, part in self.parts.items():
             if isinstance(part, torch.nn.Module):
-                part.to(device=device, dtype=self.vae_dtype if part is self.vae else dtype)
+                if name in self.text_encoders:
+                    part.to(device=text_device, dtype=self.text_dtype)
+                else:
+                    part.to(device=device, dtype=self.vae_dtype if part is self.vae else dtype)
+        return self
+
+    def quantize_fp8(self, names) -> "Family":
+        """Store the Linear weights of components ``names`` in float8 e4m3 (per-tensor scale), upcast
+        to the run dtype at each matmul (:mod:`batchgen.models.fp8`). Call before :meth:`to`, while
+        the weights are on the CPU, so the full-precision copy never reaches the GPU."""
+        from ..models.fp8 import quantize_linears
+
+        names = (names,) if isinstance(names, str) else tuple(names)
+        for name in names:
+            part = self.parts.get(name)
+            if not isinstance(part, torch.nn.Module) or part is self.vae:
+                known = [n for n, p in self.parts.items() if isinstance(p, torch.nn.Module) and p is not self.vae]
+                raise ValueError(f"fp8: {name!r} is not a component whose weights can be stored in float8 "
+                                 f"(this {self.name} model has: {', '.join(known)})")
+            quantize_linears(part, keep=self.fp8_keep.get(name, ()))
+        self.fp8 = tuple(dict.fromkeys(self.fp8 + names))
         return self
 
     def compile(self, mode: str) -> None:
@@ -161,8 +203,11 @@ class Family:
 
     def info(self) -> dict[str, Any]:
         """What the model is, for job.json and the manifest."""
-        return {"family": self.name, "variant": self.variant(), "pipeline_class": self.folder.pipeline_class,
+        info = {"family": self.name, "variant": self.variant(), "pipeline_class": self.folder.pipeline_class,
                 "prediction_type": self.scheduler_config.get("prediction_type", "epsilon")}
+        if self.fp8:
+            info["fp8"] = list(self.fp8)
+        return info
 
     def variant(self) -> str:
         return self.name
@@ -202,8 +247,14 @@ class Family:
         """Whether a batch runs classifier-free guidance (doubles the model batch)."""
         return settings["guidance_scale"] > 1.0
 
-    def schedule(self, settings: dict[str, Any]) -> dict[str, Any]:
-        """Extra ``get_sampler`` arguments (``sigmas``, ``mu``) for this request."""
+    def prompt_chunks(self, prompt: str, negative: str, settings: dict[str, Any]) -> int | None:
+        """For families whose prompt length varies (A1111 syntax): the item's token-chunk count.
+        Items with different counts never share a micro-batch (their embeddings differ in length),
+        so an item's bytes do not depend on its batch-mates. None: fixed length."""
+        return None
+
+    def schedule(self, settings: dict[str, Any], sampler: str) -> dict[str, Any]:
+        """Extra ``get_sampler`` arguments (``sigmas``, ``mu``) for this request and sampler name."""
         return {}
 
     # ---------------------------------------------------------------------------- the latents
@@ -232,7 +283,9 @@ class Family:
         sample from its own generator, as diffusers does with a generator list)."""
         latents = []
         for image, gen in zip(images, generators):
-            pixels = torch.from_numpy(image.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
+            # (1, H, W, 3) -> (1, 3, H, W) as a strided view, the memory layout diffusers' image
+            # processor hands the VAE (CPU convolutions round differently for other layouts).
+            pixels = torch.from_numpy((image.astype(np.float32) / 255.0)[None].transpose(0, 3, 1, 2))
             pixels = (2.0 * pixels - 1.0).to(self.device, self.vae_dtype)
             latents.append(self.vae.encode(pixels).sample([gen]))
         out = torch.cat(latents).to(self.dtype)

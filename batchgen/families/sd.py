@@ -34,12 +34,20 @@ class StableDiffusion(Family):
     def variant(self) -> str:
         return "sd2" if self.unet.config.get("use_linear_projection", False) else "sd1"
 
+    def prompt_chunks(self, prompt, negative, settings):
+        if settings.get("prompt_syntax") != "a1111":
+            return None
+        return max(self.text.chunks(prompt), self.text.chunks(negative))
+
+    def _encode(self, prompts, batch, labels=None) -> torch.Tensor:
+        if batch.settings.get("prompt_syntax") == "a1111":
+            return self.text.weighted(prompts, self.device, batch.settings["prompt_chunks"])[0]
+        return self.text(prompts, self.device, labels=labels)[0]
+
     def encode_prompts(self, batch: Batch) -> Conditioning:
-        context, _ = self.text(batch.prompts, self.device, labels=batch.labels)
-        context = context.to(self.dtype)
+        context = self._encode(batch.prompts, batch, batch.labels).to(self.dtype)
         if batch.guided:
-            uncond, _ = self.text(batch.negatives, self.device)
-            context = torch.cat([uncond.to(self.dtype), context])
+            context = torch.cat([self._encode(batch.negatives, batch).to(self.dtype), context])
         return Conditioning(context=context)
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:

@@ -129,7 +129,7 @@ class StableDiffusion3(Family):
                 raise ValueError(f"{key}: {value} is larger than this {self.name} model's position table allows "
                                  f"({limit} px: pos_embed_max_size {limit // m} patches)")
 
-    def schedule(self, settings: dict[str, Any]) -> dict[str, Any]:
+    def schedule(self, settings: dict[str, Any], sampler: str) -> dict[str, Any]:
         """``mu`` for a dynamically shifted scheduler config, from the number of image tokens."""
         if not self.scheduler_config.get("use_dynamic_shifting"):
             return {}

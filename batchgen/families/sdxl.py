@@ -79,12 +79,22 @@ class StableDiffusionXL(Family):
         return items
 
     # ------------------------------------------------------------------------------ prompts
-    def _encode(self, prompts: list[str], labels) -> tuple[torch.Tensor, torch.Tensor]:
+    def prompt_chunks(self, prompt, negative, settings):
+        if settings.get("prompt_syntax") != "a1111":
+            return None
+        return max(enc.chunks(text) for enc in self.encoders for text in (prompt, negative))
+
+    def _encode(self, prompts: list[str], labels, settings=None) -> tuple[torch.Tensor, torch.Tensor]:
         states, pooled = [], None
+        weighted = settings is not None and settings.get("prompt_syntax") == "a1111"
         for enc in self.encoders:
             wants_pooled = enc.encoder is self.parts["text_encoder_2"]
-            hidden, vector = enc(prompts, self.device, hidden="penultimate", pooled="output0" if wants_pooled else None,
-                                 labels=labels)
+            kind = "output0" if wants_pooled else None
+            if weighted:
+                hidden, vector = enc.weighted(prompts, self.device, settings["prompt_chunks"], hidden="penultimate",
+                                              pooled=kind)
+            else:
+                hidden, vector = enc(prompts, self.device, hidden="penultimate", pooled=kind, labels=labels)
             states.append(hidden)
             if vector is not None:
                 pooled = vector
@@ -104,10 +114,10 @@ class StableDiffusionXL(Family):
         return torch.tensor(rows, dtype=self.dtype, device=self.device)
 
     def encode_prompts(self, batch: Batch) -> Conditioning:
-        context, pooled = self._encode(batch.prompts, batch.labels)
+        context, pooled = self._encode(batch.prompts, batch.labels, batch.settings)
         time_ids = self._time_ids(batch, negative=False)
         if batch.guided:
-            uncond, uncond_pooled = self._encode(batch.negatives, None)
+            uncond, uncond_pooled = self._encode(batch.negatives, None, batch.settings)
             if self.force_zeros:
                 empty = torch.tensor([n == "" for n in batch.negatives], device=self.device)
                 uncond = torch.where(empty[:, None, None], 0.0, uncond)

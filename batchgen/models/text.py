@@ -27,7 +27,7 @@ _CONFIG_CLASSES = {
     "T5EncoderModel": "T5Config",
 }
 _MODEL_TYPES = {"CLIPTextConfig": (None, "clip_text_model", "clip"), "T5Config": (None, "t5", "umt5")}
-_WARN_CHARS = 80  # dropped text quoted in a truncation warning
+_WARN_CHARS = 60  # dropped text quoted in a truncation warning
 
 
 def build_text_encoder(cls_name: str, config: dict):
@@ -68,7 +68,7 @@ def load_tokenizer(folder: Path, cls_name: str = "CLIPTokenizer"):
 
 
 def _label(labels: Sequence[str] | None, i: int) -> str:
-    return f"item {labels[i]!r}" if labels is not None and i < len(labels) else f"prompt {i}"
+    return f"item {labels[i]}" if labels is not None and i < len(labels) and labels[i] else f"prompt {i}"
 
 
 class _Tokenized:
@@ -85,8 +85,8 @@ class _Tokenized:
                 # CLIP ([BOS] ... [EOS]) and T5 (... [EOS]) both keep max_length - 1 tokens + EOS.
                 dropped = tokenizer.decode(ids[max_length - 1:-1])
                 shown = dropped if len(dropped) <= _WARN_CHARS else dropped[:_WARN_CHARS] + "..."
-                log.warning("%s: prompt is longer than %d tokens (%d); truncated, dropping: %r",
-                            _label(labels, i), max_length, len(ids), shown)
+                log.warning("%s: prompt is %d tokens, longer than %d; truncated, dropping %d characters: %r",
+                            _label(labels, i), len(ids), max_length, len(dropped), shown)
 
 
 class ClipEncoder:
@@ -132,6 +132,31 @@ class ClipEncoder:
         elif pooled == "pooler":
             vector = out.pooler_output
         return states, vector
+
+
+    def weighted(self, prompts: list[str], device, n_chunks: int, *, hidden: str = "last",
+                 pooled: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Like ``__call__`` for A1111-syntax prompts (:mod:`batchgen.prompt_syntax`): weights,
+        BREAK and 75-token chunks, each chunk encoded as its own 77-token sequence and the states
+        concatenated to ``n_chunks * 77`` tokens (the pooled vector is the first chunk's)."""
+        from ..prompt_syntax import encode_prompts
+
+        def encode(ids: torch.Tensor):
+            with torch.inference_mode():
+                if hidden == "last" and pooled is None:
+                    return self.encoder(ids)[0]
+                out = self.encoder(ids, output_hidden_states=hidden == "penultimate")
+            states = out.hidden_states[-2] if hidden == "penultimate" else out[0]
+            vector = out[0] if pooled == "output0" else out.pooler_output if pooled == "pooler" else None
+            return (states, vector) if vector is not None else states
+
+        return encode_prompts(self.tokenizer, encode, prompts, device=device, n_chunks=n_chunks)
+
+    def chunks(self, prompt: str) -> int:
+        """75-token chunks ``prompt`` takes in A1111 syntax."""
+        from ..prompt_syntax import chunk_count
+
+        return chunk_count(self.tokenizer, prompt)
 
 
 class T5Encoder:

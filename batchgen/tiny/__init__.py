@@ -32,11 +32,14 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "sd35": ("sd3", "StableDiffusion3Pipeline"),
     "sd3-no-t5": ("sd3", "StableDiffusion3Pipeline"),
     "dit": ("dit", "DiTPipeline"),
+    "flux-schnell": ("flux", "FluxPipeline"),
+    "flux-dev": ("flux", "FluxPipeline"),
 }
 # builtin:NAME -> (variant, seed)
 BUILTINS = {"tiny": ("sd1", 0), "tiny-sd1": ("sd1", 0), "tiny-sd2": ("sd2", 0), "tiny-sdxl": ("sdxl", 0),
             "tiny-sdxl-refiner": ("sdxl-refiner", 0), "tiny-sd3": ("sd3", 0), "tiny-sd35": ("sd35", 0),
             "tiny-dit": ("dit", 0)}
+BUILTINS.update({"tiny-flux-schnell": ("flux-schnell", 0), "tiny-flux-dev": ("flux-dev", 0)})
 
 
 def make_tiny_model(directory: str | os.PathLike, variant: str = "sd1", seed: int = 0) -> Path:
