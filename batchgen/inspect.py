@@ -45,8 +45,13 @@ def _dtype_name(stored: str) -> str:
 
 
 def inspect_model(uri, loras=(), *, vae=None, text_encoders=None, tokenizers=None, prediction_type: str | None = None,
-                  variant: str | None = None, allow_pickle: bool = False, storage_config=None) -> dict[str, Any]:
-    """A JSON-ready description of a model (see the module docstring); ``loras`` are LoRA URIs."""
+                  variant: str | None = None, allow_pickle: bool = False, storage_config=None,
+                  fingerprint: bool = True) -> dict[str, Any]:
+    """A JSON-ready description of a model (see the module docstring); ``loras`` are LoRA URIs.
+
+    ``fingerprint=False`` skips hashing the files (a pre-flight that only validates: everything
+    else reads headers and configs only, so it also works on header-only copies of remote files).
+    """
     from .checkpoints import inspect_lora, open_source, resolve_model_uri
     from .checkpoints.lora import lora_components
     from .families import family_for
@@ -80,7 +85,8 @@ def inspect_model(uri, loras=(), *, vae=None, text_encoders=None, tokenizers=Non
         "format": source.describe().get("format", "diffusers"),
         **info,
         "scheduler": family.scheduler_config.get("_class_name"),
-        "fingerprint": source.fingerprint(),
+        "scheduler_config": family.scheduler_config,
+        "fingerprint": source.fingerprint() if fingerprint else None,
         "parameters": sum(c.get("parameters", 0) for c in components.values()),
         "components": components,
         "defaults": {"width": width, "height": height, "sampler": family.default_sampler,
@@ -134,7 +140,7 @@ def format_text(info: dict[str, Any]) -> str:
                                                  "configs)" if "single_file" in info else ""),
              f"family       {info['family']} / {info['variant']} ({info['pipeline_class']})",
              f"scheduler    {info['scheduler']}, prediction {info['prediction_type']}",
-             f"fingerprint  {info['fingerprint']}",
+             f"fingerprint  {info['fingerprint'] or '-'}",
              f"parameters   {_count(info['parameters'])}"]
     d = info["defaults"]
     lines.append(f"defaults     {d['width']}x{d['height']}, sampler {d['sampler']}, {d['steps']} steps, "

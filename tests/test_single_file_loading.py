@@ -299,6 +299,8 @@ def test_standard_configs_use_real_tokenizers_with_family_pads(tmp_path):
     assert unet["stored_dtypes"] == {"float16": 2_567_463_684}
     assert info["components"]["tokenizer"]["vocab_size"] == 49408
     assert info["defaults"] == {"width": 1024, "height": 1024, "sampler": "euler", "steps": 30, "guidance_scale": 5.0}
+    quick = inspect_model(path, fingerprint=False)  # a pre-flight: headers and configs only
+    assert quick["fingerprint"] is None and quick["scheduler_config"]["_class_name"] == "EulerDiscreteScheduler"
     from batchgen.checkpoints.sources import SingleFileSource
 
     source = SingleFileSource(path)
