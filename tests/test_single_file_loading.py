@@ -488,3 +488,14 @@ def test_inspect_checks_every_key_from_headers_alone(tiny, tmp_path):
     save_file(wrong, str(tmp_path / "shape.safetensors"), metadata=metadata)
     with pytest.raises(CheckpointError, match=r"shape.safetensors: unet .*'conv_in.weight' has shape"):
         inspect_model(tmp_path / "shape.safetensors")
+
+
+def test_folder_text_encoder_with_text_model_prefix_loads(tiny, tmp_path):
+    """Hub folders store CLIPTextModel weights under ``text_model.`` (transformers < 5.6 names);
+    the installed transformers flattened the class: both load into the same model."""
+    folder, _ = tiny("sd1")
+    hub = shutil.copytree(folder, tmp_path / "hub")
+    path = hub / "text_encoder" / "model.safetensors"
+    state = load_file(str(path))
+    save_file({(k if k.startswith("text_model.") else f"text_model.{k}"): v for k, v in state.items()}, str(path))
+    assert same(render(load(hub)), render(load(folder)))
