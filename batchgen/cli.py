@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("batchgen.export", "export a job output as WebDataset shards or HF Parquet"),
     "prompts": ("batchgen.prompts", "expand a prompt template (choices, wildcards, class lists) into prompts Parquet"),
     "make-tiny-model": ("batchgen.tiny", "write a tiny random-weight checkpoint (diffusers layout)"),
+    "inspect": ("batchgen.inspect", "describe a model (folder or single file): family, components, fingerprint, LoRA match"),
 }
 
 

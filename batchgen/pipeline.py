@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .checkpoints import fingerprint, open_folder, resolve_model_uri
+from .checkpoints import open_source, resolve_model_uri
 from .families import family_for
 from .families.base import Batch, Family
 from .noise import check_seeds, item_generators, randn_items
@@ -344,13 +344,22 @@ COMPILE_MODES = ("none", "default", "max")
 
 def load_pipeline(path, device=None, dtype=None, variant: str | None = None, allow_pickle: bool = False,
                   storage_config=None, compile: str = "none", loras=None, text_encoder_device=None,
-                  fp8=()) -> Pipeline:
-    """Load a checkpoint of any known family (local diffusers folder, file://, s3://, ``builtin:``).
+                  fp8=(), *, vae=None, text_encoders=None, tokenizers=None,
+                  prediction_type: str | None = None) -> Pipeline:
+    """Load a checkpoint of any known family: a diffusers folder or a single-file checkpoint
+    (``.safetensors`` in the A1111 / ComfyUI layout), local, file://, s3:// or ``builtin:``.
 
     ``compile``: ``none`` (eager), ``default`` (torch.compile of the denoiser and the VAE decoder)
     or ``max`` (plus CUDA graphs on a GPU). Compiling happens on the first render of each shape;
     :meth:`Pipeline.warmup` does it up front. ``loras``: ``[{"uri": ..., "scale": ...}]`` LoRA
     files fused into the weights (see :meth:`Pipeline.set_loras`).
+
+    Component overrides (folders and single files alike; see :mod:`batchgen.checkpoints.sources`):
+    ``vae`` a VAE file (LDM or diffusers keys) or folder; ``text_encoders`` ``{"text_encoder_2":
+    FILE_OR_FOLDER, ...}`` (or one diffusers folder to take every text encoder from);
+    ``tokenizers`` ``{"tokenizer_2": FOLDER, ...}`` (T5 tokenizers of single files must come from
+    here). ``prediction_type``: ``epsilon`` / ``v_prediction`` for checkpoints that do not say
+    (SD 2.x 768-v, v-prediction SDXL finetunes). Pickle files (``.ckpt``) need ``allow_pickle``.
 
     Weights are built directly in the run dtype (bf16 on a GPU for FLUX), never in float32 first.
     Memory plans for large models (README, "GPU memory"): ``text_encoder_device="cpu"`` keeps the
@@ -361,21 +370,23 @@ def load_pipeline(path, device=None, dtype=None, variant: str | None = None, all
     if compile not in COMPILE_MODES:
         raise ValueError(f"compile: expected one of {', '.join(COMPILE_MODES)}, got {compile!r}")
     local = resolve_model_uri(path, storage_config)
-    folder = open_folder(local)
-    family_cls = family_for(folder)
+    source = open_source(local, vae=vae, text_encoders=text_encoders, tokenizers=tokenizers,
+                         prediction_type=prediction_type, allow_pickle=allow_pickle, storage_config=storage_config)
+    family_cls = family_for(source)
     device, dtype = default_device_dtype(device, dtype, family_cls.cuda_dtype)
-    family = family_cls.load(folder, variant, allow_pickle, dtype=dtype)
+    family = family_cls.load(source, variant, allow_pickle, dtype=dtype)
     family.quantize_fp8(fp8).to(device, dtype, text_device=text_encoder_device)
     if compile != "none":
         _inductor_cache()
         family.compile(compile)
     info = {
         "uri": str(path),
-        "fingerprint": fingerprint(folder.root, folder.loaded_files),
+        "fingerprint": source.fingerprint(),
         **family.info(),
         "dtype": str(dtype).removeprefix("torch."),
         "device": str(device),
         "compile": compile,
+        **source.describe(),
     }
     if family.text_device != device:
         info["text_encoder_device"] = str(family.text_device)

@@ -431,7 +431,7 @@ def _clip(with_projection: bool, seed: int):
 
 def _sgm_names(unet) -> dict[str, str]:
     """diffusers module name -> SGM module name, through single_file's own inverse (tested there)."""
-    from batchgen import single_file as sf
+    from batchgen.checkpoints import single_file as sf
 
     shapes = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
     weights = {k: k for k, v in unet.state_dict().items() if k.endswith(".weight") and v.ndim >= 2}
@@ -679,7 +679,7 @@ def test_real_unet_kohya_names_map_like_diffusers(variant):
     """SDXL files name modules in the SGM layout (input_blocks_4_1_...), SD 1.x files in diffusers'
     (down_blocks_1_attentions_0_...): at the real sizes every linear / conv of the UNet is found
     where diffusers' converters put it (two documented diffusers slips aside)."""
-    from batchgen import single_file as sf
+    from batchgen.checkpoints import single_file as sf
     from batchgen.checkpoints.lora import _Index
     from batchgen.models.unet import UNet2DConditionModel
 
@@ -704,7 +704,7 @@ def test_real_flux_kohya_names_map_like_diffusers():
     on the parameters diffusers' kohya converter (with its real built-in sizes) targets."""
     from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
 
-    from batchgen import single_file as sf
+    from batchgen.checkpoints import single_file as sf
     from batchgen.checkpoints.lora import _Index
     from batchgen.models.flux import FluxTransformer2DModel
 

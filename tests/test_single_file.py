@@ -1,4 +1,4 @@
-"""Single-file checkpoint detection and key conversion (batchgen.single_file) against diffusers.
+"""Single-file checkpoint detection and key conversion (batchgen.checkpoints.single_file) against diffusers.
 
 Tiny diffusers / transformers modules of every family (random, all-distinct weights) are turned
 into the single-file layout by our inverse, then read back twice: by diffusers' own converters in
@@ -34,7 +34,7 @@ from transformers import (  # noqa: E402
     T5EncoderModel,
 )
 
-from batchgen import single_file as sf  # noqa: E402
+from batchgen.checkpoints import single_file as sf  # noqa: E402
 from batchgen.errors import CheckpointError  # noqa: E402
 from batchgen.models import UNET_SD1_TINY, UNET_SD2_TINY, VAE_TINY  # noqa: E402
 

@@ -3,12 +3,16 @@
 - :mod:`.folder`: the diffusers folder layout (model_index.json, weight files, variants, shards,
   strict key checks, fingerprints, resolving ``builtin:`` / ``s3://`` URIs to a local folder);
 - :mod:`.components`: component classes named in model_index.json -> our modules / transformers;
+- :mod:`.single_file`: single-file checkpoints (A1111 / ComfyUI layout): detection, key conversion,
+  standard configs; :mod:`.sources`: model sources (folder, single file, component overrides) that
+  families load components from by name; :mod:`.clip_vocab`: CLIP tokenizers built offline;
 - :mod:`.lora`: LoRA files (kohya / PEFT) -> weight deltas fused into a loaded model, swapped exactly.
 """
 
 from .components import (
     MODEL_CLASSES,
     TOKENIZER_CLASSES,
+    build_model,
     component_class,
     load_model,
     load_scheduler_config,
@@ -31,11 +35,13 @@ from .folder import (
     tied_aliases,
 )
 from .lora import LoraFuser, inspect_lora, lora_deltas, read_lora
+from .sources import OverrideSource, SingleFileSource, open_source, write_single_file
 
 __all__ = [
     "BUILTIN_PREFIX", "WEIGHT_BASENAMES", "CheckpointFolder", "WeightFiles", "find_weight_files", "fingerprint",
     "load_component", "load_weights_into", "open_folder", "read_state_dict", "resolve_model_uri", "shard_files",
     "tied_aliases", "MODEL_CLASSES", "TOKENIZER_CLASSES", "component_class", "load_model",
     "load_scheduler_config", "load_tokenizer", "register_model_class",
-    "LoraFuser", "inspect_lora", "lora_deltas", "read_lora",
+    "LoraFuser", "inspect_lora", "lora_deltas", "read_lora", "build_model",
+    "OverrideSource", "SingleFileSource", "open_source", "write_single_file",
 ]

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import CheckpointError
-from .folder import CheckpointFolder, load_component
+from .folder import WEIGHT_BASENAMES, CheckpointFolder, find_weight_files, load_component, load_weights_into
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,16 @@ def _text_encoder(cls_name: str) -> Callable[[dict], torch.nn.Module]:
         return build_text_encoder(cls_name, config)
 
     return build
+
+
+def _convert_clip(state: dict) -> dict:
+    """CLIPTextModel weights with or without the ``text_model.`` level (every diffusers folder on
+    the hub has it; transformers >= 5.6 flattened the class) -> the installed class's names."""
+    from .single_file import clip_text_model_prefix
+
+    if clip_text_model_prefix():
+        return state
+    return {k.removeprefix("text_model."): v for k, v in state.items()}
 
 
 def _convert_vae(state: dict) -> dict:
@@ -62,7 +72,7 @@ MODEL_CLASSES: dict[str, ModelClass] = {
     "DiTTransformer2DModel": ModelClass(_lazy("..models.dit", "DiTTransformer2DModel")),
     # DiT folders on the hub name the older generic class; the config says it is a DiT.
     "Transformer2DModel": ModelClass(_lazy("..models.dit", "DiTTransformer2DModel")),
-    "CLIPTextModel": ModelClass(_text_encoder("CLIPTextModel")),
+    "CLIPTextModel": ModelClass(_text_encoder("CLIPTextModel"), _convert_clip),
     "CLIPTextModelWithProjection": ModelClass(_text_encoder("CLIPTextModelWithProjection")),
     "T5EncoderModel": ModelClass(_text_encoder("T5EncoderModel")),
 }
@@ -110,6 +120,35 @@ def load_model(folder: CheckpointFolder, name: str, variant: str | None = None,
     load_component(folder, name, module, variant, allow_pickle, convert=spec.convert, library=library)
     if hasattr(module, "tie_weights"):
         module.tie_weights()
+    return module.eval().requires_grad_(False)
+
+
+def build_model(folder: CheckpointFolder, name: str, variant: str | None = None,
+                allow_pickle: bool = False) -> torch.nn.Module:
+    """Component ``name`` built on the meta device from its config, weights not read (``batchgen
+    inspect``): the weight files' keys and shapes (safetensors headers) are checked strictly
+    against it, and its config and weight files are recorded as loaded, as :func:`load_model` does."""
+    library, cls = component_class(folder, name)
+    spec = MODEL_CLASSES.get(cls)
+    if spec is None:
+        raise CheckpointError(
+            f"{folder.root}/model_index.json: component '{name}' has class {cls!r}, which batchgen "
+            f"cannot build (known: {', '.join(sorted(MODEL_CLASSES))})")
+    config = folder.read_json(f"{name}/config.json")
+    with torch.device("meta"):
+        module = spec.build(config)
+    weights = find_weight_files(folder.component_dir(name), WEIGHT_BASENAMES.get(library, "model"), variant,
+                                allow_pickle)
+    if not weights.pickle:
+        from .single_file import meta_state, read_header
+
+        header = {}
+        for path in weights.files:
+            header.update(read_header(path))
+        state = meta_state(header)
+        source = ", ".join(str(p) for p in ([weights.index] if weights.index else weights.files))
+        load_weights_into(module, spec.convert(state) if spec.convert else state, source)
+    folder.loaded_files.extend(([weights.index] if weights.index else []) + weights.files)
     return module.eval().requires_grad_(False)
 
 

@@ -73,6 +73,57 @@ class CheckpointFolder:
             raise CheckpointError(f"{self.root}: component folder '{name}/' is missing (model_index.json lists it)")
         return path
 
+    # -------------------------------------------------- the model-source interface (sources.py)
+    @property
+    def where(self) -> str:
+        """What error messages about the component list name."""
+        return f"{self.root}/model_index.json"
+
+    def missing_hint(self, name: str) -> str:
+        return "it is missing or null"
+
+    def load_model(self, name: str, variant: str | None = None, allow_pickle: bool = False, **options):
+        from .components import load_model
+
+        return load_model(self, name, variant, allow_pickle, **options)
+
+    def build_model(self, name: str, variant: str | None = None, allow_pickle: bool = False):
+        """Component ``name`` on the meta device (no weights read); its files count as loaded."""
+        from .components import build_model
+
+        return build_model(self, name, variant, allow_pickle)
+
+    def load_tokenizer(self, name: str):
+        from .components import load_tokenizer
+
+        return load_tokenizer(self, name)
+
+    def load_scheduler_config(self, name: str = "scheduler") -> dict:
+        from .components import load_scheduler_config
+
+        return load_scheduler_config(self, name)
+
+    def component_config(self, name: str) -> dict | None:
+        """``<name>/config.json``, or None where the folder has no such component."""
+        if name not in self.components() or not (self.root / name / "config.json").is_file():
+            return None
+        return self.read_json(f"{name}/config.json")
+
+    def stored_dtypes(self, name: str, variant: str | None = None) -> dict[str, int]:
+        """Stored dtype -> element count of component ``name``'s weights (safetensors headers only)."""
+        from .single_file import read_header
+
+        library = self.components()[name][0]
+        weights = find_weight_files(self.component_dir(name), WEIGHT_BASENAMES.get(library, "model"), variant, True)
+        return header_dtypes(read_header(f) for f in weights.files if not weights.pickle)
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.root, self.loaded_files)
+
+    def describe(self) -> dict:
+        """Extra model_info entries (none: a diffusers folder is the default format)."""
+        return {}
+
     def read_json(self, relpath: str) -> dict:
         path = self.root / relpath
         if not path.is_file():
@@ -233,6 +284,33 @@ def load_component(folder: CheckpointFolder, name: str, module: torch.nn.Module,
     load_weights_into(module, state, source, ignore=ignore)
     folder.loaded_files.extend(([weights.index] if weights.index else []) + weights.files)
     return weights
+
+
+def header_dtypes(headers: Iterable[dict]) -> dict[str, int]:
+    """Stored dtype (``F16``, ``BF16``, ``F8_E4M3`` ...) -> element count over safetensors headers."""
+    out: dict[str, int] = {}
+    for header in headers:
+        for dtype, shape in header.values():
+            count = 1
+            for d in shape:
+                count *= d
+            out[dtype] = out.get(dtype, 0) + count
+    return out
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fingerprint_entries(entries: Iterable[tuple[str, Path]], extra: Iterable[str] = ()) -> str:
+    """sha256 over sorted (label, sha256 of content) lines (:func:`fingerprint` with free labels)
+    and ``extra`` lines (settings that change what the files mean)."""
+    lines = sorted({f"{label}\t{file_digest(Path(path))}\n" for label, path in entries} | set(extra))
+    return hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()
 
 
 def fingerprint(root: Path, files: Iterable[Path]) -> str:

@@ -18,7 +18,7 @@ gets an index from its own parameter names to the LoRA names that would target t
   ``text_model.`` level (transformers 5 flattened it; older files have it);
 - the original training layouts for files written against them (sd-scripts' SGM names for SDXL,
   ``input_blocks_4_1_...``; BFL names for FLUX, ``double_blocks_0_img_attn_qkv``), derived from
-  the single-file rule tables of :mod:`batchgen.single_file` (one tested table, used in both
+  the single-file rule tables of :mod:`batchgen.checkpoints.single_file` (one tested table, used in both
   places). Where the layouts differ by more than a name (BFL's fused q/k/v and q/k/v/mlp
   projections, the swapped adaLN halves of the final layer), the rule's row operation is applied
   to the ``up`` matrix, so the fused LoRA's delta becomes the matching row slices for ``to_q`` /
@@ -353,7 +353,7 @@ class _Index:
         return out
 
     def _original_layout(self, module: torch.nn.Module) -> dict[str, list[_Target]]:
-        from .. import single_file as sf
+        from . import single_file as sf
 
         kind = _ORIGINAL_LAYOUT_KINDS.get(type(module).__name__)
         if kind is None or self.component not in ("unet", "transformer"):
@@ -453,7 +453,7 @@ def _up_rows(pair: LoraPair, target: _Target) -> torch.Tensor:
     """The rows of ``up`` that produce ``target`` (all of them unless the layouts differ)."""
     if target.rule is None:
         return pair.up
-    from .. import single_file as sf
+    from . import single_file as sf
 
     return sf._forward_op(target.rule, pair.up)[target.part]
 

@@ -23,7 +23,7 @@ from typing import Any, Callable, ClassVar, Sequence
 import numpy as np
 import torch
 
-from ..checkpoints import CheckpointFolder, load_model, load_scheduler_config, load_tokenizer
+from ..checkpoints import CheckpointFolder
 from ..errors import CheckpointError
 from ..settings import family_settings
 
@@ -106,6 +106,9 @@ class Family:
              dtype: torch.dtype | None = None) -> "Family":
         """Load every component this family reads; refuse missing or wrong-class ones by name.
 
+        ``folder`` is a model source (:mod:`batchgen.checkpoints.sources`): a diffusers folder, a
+        single file, either with component overrides. It yields components by name.
+
         ``dtype``: build the weights of every model but the VAE directly in this dtype (a bf16
         checkpoint then never passes through float32: half the host memory); None: float32.
         """
@@ -115,21 +118,21 @@ class Family:
             if name not in listed:
                 if comp.required:
                     raise CheckpointError(
-                        f"{folder.root}/model_index.json: a {cls.name} model needs component '{name}' "
-                        f"({' or '.join(comp.classes)}); it is missing or null")
+                        f"{folder.where}: a {cls.name} model needs component '{name}' "
+                        f"({' or '.join(comp.classes)}); {folder.missing_hint(name)}")
                 parts[name] = None
                 continue
             got = listed[name][1]
             if comp.classes and got not in comp.classes:
                 raise CheckpointError(
-                    f"{folder.root}/model_index.json: component '{name}' has class {got!r}; a {cls.name} "
+                    f"{folder.where}: component '{name}' has class {got!r}; a {cls.name} "
                     f"model expects {' or '.join(comp.classes)}")
             if comp.kind == "tokenizer":
-                parts[name] = load_tokenizer(folder, name)
+                parts[name] = folder.load_tokenizer(name)
             elif comp.kind == "scheduler":
-                parts[name] = load_scheduler_config(folder, name)
+                parts[name] = folder.load_scheduler_config(name)
             else:
-                parts[name] = load_model(folder, name, variant, allow_pickle, dtype=None if name == "vae" else dtype)
+                parts[name] = folder.load_model(name, variant, allow_pickle, dtype=None if name == "vae" else dtype)
         return cls(parts, folder)
 
     @classmethod

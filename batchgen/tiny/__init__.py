@@ -56,6 +56,22 @@ def make_tiny_model(directory: str | os.PathLike, variant: str = "sd1", seed: in
     return root
 
 
+def make_tiny_single_file(path: str | os.PathLike, variant: str = "sd1", seed: int = 0, dtype=None) -> Path:
+    """Write a tiny checkpoint of ``variant`` as one single-file ``.safetensors`` (original key
+    layout; the diffusers configs and tokenizer files embedded in its metadata, since tiny models
+    have no standard configs: see :func:`batchgen.checkpoints.write_single_file`)."""
+    from ..checkpoints import write_single_file
+
+    if variant not in VARIANTS:
+        raise ValueError(f"variant: expected one of {', '.join(VARIANTS)}, got {variant!r}")
+    out = Path(path)
+    if out.exists():
+        raise ValueError(f"path: {out} exists")
+    with tempfile.TemporaryDirectory(prefix="batchgen-tiny-") as tmp:
+        folder = make_tiny_model(Path(tmp) / "m", variant=variant, seed=seed)
+        return write_single_file(folder, out, dtype=dtype)
+
+
 def builtin_model_path(name: str) -> Path:
     """Path of built-in model ``name`` (``tiny``, ``tiny-sdxl`` ...), building it on first use.
 
@@ -91,9 +107,19 @@ def configure(parser) -> None:
                         help="sd1: epsilon, conv projections; sd2: v-prediction, linear projections; "
                              "the others: the family of that name")
     parser.add_argument("--seed", type=int, default=0, help="weights are deterministic from this seed")
+    parser.add_argument("--single-file", action="store_true",
+                        help="write one .safetensors in the original (A1111 / ComfyUI) layout instead of a folder: "
+                             "DIRECTORY is then the file to write (or a folder to put tiny-VARIANT.safetensors in)")
 
 
 def run(args) -> int:
+    if args.single_file:
+        target = Path(args.directory)
+        if target.suffix.lower() != ".safetensors":
+            target = target / f"tiny-{args.variant}.safetensors"
+        path = make_tiny_single_file(target, variant=args.variant, seed=args.seed)
+        print(f"wrote tiny {args.variant} single-file checkpoint (seed {args.seed}) to {path}")
+        return 0
     path = make_tiny_model(args.directory, variant=args.variant, seed=args.seed)
     print(f"wrote tiny {args.variant} checkpoint (seed {args.seed}) to {path}")
     return 0

@@ -49,7 +49,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,11 @@ __all__ = [
     "Detected",
     "FAMILIES",
     "read_header",
+    "read_metadata",
+    "meta_state",
     "detect",
     "convert",
+    "convert_component",
     "upcast",
     "standard_configs",
     "to_single_file",
@@ -111,6 +114,43 @@ def read_header(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """key -> (safetensors dtype string, e.g. ``"F16"``, ``"BF16"``, ``"F8_E4M3"``; shape) from the
     header of a ``.safetensors`` file, without reading tensor data. Errors name the file."""
     path = Path(path)
+    header = _raw_header(path)
+    out: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            out[key] = (str(entry["dtype"]), tuple(int(d) for d in entry["shape"]))
+        except (TypeError, KeyError, ValueError):
+            raise CheckpointError(f"{path}: header entry for key '{key}' has no valid dtype/shape") from None
+    return out
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+                       "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def meta_state(header: Mapping[str, tuple[str, tuple[int, ...]]]) -> dict[str, torch.Tensor]:
+    """Meta-device tensors with a header's dtypes and shapes: run :func:`convert` and a strict key
+    check on a file's layout without reading any tensor data (``batchgen inspect``, pre-flight)."""
+    out = {}
+    for key, (dtype, shape) in header.items():
+        torch_dtype = _SAFETENSORS_DTYPES.get(dtype) or getattr(torch, str(dtype), torch.float32)
+        out[key] = torch.empty(shape, dtype=torch_dtype, device="meta")
+    return out
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The ``__metadata__`` strings of a ``.safetensors`` header (``{}`` when there are none)."""
+    path = Path(path)
+    metadata = _raw_header(path).get("__metadata__") or {}
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path}: the safetensors __metadata__ is not a JSON object")
+    return {str(k): str(v) for k, v in metadata.items()}
+
+
+def _raw_header(path: Path) -> dict:
     try:
         with open(path, "rb") as fh:
             size = path.stat().st_size
@@ -131,15 +171,7 @@ def read_header(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
         raise CheckpointError(f"{path}: the safetensors header is not valid JSON ({exc})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: the safetensors header is not a JSON object")
-    out: dict[str, tuple[str, tuple[int, ...]]] = {}
-    for key, entry in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            out[key] = (str(entry["dtype"]), tuple(int(d) for d in entry["shape"]))
-        except (TypeError, KeyError, ValueError):
-            raise CheckpointError(f"{path}: header entry for key '{key}' has no valid dtype/shape") from None
-    return out
+    return header
 
 
 # --------------------------------------------------------------------------------------------
@@ -832,25 +864,34 @@ def _convert(state: Mapping[str, torch.Tensor], detected: Detected) -> dict[str,
     kinds = COMPONENT_KINDS[detected.family]
     out: dict[str, dict[str, torch.Tensor]] = {}
     for component, prefix in detected.components.items():
-        kind = kinds[component]
         sub = _component_state(state, prefix, detected.components.values())
         where = f"{component} ('{prefix}*')" if prefix else f"{component} (bare keys)"
         if not sub:
             raise CheckpointError(f"{where}: no tensors with this prefix in the state dict")
-        if kind in ("clip", "clip_proj") and not any(k.startswith("text_model.") for k in sub):
-            sub = {(k if k.startswith(("text_projection", "logit_scale")) else f"text_model.{k}"): v for k, v in sub.items()}
-        if kind == "openclip" and "text_projection" in sub:
-            sub = _drop_last_openclip_layer(sub, where)
-        rules = _rules_for(kind, _shapes(sub), "single_file")
-        converted = _apply_forward(sub, rules, where, _IGNORED.get(kind, ()))
-        if kind == "clip_proj" and "text_projection.weight" not in converted:
-            # SD3 files usually omit CLIP-L's projection; SD3 uses it as the identity (as diffusers does).
-            token = converted["text_model.embeddings.token_embedding.weight"]
-            converted["text_projection.weight"] = torch.eye(token.shape[1], dtype=token.dtype)
-        if kind == "t5" and "shared.weight" in converted:
-            converted.setdefault("encoder.embed_tokens.weight", converted["shared.weight"])  # tied embedding
-        out[component] = converted
+        out[component] = convert_component(sub, kinds[component], where)
     return out
+
+
+def convert_component(sub: Mapping[str, torch.Tensor], kind: str, where: str = "") -> dict[str, torch.Tensor]:
+    """One component's tensors (keys relative to its prefix) -> diffusers / transformers names.
+
+    ``kind`` is a rule set of :data:`COMPONENT_KINDS` (``unet``, ``vae``, ``clip``, ``clip_proj``,
+    ``openclip``, ``openclip_proj``, ``t5``, ``sd3``, ``flux``); the loader also uses it for
+    separate component files (a VAE or text encoder file in the original layout).
+    """
+    if kind in ("clip", "clip_proj") and not any(k.startswith("text_model.") for k in sub):
+        sub = {(k if k.startswith(("text_projection", "logit_scale")) else f"text_model.{k}"): v for k, v in sub.items()}
+    if kind == "openclip" and "text_projection" in sub:
+        sub = _drop_last_openclip_layer(sub, where)
+    rules = _rules_for(kind, _shapes(sub), "single_file")
+    converted = _apply_forward(sub, rules, where, _IGNORED.get(kind, ()))
+    if kind == "clip_proj" and "text_projection.weight" not in converted:
+        # SD3 files usually omit CLIP-L's projection; SD3 uses it as the identity (as diffusers does).
+        token = converted["text_model.embeddings.token_embedding.weight"]
+        converted["text_projection.weight"] = torch.eye(token.shape[1], dtype=token.dtype)
+    if kind == "t5" and "shared.weight" in converted:
+        converted.setdefault("encoder.embed_tokens.weight", converted["shared.weight"])  # tied embedding
+    return converted
 
 
 def _drop_last_openclip_layer(sub: dict, where: str) -> dict:
@@ -1085,5 +1126,9 @@ def standard_configs(detected: Detected, prediction_type: str | None = None) -> 
     model_index["scheduler"] = ["diffusers", spec["scheduler"]["_class_name"]]
     if detected.family in ("sd1", "sd2"):
         model_index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
+    elif detected.variant == "sdxl-base":
+        model_index.update(force_zeros_for_empty_prompt=True)
+    elif detected.variant == "sdxl-refiner":  # 5 time ids with the aesthetic score (the refiner's model_index.json)
+        model_index.update(requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
     result["scheduler"] = spec["scheduler"]
     return result
