@@ -31,36 +31,32 @@ ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
 SCAN_BATCH_ROWS = 65536
 MAX_GROUPS_TO_SPLIT = 8
 
-ROW_SCHEMA = pa.schema(
-    [
-        ("item_id", pa.string()),
-        ("source_file", pa.string()),
-        ("source_row", pa.int64()),
-        ("prompt", pa.string()),
-        ("negative_prompt", pa.string()),
-        ("seed", pa.int64()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("steps", pa.int32()),
-        ("guidance_scale", pa.float64()),
-        ("strength", pa.float64()),
-        ("init_image", pa.string()),
-        ("group", pa.string()),
-    ]
-)
-
-# Optional per-row columns: name -> (value family, allowed range as words, row type)
-ROW_OVERRIDES = {
-    "negative_prompt": ("string", None, pa.string()),
-    "seed": ("int", "[0, 2**63)", pa.int64()),
-    "width": ("int", "[8, 4096]", pa.int32()),
-    "height": ("int", "[8, 4096]", pa.int32()),
-    "steps": ("int", "[1, 1000]", pa.int32()),
-    "guidance_scale": ("float", "[0, 100]", pa.float64()),
-    "init_image": ("string", None, pa.string()),
-    "strength": ("float", "(0, 1]", pa.float64()),
-}
+# Columns every normalized row has, before the settings columns (from the settings table), the
+# LoRA set, the settings-group key and the job's passthrough columns.
+ROW_HEAD = [("item_id", pa.string()), ("source_file", pa.string()), ("source_row", pa.int64()),
+            ("image_index", pa.int32()), ("prompt", pa.string())]
 _FAMILY_TYPE = {"string": pa.string(), "int": pa.int64(), "float": pa.float64()}
+_TABLE_FAMILY = {"str": "string", "int": "int", "float": "float"}
+MAX_IMAGES_PER_ROW = 10000
+
+
+def setting_type(setting) -> pa.DataType:
+    """The Arrow type a setting has in rows and the manifest."""
+    if setting.type == "str":
+        return pa.string()
+    if setting.type == "float":
+        return pa.float64()
+    return pa.int64() if setting.name == "seed" else pa.int32()
+
+
+def row_schema(passthrough: dict[str, pa.DataType] | None = None) -> pa.Schema:
+    """Normalized rows: head, one column per row setting, loras, group, then passthrough columns."""
+    from .settings import ROW_SETTINGS
+
+    fields = ROW_HEAD + [(s.name, setting_type(s)) for s in ROW_SETTINGS]
+    fields += [("loras", pa.string()), ("group", pa.string())]
+    fields += list((passthrough or {}).items())
+    return pa.schema(fields)
 
 
 @dataclass(frozen=True)
@@ -72,7 +68,7 @@ class InputFile:
     row_groups: tuple[int, ...] = ()  # rows per row group
 
 
-MAX_SAMPLER_CASES = 1000
+MAX_GROUP_CASES = 1000
 
 
 @dataclass
@@ -86,24 +82,66 @@ class ScanResult:
     identities: list[dict] = field(default_factory=list)  # per file: uri, rel, rows, size, sha256|etag
     done_in_input: int = 0  # items of this input with a committed ok row
     failed_in_input: int = 0  # items of this input whose committed rows all failed
-    # (steps, strength or None) -> (file uri, row) of its first row: the sampler schedules to check
-    sampler_cases: dict[tuple, tuple[str, int]] = field(default_factory=dict)
+    # settings group key -> (file uri, row, the row): each group's first row, checked in pre-flight
+    group_cases: dict[str, tuple[str, int, dict]] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)  # the row settings the scan used (for the readers)
 
 
-def row_settings(spec) -> dict[str, Any]:
-    """The plain dict of job settings the row normalizer needs (picklable, small)."""
-    s = spec.sampling
+def row_settings(spec, resolved: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The plain dict the row normalizer needs (picklable, small): ids, prompt column, the job's
+    value of every row setting (``resolved`` from the pre-flight: family defaults filled in), the
+    model family, the job's LoRA set, images per prompt and the passthrough columns."""
+    from .settings import ROW_SETTINGS
+
+    resolved = resolved or {}
+    values = resolved.get("settings") or {}
     return {
         "id_column": spec.input.id_column,
         "prompt_column": spec.input.prompt_column,
-        "negative_prompt": s.negative_prompt,
-        "seed": s.seed,
-        "width": s.width,
-        "height": s.height,
-        "steps": s.steps,
-        "guidance_scale": s.guidance_scale,
-        "strength": s.strength,
+        "seed": spec.sampling.seed,
+        "images_per_prompt": spec.sampling.images_per_prompt,
+        "family": resolved.get("family"),
+        "loras": canonical_loras([lora.model_dump() for lora in spec.model.loras]),
+        "values": {s.name: values.get(s.name, getattr(spec.sampling, s.name) if s.spec else None)
+                   for s in ROW_SETTINGS},
+        "passthrough": {name: str(typ) for name, typ in (resolved.get("passthrough") or {}).items()},
     }
+
+
+def canonical_loras(loras: list[dict] | None) -> str:
+    """A LoRA set as canonical JSON text (the group key and manifest value): [{"uri", "scale"}, ...]."""
+    import json
+
+    if not loras:
+        return "[]"
+    return json.dumps([{"uri": str(item["uri"]), "scale": float(item.get("scale", 1.0))} for item in loras],
+                      separators=(",", ":"))
+
+
+def parse_loras(text: str, where: str) -> str:
+    """A row's ``loras`` value -> canonical JSON: a JSON list of {uri, scale} (or of URIs), or one URI."""
+    import json
+    import math
+
+    text = text.strip()
+    try:
+        value = json.loads(text) if text.startswith("[") else [text]
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{where}: not a JSON list of LoRAs ({exc.msg} at character {exc.pos})") from None
+    items = []
+    for i, item in enumerate(value):
+        if isinstance(item, str):
+            item = {"uri": item}
+        if not isinstance(item, dict) or not isinstance(item.get("uri"), str) or not item["uri"]:
+            raise InputError(f"{where}: entry {i} must be a URI or {{\"uri\": ..., \"scale\": ...}}, got {item!r}")
+        unknown = set(item) - {"uri", "scale"}
+        if unknown:
+            raise InputError(f"{where}: entry {i} has unknown key(s) {sorted(unknown)} (uri, scale)")
+        scale = item.get("scale", 1.0)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or abs(scale) > 10:
+            raise InputError(f"{where}: entry {i} scale must be a finite number in [-10, 10], got {scale!r}")
+        items.append({"uri": item["uri"], "scale": float(scale)})
+    return canonical_loras(items)
 
 
 # ----------------------------------------------------------------------------- files
@@ -215,10 +253,14 @@ def _column(table: pa.Table, name: str, family: str, file_uri: str, first_row: i
 def normalize_batch(
     table: pa.Table, file_uri: str, rel: str, first_row: int, settings: dict[str, Any]
 ) -> pa.Table:
-    """Validate and resolve one slice of an input file (rows ``first_row...``) into ROW_SCHEMA.
+    """Validate and resolve one slice of an input file (rows ``first_row...``) into
+    :func:`row_schema` rows: every row setting resolved (a column overrides the job's value), the
+    settings-group key, and one row per image when a row asks for several (``n``).
 
     Raises InputError naming the file, row and column of the first bad value.
     """
+    from .settings import ROW_SETTINGS
+
     n = table.num_rows
     rows = pa.array(range(first_row, first_row + n), pa.int64())
     pcol = settings["prompt_column"]
@@ -231,84 +273,202 @@ def normalize_batch(
     if prompt.null_count:
         i = _first_true(pc.is_null(prompt))
         raise _fail(file_uri, first_row + i, pcol, "prompt is null (use \"\" for an unconditional prompt)")
+    ids = _ids(table, file_uri, rel, first_row, settings)
 
-    idcol = settings["id_column"]
-    if idcol:
-        if idcol not in table.column_names:
-            raise InputError(f"input file {file_uri}: no id column {idcol!r} (columns: {table.column_names})")
-        ids = table.column(idcol).combine_chunks()
-        if pa.types.is_dictionary(ids.type):
-            ids = ids.dictionary_decode()
-        if not (pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type)
-                or pa.types.is_integer(ids.type)):
-            raise InputError(f"input file {file_uri}, column {idcol!r}: ids must be strings or integers, got {ids.type}")
-        ids = ids.cast(pa.string())
-        bad = pc.invert(pc.match_substring_regex(ids, ID_PATTERN).fill_null(False))
-        bad = pc.or_(bad, pc.match_substring_regex(ids, r"^\.+$").fill_null(False))
-        if pc.any(bad).as_py():
-            i = _first_true(bad)
-            raise _fail(file_uri, first_row + i, idcol,
-                        f"unsafe item id {ids[i].as_py()!r}: ids must be 1..128 characters of "
-                        f"[A-Za-z0-9._-] and not only dots")
-    else:
-        prefix = derived_id_prefix(rel)
-        ids = pa.array([f"{prefix}-{r:08d}" for r in range(first_row, first_row + n)], pa.string())
-
+    family = settings.get("family")
+    values = settings["values"]
     cols: dict[str, pa.Array] = {}
-    for name, (family, allowed, _typ) in ROW_OVERRIDES.items():
-        col = _column(table, name, family, file_uri, first_row, allowed)
-        if name in ("init_image", "seed"):
-            cols[name] = col if col is not None else pa.nulls(n, _FAMILY_TYPE[family])
-            continue
-        default = pa.scalar(settings.get(name), _FAMILY_TYPE[family])
-        cols[name] = col.fill_null(default) if col is not None else pa.array([default.as_py()] * n, default.type)
-
-    # Range checks run on int64 / float64, before the cast to the row types (no overflow there).
-    _check_range(cols["seed"], 0, SEED_LIMIT - 1, file_uri, first_row, "seed", "is outside [0, 2**63)")
-    for side in ("width", "height"):
-        _check_range(cols[side], 8, 4096, file_uri, first_row, side, "must be in [8, 4096]")
-        odd = pc.not_equal(pc.bit_wise_and(cols[side], pa.scalar(7, pa.int64())), 0)
-        if pc.any(odd).as_py():
-            i = _first_true(odd)
-            raise _fail(file_uri, first_row + i, side, f"{cols[side][i].as_py()} is not a multiple of 8")
-    _check_range(cols["steps"], 1, 1000, file_uri, first_row, "steps", "must be in [1, 1000]")
-    _check_range(cols["guidance_scale"], 0.0, 100.0, file_uri, first_row, "guidance_scale", "must be in [0, 100]")
-    _check_range(cols["strength"], 1e-9, 1.0, file_uri, first_row, "strength", "must be in (0, 1]")
-    for name, (_family, _allowed, typ) in ROW_OVERRIDES.items():
-        if name != "seed":
-            cols[name] = cols[name].cast(typ)
+    for setting in ROW_SETTINGS:
+        kind = _TABLE_FAMILY[setting.type]
+        allowed = "[0, 2**63)" if setting.name == "seed" else setting.range_text()
+        col = _column(table, setting.name, kind, file_uri, first_row, allowed)
+        other_family = family is not None and setting.families is not None and family not in setting.families
+        if col is not None and other_family and col.null_count < len(col):
+            i = _first_true(pc.is_valid(col))
+            raise _fail(file_uri, first_row + i, setting.name,
+                        f"applies to {', '.join(setting.families)} models; this model is {family}")
+        default = None if other_family else values.get(setting.name)
+        target = _FAMILY_TYPE[kind]
+        if col is None:
+            col = pa.nulls(n, target) if default is None else pa.array([default] * n, target)
+        elif default is not None:
+            col = col.fill_null(pa.scalar(default, target))
+        _check_setting(col, setting, file_uri, first_row)
+        cols[setting.name] = col
 
     if cols["seed"].null_count:
-        seeds = [
-            s if s is not None else derive_seed(settings["seed"], i)
-            for s, i in zip(cols["seed"].to_pylist(), ids.to_pylist())
-        ]
+        seeds = [s if s is not None else derive_seed(settings["seed"], i)
+                 for s, i in zip(cols["seed"].to_pylist(), ids.to_pylist())]
         cols["seed"] = pa.array(seeds, pa.int64())
     img2img = pc.is_valid(cols["init_image"])
     cols["strength"] = pc.if_else(img2img, cols["strength"], pa.scalar(None, pa.float64()))
-    group = pc.binary_join_element_wise(
-        cols["width"].cast(pa.string()), cols["height"].cast(pa.string()), cols["steps"].cast(pa.string()),
-        cols["guidance_scale"].cast(pa.string()),
-        pc.if_else(img2img, cols["strength"].cast(pa.string()), pa.scalar("txt2img")), "|",
-    )
-    return pa.table(
-        {
-            "item_id": ids,
-            "source_file": pa.array([file_uri] * n, pa.string()),
-            "source_row": rows,
-            "prompt": prompt,
-            "negative_prompt": cols["negative_prompt"],
-            "seed": cols["seed"],
-            "width": cols["width"],
-            "height": cols["height"],
-            "steps": cols["steps"],
-            "guidance_scale": cols["guidance_scale"],
-            "strength": cols["strength"],
-            "init_image": cols["init_image"],
-            "group": group,
-        },
-        schema=ROW_SCHEMA,
-    )
+    loras = _loras(table, file_uri, first_row, settings, n)
+    group_parts = [_key_text(cols[s.name]) for s in ROW_SETTINGS if s.group and not s.img2img]
+    group_parts.append(pc.if_else(img2img, _key_text(cols["strength"]), pa.scalar("txt2img")))
+    group_parts.append(loras)
+    group = pc.binary_join_element_wise(*group_parts, "|")
+
+    columns = {"item_id": ids, "source_file": pa.array([file_uri] * n, pa.string()), "source_row": rows,
+               "image_index": pa.array([0] * n, pa.int32()), "prompt": prompt}
+    columns.update({s.name: cols[s.name] for s in ROW_SETTINGS})
+    columns.update(loras=loras, group=group)
+    passthrough = {name: pa.type_for_alias(typ) if isinstance(typ, str) else typ
+                   for name, typ in settings.get("passthrough", {}).items()}
+    for name, typ in passthrough.items():
+        columns[name] = _passthrough(table, name, typ, file_uri)
+    schema = row_schema(passthrough)
+    out = pa.table({f.name: _cast(columns[f.name], f.type) for f in schema}, schema=schema)
+    return _expand(out, table, file_uri, first_row, settings)
+
+
+def _ids(table: pa.Table, file_uri: str, rel: str, first_row: int, settings: dict) -> pa.Array:
+    n = table.num_rows
+    idcol = settings["id_column"]
+    if not idcol:
+        prefix = derived_id_prefix(rel)
+        return pa.array([f"{prefix}-{r:08d}" for r in range(first_row, first_row + n)], pa.string())
+    if idcol not in table.column_names:
+        raise InputError(f"input file {file_uri}: no id column {idcol!r} (columns: {table.column_names})")
+    ids = table.column(idcol).combine_chunks()
+    if pa.types.is_dictionary(ids.type):
+        ids = ids.dictionary_decode()
+    if not (pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type)
+            or pa.types.is_integer(ids.type)):
+        raise InputError(f"input file {file_uri}, column {idcol!r}: ids must be strings or integers, got {ids.type}")
+    ids = ids.cast(pa.string())
+    bad = pc.invert(pc.match_substring_regex(ids, ID_PATTERN).fill_null(False))
+    bad = pc.or_(bad, pc.match_substring_regex(ids, r"^\.+$").fill_null(False))
+    if pc.any(bad).as_py():
+        i = _first_true(bad)
+        raise _fail(file_uri, first_row + i, idcol,
+                    f"unsafe item id {ids[i].as_py()!r}: ids must be 1..128 characters of "
+                    f"[A-Za-z0-9._-] and not only dots")
+    return ids
+
+
+def _check_setting(col, setting, file_uri: str, first_row: int) -> None:
+    """A settings column against its table entry: range (NaN included), multiple, choices."""
+    if setting.type == "str":
+        if setting.choices and len(col) and col.null_count < len(col):
+            bad = pc.invert(pc.is_in(col, value_set=pa.array(setting.choices))).fill_null(False)
+            if pc.any(bad).as_py():
+                i = _first_true(bad)
+                raise _fail(file_uri, first_row + i, setting.name,
+                            f"{col[i].as_py()!r} is not one of {', '.join(setting.choices)}")
+        return
+    if setting.name == "seed":
+        _check_range(col, 0, SEED_LIMIT - 1, file_uri, first_row, "seed", "is outside [0, 2**63)")
+        return
+    lo = setting.lo if setting.lo is not None else float("-inf")
+    hi = setting.hi if setting.hi is not None else float("inf")
+    message = f"must be in {setting.range_text()}"
+    _check_range(col, lo, hi, file_uri, first_row, setting.name, message)
+    if setting.lo_open and len(col) and col.null_count < len(col):
+        bad = pc.less_equal(col, pa.scalar(setting.lo, col.type)).fill_null(False)
+        if pc.any(bad).as_py():
+            i = _first_true(bad)
+            raise _fail(file_uri, first_row + i, setting.name, f"{col[i].as_py()} {message}")
+    if setting.multiple_of:
+        odd = pc.not_equal(pc.bit_wise_and(col, pa.scalar(setting.multiple_of - 1, col.type)), 0)
+        if setting.multiple_of & (setting.multiple_of - 1):  # not a power of two
+            odd = pc.not_equal(pc.subtract(col, pc.multiply(pc.divide(col, setting.multiple_of),
+                                                            setting.multiple_of)), 0)
+        if pc.any(odd.fill_null(False)).as_py():
+            i = _first_true(odd)
+            raise _fail(file_uri, first_row + i, setting.name,
+                        f"{col[i].as_py()} is not a multiple of {setting.multiple_of}")
+
+
+def _key_text(col) -> pa.Array:
+    return col.cast(pa.string()).fill_null("-")
+
+
+def _cast(col, typ: pa.DataType):
+    return col if col.type == typ else col.cast(typ)
+
+
+def _loras(table: pa.Table, file_uri: str, first_row: int, settings: dict, n: int) -> pa.Array:
+    """Each row's LoRA set as canonical JSON: the row's ``loras`` column, else the job's."""
+    job = settings.get("loras") or "[]"
+    col = _column(table, "loras", "string", file_uri, first_row)
+    if col is None:
+        return pa.array([job] * n, pa.string())
+    out = []
+    for i, value in enumerate(col.to_pylist()):
+        out.append(job if value is None else parse_loras(value, f"input file {file_uri}, row {first_row + i}, "
+                                                                 f"column 'loras'"))
+    return pa.array(out, pa.string())
+
+
+def _passthrough(table: pa.Table, name: str, typ: pa.DataType, file_uri: str) -> pa.Array:
+    if name not in table.column_names:
+        raise InputError(f"input file {file_uri}: no column {name!r} named in input.passthrough "
+                         f"(columns: {table.column_names})")
+    col = table.column(name).combine_chunks()
+    if pa.types.is_dictionary(col.type):
+        col = col.dictionary_decode()
+    try:
+        return col.cast(typ)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise InputError(f"input file {file_uri}, column {name!r}: {col.type} values do not fit the column's type "
+                         f"{typ} in the first input file ({exc})") from None
+
+
+def passthrough_types(table_schema: pa.Schema, names: list[str], file_uri: str) -> dict[str, pa.DataType]:
+    """The Arrow types of the passthrough columns, from the first input file: plain values only."""
+    from .settings import BY_NAME
+
+    reserved = {f[0] for f in ROW_HEAD} | set(BY_NAME) | {"loras", "group", "n"}
+    out = {}
+    for name in names:
+        if name in reserved:
+            raise InputError(f"input.passthrough: {name!r} is already a manifest column; list only other columns")
+        if name not in table_schema.names:
+            raise InputError(f"input file {file_uri}: no column {name!r} named in input.passthrough "
+                             f"(columns: {table_schema.names})")
+        typ = table_schema.field(name).type
+        if pa.types.is_dictionary(typ):
+            typ = typ.value_type
+        if pa.types.is_large_string(typ) or pa.types.is_string_view(typ):
+            typ = pa.string()
+        if not (pa.types.is_integer(typ) or pa.types.is_floating(typ) or pa.types.is_string(typ)
+                or pa.types.is_boolean(typ)):
+            raise InputError(f"input file {file_uri}, column {name!r}: input.passthrough takes numbers, strings "
+                             f"and booleans, not {typ}")
+        out[name] = typ
+    return out
+
+
+def _expand(rows: pa.Table, table: pa.Table, file_uri: str, first_row: int, settings: dict) -> pa.Table:
+    """Images per prompt: a row with ``n`` > 1 (its ``n`` column, else sampling.images_per_prompt)
+    becomes items ``<id>-0`` .. ``<id>-<n-1>`` with seeds seed + k (the A1111 convention). Without an
+    ``n`` column and with images_per_prompt 1, ids stay as they are."""
+    job_n = int(settings.get("images_per_prompt") or 1)
+    col = _column(table, "n", "int", file_uri, first_row, f"[1, {MAX_IMAGES_PER_ROW}]")
+    if col is None and job_n == 1:
+        return rows
+    if col is None:
+        counts = pa.array([job_n] * rows.num_rows, pa.int64())
+    else:
+        counts = col.fill_null(pa.scalar(job_n, pa.int64()))
+        _check_range(counts, 1, MAX_IMAGES_PER_ROW, file_uri, first_row, "n", f"must be in [1, {MAX_IMAGES_PER_ROW}]")
+    counts = counts.to_pylist()
+    index = [i for i, c in enumerate(counts) for _ in range(c)]
+    ks = [k for c in counts for k in range(c)]
+    out = rows.take(pa.array(index, pa.int64()))
+    ids = [f"{i}-{k}" for i, k in zip(out.column("item_id").to_pylist(), ks)]
+    for pos, item in enumerate(ids):
+        if len(item) > 128:
+            raise _fail(file_uri, first_row + index[pos], settings["id_column"] or "n",
+                        f"item id {item!r} (with its image number) is longer than 128 characters")
+    seeds = [s + k for s, k in zip(out.column("seed").to_pylist(), ks)]
+    for pos, seed in enumerate(seeds):
+        if seed >= SEED_LIMIT:
+            raise _fail(file_uri, first_row + index[pos], "seed",
+                        f"seed + image number {ks[pos]} = {seed} is outside [0, 2**63)")
+    out = out.set_column(out.schema.get_field_index("item_id"), "item_id", pa.array(ids, pa.string()))
+    out = out.set_column(out.schema.get_field_index("seed"), "seed", pa.array(seeds, pa.int64()))
+    return out.set_column(out.schema.get_field_index("image_index"), "image_index", pa.array(ks, pa.int32()))
 
 
 def _check_range(col, lo, hi, file_uri, first_row, name, message):
@@ -385,20 +545,22 @@ class _DuplicateFinder:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def scan_inputs(spec, storage_cfg, committed=None) -> ScanResult:
+def scan_inputs(spec, storage_cfg, committed=None, resolved: dict | None = None, check_prompt=None) -> ScanResult:
     """Streaming pre-flight pass: every file readable, every row valid, ids unique.
 
     Memory stays flat: one batch of one file at a time, ids spilled to disk buckets. With
     ``committed`` (a :class:`~batchgen.manifest.CommittedState`) it also counts how many items of
-    this input are already done or failed.
+    this input are already done or failed. ``resolved`` carries the pre-flight's model facts
+    (family, family defaults); ``check_prompt(prompt) -> message | None`` vets every prompt
+    (a DiT model: class names).
     """
     from .storage import Location
 
-    settings = row_settings(spec)
+    settings = row_settings(spec, resolved)
     files = list_input_files(spec.input.uri, storage_cfg)
     dupes = _DuplicateFinder() if settings["id_column"] else None
     groups: dict[str, int] = {}
-    cases: dict[tuple, tuple[str, int]] = {}
+    cases: dict[str, tuple[str, int, dict]] = {}
     too_many = False
     total = done = failed = 0
     planned: list[InputFile] = []
@@ -409,6 +571,9 @@ def scan_inputs(spec, storage_cfg, committed=None) -> ScanResult:
         for fi, f in enumerate(files):
             pf = open_parquet(f.uri, storage_cfg)
             meta = pf.metadata
+            if fi == 0 and spec.input.passthrough:
+                settings["passthrough"] = {k: str(v) for k, v in passthrough_types(
+                    pf.schema_arrow, list(spec.input.passthrough), f.uri).items()}
             row_groups = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
             planned.append(InputFile(f.uri, f.rel, row_groups))
             identities.append({"uri": f.uri, "rel": f.rel, "rows": meta.num_rows,
@@ -416,15 +581,17 @@ def scan_inputs(spec, storage_cfg, committed=None) -> ScanResult:
             try:
                 for first, table in iter_file_batches(pf):
                     rows = normalize_batch(table, f.uri, f.rel, first, settings)
+                    if check_prompt is not None:
+                        _check_prompts(rows, check_prompt, f.uri, settings["prompt_column"])
                     ids = rows.column("item_id")
                     if dupes is not None:
-                        dupes.add(ids.to_pylist(), fi, first)
+                        dupes.add(_base_ids(rows), fi, first)
                     if not too_many:
                         for g, c in zip(*_value_counts(rows.column("group"))):
                             groups[g] = groups.get(g, 0) + c
                         too_many = len(groups) > MAX_GROUPS_TO_SPLIT
-                    if len(cases) < MAX_SAMPLER_CASES:
-                        _sampler_cases(rows, f.uri, cases)
+                    if len(cases) < MAX_GROUP_CASES:
+                        _group_cases(rows, f.uri, cases)
                     if done_ids is not None:
                         done += _count_in(ids, done_ids)
                     if failed_ids is not None:
@@ -440,19 +607,40 @@ def scan_inputs(spec, storage_cfg, committed=None) -> ScanResult:
             dupes.close()
     if total == 0:
         raise InputError(f"input.uri {spec.input.uri!r}: the input has no rows")
-    return ScanResult(planned, total, {} if too_many else groups, too_many, identities, done, failed, cases)
+    return ScanResult(planned, total, {} if too_many else groups, too_many, identities, done, failed, cases, settings)
+
+
+def _base_ids(rows: pa.Table) -> list[str]:
+    """Input-row ids (one per source row) for the duplicate check: expanded items share their row's."""
+    if not pc.any(pc.greater(rows.column("image_index"), 0)).as_py():
+        return rows.column("item_id").to_pylist()
+    first = rows.filter(pc.equal(rows.column("image_index"), 0)).column("item_id").to_pylist()
+    return [item.rsplit("-", 1)[0] for item in first]
+
+
+def _check_prompts(rows: pa.Table, check_prompt, file_uri: str, column: str) -> None:
+    seen: set[str] = set()
+    for prompt, row in zip(rows.column("prompt").to_pylist(), rows.column("source_row").to_pylist()):
+        if prompt in seen:
+            continue
+        message = check_prompt(prompt)
+        if message:
+            raise _fail(file_uri, row, column, message)
+        seen.add(prompt)
 
 
 def _count_in(ids, value_set: pa.Array) -> int:
     return int(pc.sum(pc.cast(pc.is_in(ids, value_set=value_set), pa.int64())).as_py() or 0)
 
 
-def _sampler_cases(rows: pa.Table, file_uri: str, cases: dict) -> None:
-    """Record each new (steps, strength) pair of ``rows`` with the row it first appears on."""
-    firsts = rows.group_by(["steps", "strength"], use_threads=False).aggregate([("source_row", "min")])
-    for steps, strength, row in zip(firsts.column("steps").to_pylist(), firsts.column("strength").to_pylist(),
-                                    firsts.column("source_row_min").to_pylist()):
-        cases.setdefault((steps, strength), (file_uri, row))
+def _group_cases(rows: pa.Table, file_uri: str, cases: dict) -> None:
+    """Record each new settings group of ``rows`` with the first row it appears on."""
+    groups = rows.column("group")
+    for g in pc.unique(groups).to_pylist():
+        if g not in cases:
+            i = _first_true(pc.equal(groups, g))
+            row = rows.slice(i, 1).to_pylist()[0]
+            cases[g] = (file_uri, row["source_row"], row)
 
 
 def _value_counts(col: pa.ChunkedArray):

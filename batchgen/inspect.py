@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["inspect_model", "configure", "run"]
+__all__ = ["inspect_model", "skeleton", "configure", "run"]
 
 
 class _MetaSource:
@@ -36,6 +36,22 @@ class _MetaSource:
 
     def load_model(self, name: str, variant: str | None = None, allow_pickle: bool = False, **options):
         return self.source.build_model(name, variant, allow_pickle)
+
+
+def skeleton(local_path, *, vae=None, text_encoders=None, tokenizers=None, prediction_type: str | None = None,
+             variant: str | None = None, allow_pickle: bool = False, storage_config=None):
+    """(A :class:`~batchgen.pipeline.Pipeline` whose modules live on the meta device, its source)
+    for a local model path (folder or single file, with overrides). Nothing is loaded, yet every
+    key and shape is checked, and the pipeline validates requests exactly as the real one does:
+    the job's pre-flight checks each settings group with it."""
+    from .checkpoints import open_source
+    from .families import family_for
+    from .pipeline import Pipeline
+
+    source = open_source(local_path, vae=vae, text_encoders=text_encoders, tokenizers=tokenizers,
+                         prediction_type=prediction_type, allow_pickle=allow_pickle, storage_config=storage_config)
+    family = family_for(source).load(_MetaSource(source), variant, allow_pickle)
+    return Pipeline(family, {"fingerprint": None, **family.info()}), source
 
 
 def _dtype_name(stored: str) -> str:
@@ -52,15 +68,14 @@ def inspect_model(uri, loras=(), *, vae=None, text_encoders=None, tokenizers=Non
     ``fingerprint=False`` skips hashing the files (a pre-flight that only validates: everything
     else reads headers and configs only, so it also works on header-only copies of remote files).
     """
-    from .checkpoints import inspect_lora, open_source, resolve_model_uri
+    from .checkpoints import inspect_lora, resolve_model_uri
     from .checkpoints.lora import lora_components
-    from .families import family_for
 
     local = resolve_model_uri(uri, storage_config)
-    source = open_source(local, vae=vae, text_encoders=text_encoders, tokenizers=tokenizers,
-                         prediction_type=prediction_type, allow_pickle=allow_pickle, storage_config=storage_config)
-    family_cls = family_for(source)
-    family = family_cls.load(_MetaSource(source), variant, allow_pickle)
+    pipe, source = skeleton(local, vae=vae, text_encoders=text_encoders, tokenizers=tokenizers,
+                            prediction_type=prediction_type, variant=variant, allow_pickle=allow_pickle,
+                            storage_config=storage_config)
+    family = pipe.family
     components: dict[str, Any] = {}
     listed = source.components()
     for name, part in family.parts.items():

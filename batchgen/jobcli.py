@@ -165,7 +165,7 @@ def rerender_item(output: str, item_id: str, endpoint_url: str | None = None) ->
     from .errors import InputError
     from .images import encode_image
     from .manifest import JOB_FILE, image_parameters, iter_parts, read_json, read_manifest
-    from .stages import _load_renderer, apply_render_env, env_differences, read_init_image, render_env
+    from .stages import _load_renderer, apply_render_env, env_differences, generate_kwargs, read_init_image, render_env
     from .storage import Location, StorageConfig
 
     cfg = StorageConfig(endpoint_url=endpoint_url)
@@ -197,7 +197,12 @@ def rerender_item(output: str, item_id: str, endpoint_url: str | None = None) ->
              torch.get_float32_matmul_precision())
     try:
         apply_render_env({**recorded, "torch_threads": threads})
-        renderer = _load_renderer(row["model_uri"], dtype, cfg, hooks, threads, device=device)
+        model = {**spec["model"], "uri": row["model_uri"]}
+        model["loras"] = [{"uri": x["uri"], "scale": x["scale"]} for x in json.loads(row.get("loras") or "[]")]
+        compute = spec.get("compute", {})
+        renderer = _load_renderer(model, dtype, cfg, hooks, threads, device=device,
+                                  compile=compute.get("compile", "none"),
+                                  deterministic=bool(compute.get("deterministic")))
         differences = env_differences(recorded, render_env(renderer)) if recorded else {}
         row["render_env_differences"] = differences
         if differences:
@@ -211,11 +216,11 @@ def rerender_item(output: str, item_id: str, endpoint_url: str | None = None) ->
                   f"{row['model_fingerprint'][:12]}", file=sys.stderr)
         limit = spec.get("input", {}).get("max_init_image_pixels")
         init = [read_init_image(row["init_image"], cfg, limit)] if row["init_image"] else None
+        kwargs = generate_kwargs([row], row.get("model_family"))
         arrays = renderer.generate(
-            [row["prompt"]], [row["seed"]], negative_prompts=[row["negative_prompt"]], sampler=row["sampler"],
-            steps=row["steps"], guidance_scale=row["guidance_scale"], width=row["width"], height=row["height"],
-            init_images=init, strength=row["strength"] if row["strength"] is not None else 0.8,
-            micro_batch=row["batch_size"], sampler_options=json.loads(row["sampler_options"] or "{}") or None)
+            [row["prompt"]], [row["seed"]], sampler=row["sampler"], init_images=init, micro_batch=row["batch_size"],
+            sampler_options=json.loads(row["sampler_options"] or "{}") or None, item_ids=[row["item_id"]],
+            progress=False, **kwargs)
     finally:
         torch.set_num_threads(saved[0])
         torch.use_deterministic_algorithms(saved[1])

@@ -40,13 +40,36 @@ class SchedulingError(BatchgenError):
 
 
 def check_model(spec, cfg, hooks: dict):
-    """Validate the checkpoint's metadata and weight headers (see modelcheck); None for the test
-    renderer. Raises CheckpointError before anything is written."""
+    """Validate the model block (weight headers, every key and shape, via a skeleton built on the
+    meta device; see modelcheck); None for the test renderer. Raises before anything is written."""
     if hooks.get("renderer") == "null":
         return None
     from .modelcheck import validate_model
 
-    return validate_model(spec.model.uri, cfg)
+    return validate_model(spec.model, cfg)
+
+
+GENERIC_DEFAULTS = {"sampler": "ddim", "width": 512, "height": 512, "steps": 30, "guidance_scale": 7.5}
+
+
+def resolve(spec, model) -> dict[str, Any]:
+    """The job's settings with the model family's defaults filled in where the spec leaves them
+    to the model (None, sampler "auto"). Recorded in job.json; every manifest row holds the values
+    its item was rendered with."""
+    from .settings import SPEC_SETTINGS
+
+    family = model.family if model is not None else None
+    if family is not None:
+        values = spec.sampling.family_values(family)
+        defaults = model.defaults()
+    else:  # the null test renderer: no family
+        values = {s.name: getattr(spec.sampling, s.name) for s in SPEC_SETTINGS if s.families is None}
+        defaults = GENERIC_DEFAULTS
+    for key in ("width", "height", "steps", "guidance_scale"):
+        if values.get(key) is None:
+            values[key] = defaults[key]
+    sampler = spec.sampling.sampler if spec.sampling.sampler != "auto" else defaults["sampler"]
+    return {"family": family, "sampler": sampler, "settings": values}
 
 
 def check_sampler(spec) -> None:
@@ -54,27 +77,58 @@ def check_sampler(spec) -> None:
     from .samplernames import unknown_sampler_message
     from .sampling import SAMPLER_NAMES
 
-    if spec.sampling.sampler not in SAMPLER_NAMES:
+    if spec.sampling.sampler != "auto" and spec.sampling.sampler not in SAMPLER_NAMES:
         raise InputError(f"sampling.sampler: {unknown_sampler_message(spec.sampling.sampler, SAMPLER_NAMES)}")
 
 
-def check_sampling(spec, model, scan) -> None:
-    """Build every sampler schedule the job needs (each (steps, strength) of its rows) from the
-    checkpoint's scheduler config: bad sampler options, unsupported config keys or a strength that
-    leaves no step fail here, naming the first row that needs it, not in every actor."""
+def check_sampling(spec, model, scan, resolved: dict) -> None:
+    """Validate every settings group of the input with the model's skeleton pipeline, exactly as
+    the actors will call it (sizes, family settings, the sampler and its schedule, img2img cuts),
+    and every LoRA set against the model: a mistake fails here, naming the first row that has it,
+    not in every actor."""
     if model is None:
         return
-    from .sampling import get_sampler
+    import numpy as np
 
-    for (steps, strength), (file_uri, row) in sorted(scan.sampler_cases.items(), key=lambda kv: kv[1]):
+    from .stages import generate_kwargs
+
+    pipe = model.pipeline
+    sampler = resolved["sampler"]
+    loras = {spec.model.loras and _lora_key(spec) or "[]"}
+    for _group, (file_uri, row, values) in sorted(scan.group_cases.items(), key=lambda kv: kv[1][:2]):
+        kwargs = generate_kwargs([values], model.family)
+        init = [np.zeros((8, 8, 3), np.uint8)] if values.get("init_image") is not None else None
         try:
-            get_sampler(spec.sampling.sampler, model.scheduler_config, steps, strength=strength,
-                        options=spec.sampling.sampler_options or None)
+            pipe.validate([values["prompt"]], [values["seed"]], sampler=sampler,
+                          sampler_options=spec.sampling.sampler_options or None, init_images=init, **kwargs)
         except ValueError as exc:
-            where = f"input file {file_uri}, row {row} (steps={steps}" + (
-                f", strength={strength})" if strength is not None else ")")
-            raise InputError(f"sampling.sampler {spec.sampling.sampler!r} with sampling.sampler_options "
-                             f"{spec.sampling.sampler_options}: {exc}; first needed by {where}") from None
+            raise InputError(f"input file {file_uri}, row {row}: the model ({model.family}) cannot render it: {exc}"
+                             ) from None
+        loras.add(values.get("loras") or "[]")
+    _check_loras(model, loras, spec)
+
+
+def _lora_key(spec) -> str:
+    from .dataset import canonical_loras
+
+    return canonical_loras([lora.model_dump() for lora in spec.model.loras])
+
+
+def _check_loras(model, sets: set[str], spec) -> None:
+    """Each LoRA the job uses must match the model (unmatched keys are an error naming them)."""
+    import json
+
+    from .checkpoints.lora import check_lora, lora_components
+
+    uris = sorted({item["uri"] for text in sets for item in json.loads(text)})
+    if not uris:
+        return
+    modules = lora_components(model.pipeline.family.parts)
+    for uri in uris:
+        try:
+            check_lora(uri, modules, model.storage_config)
+        except (CheckpointError, StorageError) as exc:
+            raise CheckpointError(f"LoRA {uri}: {exc}") from None
 
 
 def input_root(uri: str, cfg):
@@ -255,7 +309,8 @@ def _describe(loc) -> str:
     return loc.name
 
 
-def prepare_output(out, spec, scan, previous: dict | None, remove: list[str], hooks: dict) -> list[str]:
+def prepare_output(out, spec, scan, previous: dict | None, remove: list[str], hooks: dict,
+                   resolved: dict | None = None) -> list[str]:
     """Remove what ``--overwrite`` replaces (only our entries, never through links), write
     job.json, and return what was removed, described."""
     removed = []
@@ -275,6 +330,8 @@ def prepare_output(out, spec, scan, previous: dict | None, remove: list[str], ho
         "model_fingerprint": (keep or {}).get("model_fingerprint"),
         "render_env": (keep or {}).get("render_env", []),
         "torch_threads": spec.compute.torch_threads,
+        "resolved": resolved,
+        "passthrough": scan.settings.get("passthrough", {}),
         "total_items": scan.total_rows,
         "inputs": scan.identities,
         "created": (keep or {}).get("created") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

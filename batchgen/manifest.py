@@ -29,24 +29,25 @@ JOB_FILE = "job.json"
 IN_MEMORY_CONSOLIDATE_ROWS = 50_000
 SORT_ROWS_PER_BLOCK = 50_000  # Ray sort partitions: blocks the driver streams one at a time
 
-MANIFEST_SCHEMA = pa.schema(
-    [
-        ("item_id", pa.string()),
-        ("source_file", pa.string()),
-        ("source_row", pa.int64()),
-        ("prompt", pa.string()),
-        ("negative_prompt", pa.string()),
-        ("seed", pa.int64()),
+def manifest_schema(passthrough: pa.Schema | list | None = None) -> pa.Schema:
+    """The manifest's columns: the item, every per-item setting (from the settings table), how it
+    was rendered (sampler, LoRAs with their sha256, model), labels (DiT class, CLIP score), the
+    stored image and its provenance, then the job's ``input.passthrough`` columns."""
+    from .dataset import ROW_HEAD, setting_type
+    from .settings import ROW_SETTINGS
+
+    fields = list(ROW_HEAD) + [(s.name, setting_type(s)) for s in ROW_SETTINGS]
+    fields += [
         ("sampler", pa.string()),
-        ("steps", pa.int32()),
-        ("guidance_scale", pa.float64()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
+        ("sampler_options", pa.string()),
         ("batch_size", pa.int32()),
-        ("strength", pa.float64()),
-        ("init_image", pa.string()),
+        ("loras", pa.string()),  # JSON [{uri, scale, sha256}] of the LoRAs fused for this item
         ("model_uri", pa.string()),
+        ("model_family", pa.string()),
         ("model_fingerprint", pa.string()),
+        ("class_id", pa.int64()),  # DiT: the class rendered (the prompt names it)
+        ("class_name", pa.string()),
+        ("clip_score", pa.float64()),  # scoring.clip: 100 * max(cos(image, prompt), 0)
         ("image_uri", pa.string()),
         ("image_format", pa.string()),
         ("image_sha256", pa.string()),
@@ -58,38 +59,37 @@ MANIFEST_SCHEMA = pa.schema(
         ("render_ms", pa.float64()),
         ("encode_ms", pa.float64()),
         ("batchgen_version", pa.string()),
-        ("sampler_options", pa.string()),
         ("render_env", pa.string()),
     ]
-)
+    return pa.schema(fields + list(passthrough or []))
+
+
+MANIFEST_SCHEMA = manifest_schema()
 # render_env: JSON of what else decides an item's bytes (device kind and name, dtype, torch
 # intra-op threads, torch/CUDA/cuDNN versions, deterministic flags); see stages.render_env().
 
 
-# Generation parameters embedded in each image: a row's output-determining fields only (no
-# timings or worker names, so the bytes are the same whoever renders the item).
-IMAGE_PARAMETER_FIELDS = (
-    "item_id", "prompt", "negative_prompt", "seed", "sampler", "steps", "guidance_scale", "width",
-    "height", "batch_size", "strength", "init_image", "model_fingerprint", "sampler_options",
-)
-
-
 def image_parameters(row: dict[str, Any]) -> dict[str, Any]:
-    """The metadata dict embedded in an item's image (same for the job and ``rerender``)."""
-    params = {k: row.get(k) for k in IMAGE_PARAMETER_FIELDS}
+    """The metadata dict embedded in an item's image (same for the job and ``rerender``): the
+    fields that decide its pixels (no timings or workers, so any renderer writes the same bytes)."""
+    from .settings import SETTINGS
+
+    fields = ("item_id", "prompt", *(s.name for s in SETTINGS), "sampler", "sampler_options", "batch_size",
+              "loras", "model_fingerprint", "model_family", "class_name")
+    params = {k: row.get(k) for k in fields}
+    if params.get("loras") == "[]":
+        params["loras"] = None
     return {k: v for k, v in params.items() if v is not None}
 
 
-def to_manifest_table(columns: dict[str, Any]) -> pa.Table:
-    """A dict of columns (lists or arrays) as a table with exactly MANIFEST_SCHEMA."""
+def to_manifest_table(columns: dict[str, Any], schema: pa.Schema = MANIFEST_SCHEMA) -> pa.Table:
+    """A dict of columns (lists or arrays) as a table with exactly ``schema``."""
     arrays = []
-    n = None
-    for f in MANIFEST_SCHEMA:
+    for f in schema:
         value = columns[f.name]
         arr = value if isinstance(value, (pa.Array, pa.ChunkedArray)) else pa.array(value, f.type)
         arrays.append(arr.cast(f.type))
-        n = len(arr) if n is None else n
-    return pa.Table.from_arrays(arrays, schema=MANIFEST_SCHEMA)
+    return pa.Table.from_arrays(arrays, schema=schema)
 
 
 def table_bytes(table: pa.Table) -> bytes:
@@ -159,9 +159,14 @@ def part_locations(out_loc) -> list:
 
 
 def conform(table: pa.Table, names: list[str] | None = None) -> pa.Table:
-    """``table`` with exactly the MANIFEST_SCHEMA columns ``names`` (all by default): parts written
-    by an older batchgen lack newer columns, which read as nulls."""
-    fields = [MANIFEST_SCHEMA.field(n) for n in (names or MANIFEST_SCHEMA.names)]
+    """``table`` with the manifest columns ``names`` (default: all of MANIFEST_SCHEMA, then the
+    job's own extra columns as they are): parts written by an older batchgen lack newer columns,
+    which read as nulls."""
+    if names is None:
+        extra = [table.schema.field(n) for n in table.column_names if n not in MANIFEST_SCHEMA.names]
+        fields = list(MANIFEST_SCHEMA) + extra
+    else:
+        fields = [MANIFEST_SCHEMA.field(n) if n in MANIFEST_SCHEMA.names else table.schema.field(n) for n in names]
     arrays = []
     for f in fields:
         if f.name in table.column_names:
@@ -175,7 +180,7 @@ def read_part(loc, columns: list[str] | None = None) -> pa.Table | None:
     """One part file's rows (conformed to the schema), or None (with a warning) when unreadable."""
     try:
         pf = pq.ParquetFile(io.BytesIO(loc.read_bytes()))
-        wanted = [n for n in (columns or MANIFEST_SCHEMA.names) if n in pf.schema_arrow.names]
+        wanted = [n for n in columns if n in pf.schema_arrow.names] if columns else None
         table = pf.read(columns=wanted)
     except (OSError, pa.ArrowException) as exc:
         log.warning("ignoring unreadable manifest part %s: %s", loc.uri, exc)
@@ -306,7 +311,8 @@ def consolidate(out_loc, in_memory_limit: int = IN_MEMORY_CONSOLIDATE_ROWS,
     counts = {"ok": 0, "failed": 0}
     if total_rows <= in_memory_limit:
         tables = [_with_rank(t, i) for i, t in iter_parts(out_loc)]
-        table = pa.concat_tables(tables) if tables else _with_rank(MANIFEST_SCHEMA.empty_table(), 0)
+        table = (pa.concat_tables(tables, promote_options="default") if tables
+                 else _with_rank(MANIFEST_SCHEMA.empty_table(), 0))
         table, _ = _first_per_item(table.sort_by(_ORDER), None)
         table = table.drop_columns(["_ok", "_part"])
         target.write_bytes(table_bytes(table))
@@ -359,11 +365,13 @@ def _sorted_write(ray, out_loc, parts, target, counts, failures=None) -> None:
     tfs, tpath = target.pyarrow_fs()
     # S3 multipart uploads appear atomically on completion; local files go through a temp + move
     tmp = tpath if target.scheme == "s3" else tpath + f".tmp-{uuid.uuid4().hex[:8]}"
+    first = next((t for _, t in iter_parts(out_loc)), None)
+    schema = first.schema if first is not None else MANIFEST_SCHEMA  # the job's columns, extras included
     carry = None
-    with tfs.open_output_stream(tmp) as stream, pq.ParquetWriter(stream, MANIFEST_SCHEMA, compression="zstd") as writer:
+    with tfs.open_output_stream(tmp) as stream, pq.ParquetWriter(stream, schema, compression="zstd") as writer:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=16384, prefetch_batches=0):
             batch, carry = _first_per_item(batch, carry)
-            batch = batch.drop_columns(["_ok", "_part"]).select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA)
+            batch = batch.drop_columns(["_ok", "_part"]).select(schema.names).cast(schema)
             writer.write_table(batch)
             _count(batch, counts)
             if failures is not None:

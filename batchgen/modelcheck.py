@@ -2,27 +2,32 @@
 
 The job's actors load the model with :func:`batchgen.load_pipeline`; when that fails there, the job
 has already started Ray, written ``job.json`` and the user reads hundreds of lines of
-``ActorDiedError``. :func:`validate_model` checks what can be checked without loading weights:
+``ActorDiedError``. :func:`validate_model` checks everything that can be checked without reading
+weights, for every kind of model the actors accept (``builtin:``, a diffusers folder or a single
+``.safetensors`` file, local or on S3, with component overrides):
 
-- the diffusers layout (``model_index.json`` and the component folders, via
-  :func:`checkpoints.open_folder`), and that its pipeline class is a family batchgen renders;
-- every component the family reads is listed with a class it accepts, its JSON config parses, the
-  tokenizers' files are there;
-- which weight files each component would load (:func:`checkpoints.find_weight_files`, so pickle
-  weights are refused exactly as the loader refuses them) and that each one is a safetensors file
-  that opens and holds tensors: locally with ``safetensors.safe_open``, on S3 by reading only the
-  header with two ranged GETs (nothing is downloaded).
+- every weight file the model would load opens and holds tensors (locally with
+  ``safetensors.safe_open``; on S3 from its header, read with two ranged GETs, which also catches
+  a truncated upload), and pickle weights are refused unless allowed;
+- the model is then built as the actors build it, on the meta device (:func:`batchgen.inspect.skeleton`):
+  its family, every component's class and config, the tokenizers, and every weight key and shape.
+  On S3 the skeleton is built from a local copy of the small files plus header-only copies of the
+  weight files: nothing large is downloaded.
 
-It returns the scheduler config so the pre-flight can build every sampler schedule the job needs.
+The result carries that skeleton pipeline: the pre-flight validates every settings group of the
+input with it (``Pipeline._validate``: sizes, family settings, sampler and schedule), and takes the
+family's defaults (sampler, steps, guidance, size) from it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Iterator
 
 from .errors import CheckpointError, StorageError
 
@@ -36,102 +41,101 @@ class ModelCheck:
 
     uri: str
     scheduler_config: dict
+    family: str
+    pipeline: Any  # a Pipeline on the meta device: validates requests, knows the family's defaults
     weight_files: dict[str, list[str]] = field(default_factory=dict)  # component -> files (relative)
-    family: str = ""  # the model family (sd, sdxl, sd3, flux, dit)
+    storage_config: Any = None
+
+    def defaults(self) -> dict[str, Any]:
+        """The family's defaults for the settings the job left to it."""
+        fam = self.pipeline.family
+        width, height = fam.default_size()
+        return {"sampler": fam.default_sampler, "width": width, "height": height, **fam.defaults()}
+
+    def check_prompt(self, prompt: str) -> str | None:
+        """Why the model cannot render ``prompt`` (DiT: not a class name), or None."""
+        return self.pipeline.family.check_prompt(prompt)
 
 
-def validate_model(uri: str, storage_cfg=None) -> ModelCheck:
-    """Validate the checkpoint at ``uri`` (``builtin:``, local, ``file://``, ``s3://``); raises
-    CheckpointError naming the file and what is wrong."""
+def validate_model(model, storage_cfg=None) -> ModelCheck:
+    """Validate the model of a job spec's ``model`` block (or a bare URI); raises CheckpointError
+    naming the file and what is wrong."""
+    from .inspect import skeleton
+    from .spec import ModelSpec
+
+    spec = ModelSpec(uri=model) if isinstance(model, str) else model
+    text = str(spec.uri)
+    with _local_view(text, storage_cfg, spec.allow_pickle) as (local, files, shown):
+        try:
+            pipe, _ = skeleton(local, vae=spec.vae, text_encoders=spec.text_encoders, tokenizers=spec.tokenizers,
+                               prediction_type=spec.prediction_type, variant=spec.variant,
+                               allow_pickle=spec.allow_pickle, storage_config=storage_cfg)
+        except CheckpointError as exc:
+            message = str(exc).replace(str(local), shown) if shown else str(exc)
+            raise CheckpointError(f"model.uri {text!r}: {message}") from None
+    return ModelCheck(text, pipe.family.scheduler_config, pipe.family.name, pipe, files, storage_cfg)
+
+
+@contextlib.contextmanager
+def _local_view(uri: str, storage_cfg, allow_pickle: bool) -> Iterator[tuple[Path, dict, str | None]]:
+    """(a local path to build the model from, its weight files, the name to show instead of the
+    local path): the model itself for local ones; header-only copies for S3."""
     from .checkpoints import resolve_model_uri
 
-    text = str(uri)
-    if text.startswith("s3://"):
-        return _validate_s3(text, storage_cfg)
-    if text.startswith("builtin:"):
+    if uri.startswith("s3://"):
+        with _s3_view(uri, storage_cfg, allow_pickle) as view:
+            yield view
+        return
+    if uri.startswith("builtin:"):
         from .tiny import BUILTINS
 
-        name = text[len("builtin:"):]
+        name = uri[len("builtin:"):]
         if name not in BUILTINS:
-            raise CheckpointError(f"model.uri {text!r}: unknown built-in model; known: "
+            raise CheckpointError(f"model.uri {uri!r}: unknown built-in model; known: "
                                   + ", ".join(f"builtin:{n}" for n in BUILTINS))
-    elif "://" in text and not text.startswith("file://"):
-        raise CheckpointError(f"model.uri {text!r}: unsupported scheme (use builtin:, a local folder, file:// or s3://)")
-    root = resolve_model_uri(text, storage_cfg)
+    elif "://" in uri and not uri.startswith("file://"):
+        raise CheckpointError(f"model.uri {uri!r}: unsupported scheme (use builtin:, a local folder or file, "
+                              "file:// or s3://)")
+    root = resolve_model_uri(uri, storage_cfg)
     if not root.exists():
-        raise CheckpointError(f"model.uri {text!r}: no such model folder ({root})")
-    return _validate_folder(text, root, lambda path: _check_local_safetensors(path))
+        raise CheckpointError(f"model.uri {uri!r}: no such model folder or file ({root})")
+    if root.is_file():
+        _check_single_file(uri, root, allow_pickle, _check_local_safetensors)
+        yield root, {"": [root.name]}, None
+    else:
+        yield root, _check_folder(uri, root, _check_local_safetensors, allow_pickle), None
 
 
-def _validate_folder(uri: str, root: Path, check_weights, display_root: str | None = None) -> ModelCheck:
-    from .checkpoints import MODEL_CLASSES, WEIGHT_BASENAMES, find_weight_files, open_folder
-    from .families import family_for
+def _check_single_file(uri: str, path: Path, allow_pickle: bool, check) -> None:
+    if path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
+        if not allow_pickle:
+            raise CheckpointError(f"model.uri {uri!r}: {path.name} is a pickle checkpoint (it can run code when "
+                                  "loaded); convert it to safetensors, or set model.allow_pickle: true if you "
+                                  "trust the file")
+        return
+    check(path)
 
-    shown = display_root or str(root)
 
-    def rel(path: Path) -> str:
-        return path.relative_to(root).as_posix()
+def _check_folder(uri: str, root: Path, check_weights, allow_pickle: bool,
+                  display_root: str | None = None) -> dict[str, list[str]]:
+    """Every weight file of a diffusers folder opens (``check_weights``); pickle refused."""
+    from .checkpoints import WEIGHT_BASENAMES, find_weight_files, open_folder
 
+    files: dict[str, list[str]] = {}
     try:
         folder = open_folder(root)
-        family = family_for(folder)
-        listed = folder.components()
-        files: dict[str, list[str]] = {}
-        scheduler = None
-        for name, comp in family.components.items():
-            if name not in listed:
-                if comp.required:
-                    raise CheckpointError(f"{root}/model_index.json: a {family.name} model needs component '{name}' "
-                                          f"({' or '.join(comp.classes)}); it is missing or null")
-                continue
-            library, cls = listed[name]
-            if comp.classes and cls not in comp.classes:
-                raise CheckpointError(f"{root}/model_index.json: component '{name}' has class {cls!r}; a "
-                                      f"{family.name} model expects {' or '.join(comp.classes)}")
-            if comp.kind == "scheduler":
-                scheduler = folder.read_json(f"{name}/scheduler_config.json")
-            elif comp.kind == "tokenizer":
-                _check_tokenizer_files(folder.component_dir(name), cls)
-            else:
-                config = folder.read_json(f"{name}/config.json")
-                if cls in MODEL_CLASSES and cls.startswith(("CLIP", "T5")):
-                    _check_text_config(root / name / "config.json", cls, config)
-                if library not in WEIGHT_BASENAMES:
-                    raise CheckpointError(f"{root}/model_index.json: component '{name}' comes from library "
-                                          f"{library!r}; batchgen loads {', '.join(sorted(WEIGHT_BASENAMES))} components")
-                weights = find_weight_files(folder.component_dir(name), WEIGHT_BASENAMES[library], None)
+        for name, (library, _cls) in folder.components().items():
+            if library not in WEIGHT_BASENAMES or not (root / name / "config.json").is_file():
+                continue  # tokenizers and schedulers have no weights; unknown libraries fail in the skeleton
+            weights = find_weight_files(folder.component_dir(name), WEIGHT_BASENAMES[library], None, allow_pickle)
+            if not weights.pickle:
                 for path in weights.files:
                     check_weights(path)
-                files[name] = [rel(p) for p in weights.files]
+            files[name] = [p.relative_to(root).as_posix() for p in weights.files]
     except CheckpointError as exc:
-        message = str(exc)
-        if display_root:
-            message = message.replace(str(root), shown)
+        message = str(exc).replace(str(root), display_root) if display_root else str(exc)
         raise CheckpointError(f"model.uri {uri!r}: {message}") from None
-    if not isinstance(scheduler, dict):
-        raise CheckpointError(f"model.uri {uri!r}: {shown}/scheduler/scheduler_config.json is not a JSON object")
-    return ModelCheck(uri, scheduler, files, family.name)
-
-
-def _check_tokenizer_files(folder: Path, cls: str) -> None:
-    """The files a CLIP (vocab.json + merges.txt) or T5 (tokenizer.json / spiece.model) tokenizer needs."""
-    if cls.startswith("CLIP"):
-        for name in ("vocab.json", "merges.txt"):
-            if not (folder / name).is_file():
-                raise CheckpointError(f"{folder}: missing component file '{name}'")
-        try:
-            json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"{folder}/vocab.json: not valid JSON ({exc})") from None
-    elif not any((folder / n).is_file() for n in ("tokenizer.json", "spiece.model")):
-        raise CheckpointError(f"{folder}: missing component file 'tokenizer.json' or 'spiece.model' (a T5 tokenizer)")
-
-
-def _check_text_config(path: Path, cls: str, config: dict) -> None:
-    expected = ("t5", "umt5") if cls.startswith("T5") else (None, "clip_text_model", "clip")
-    if config.get("model_type") not in expected:
-        raise CheckpointError(f"{path}: model_type '{config.get('model_type')}' is not a "
-                              f"{'T5' if cls.startswith('T5') else 'CLIP text'} model")
+    return files
 
 
 def _check_local_safetensors(path: Path) -> None:
@@ -146,17 +150,19 @@ def _check_local_safetensors(path: Path) -> None:
         raise CheckpointError(f"{path}: the safetensors file holds no tensors")
 
 
-def check_safetensors_header(read_range, size: int, where: str) -> int:
+def check_safetensors_header(read_range, size: int, where: str) -> bytes:
     """Validate a safetensors header through ``read_range(start, stop) -> bytes``; returns the
-    number of tensors. The data section must be as long as the header says (a truncated upload
-    fails here, not in the actor)."""
+    header bytes (length prefix included). The data section must be as long as the header says (a
+    truncated upload fails here, not in the actor)."""
     if size < 8:
         raise CheckpointError(f"{where}: {size} bytes is too small to be a safetensors file")
-    n = int.from_bytes(read_range(0, 8), "little")
+    prefix = read_range(0, 8)
+    n = int.from_bytes(prefix, "little")
     if n < 2 or n > MAX_HEADER_BYTES or 8 + n > size:
         raise CheckpointError(f"{where}: not a safetensors file (header length {n} for a {size}-byte file)")
+    raw = read_range(8, 8 + n)
     try:
-        header = json.loads(read_range(8, 8 + n).decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"))
         tensors = {k: v for k, v in header.items() if k != "__metadata__"}
         end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
     except (ValueError, KeyError, TypeError, AttributeError, IndexError, UnicodeDecodeError) as exc:
@@ -166,52 +172,63 @@ def check_safetensors_header(read_range, size: int, where: str) -> int:
     if 8 + n + end > size:
         raise CheckpointError(f"{where}: truncated safetensors file: its tensors need {8 + n + end} bytes, "
                               f"the file has {size}")
-    return len(tensors)
+    return prefix + raw
 
 
-def _validate_s3(uri: str, storage_cfg) -> ModelCheck:
-    """An S3 checkpoint, validated from its listing, its small files and its weight headers."""
+@contextlib.contextmanager
+def _s3_view(uri: str, storage_cfg, allow_pickle: bool) -> Iterator[tuple[Path, dict, str]]:
+    """A local stand-in for an S3 model: its small files, and header-only copies of its weight
+    files (safetensors' length prefix and header: enough to check every key and shape)."""
     from .storage import Location
 
     base = Location.parse(uri, storage_cfg)
-    entries = base._list_objects(recursive=True)
-    if not entries:
-        base._check_bucket()
-        raise CheckpointError(f"model.uri {uri!r}: no such model folder (no objects under {base.uri}/)")
-    prefix = f"{base.key}/" if base.key else ""
-    sizes: dict[str, int] = {}
-    skeleton = Path(tempfile.mkdtemp(prefix="batchgen-modelcheck-"))
     client = base._client()
+    view = Path(tempfile.mkdtemp(prefix="batchgen-modelcheck-"))
+
+    def header_copy(key: str, size: int, local: Path) -> None:
+        where = f"s3://{base.bucket}/{key}"
+
+        def read_range(start: int, stop: int) -> bytes:
+            try:
+                return client.get_object(Bucket=base.bucket, Key=key, Range=f"bytes={start}-{stop - 1}")["Body"].read()
+            except Exception as exc:  # noqa: BLE001
+                raise StorageError(f"cannot read {where}: {exc}") from None
+
+        local.write_bytes(check_safetensors_header(read_range, size, where))
+
     try:
+        entries = base._list_objects(recursive=True)
+        if not entries and base.key and base.is_file():  # a single-file checkpoint
+            head = client.head_object(Bucket=base.bucket, Key=base.key)
+            local = view / base.name
+            if local.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):  # no header to read: the whole file
+                _check_single_file(uri, local, allow_pickle, lambda p: None)
+                yield base.local_cache_copy(), {"": [base.name]}, None
+                return
+            header_copy(base.key, int(head.get("ContentLength", 0)), local)
+            yield local, {"": [base.name]}, base.uri
+            return
+        if not entries:
+            base._check_bucket()
+            raise CheckpointError(f"model.uri {uri!r}: no such model folder (no objects under {base.uri}/)")
+        prefix = f"{base.key}/" if base.key else ""
         for e in entries:
             rel = e["Key"][len(prefix):]
             if any(part in ("", ".", "..") for part in rel.split("/")):
                 continue
-            local = skeleton.joinpath(*rel.split("/"))
+            local = view.joinpath(*rel.split("/"))
             local.parent.mkdir(parents=True, exist_ok=True)
-            sizes[str(local)] = int(e.get("Size", 0))
-            small = rel.endswith((".json", ".txt")) and int(e.get("Size", 0)) <= SMALL_FILE_BYTES
-            if small:
+            size = int(e.get("Size", 0))
+            if rel.endswith(".safetensors"):
+                header_copy(e["Key"], size, local)
+            elif size <= SMALL_FILE_BYTES:
                 try:
                     local.write_bytes(client.get_object(Bucket=base.bucket, Key=e["Key"])["Body"].read())
                 except Exception as exc:  # noqa: BLE001
                     raise base._error(exc, "read") from None
             else:
-                local.touch()  # a placeholder: find_weight_files only needs to see that it exists
-
-        def check(path: Path) -> None:
-            key = prefix + path.relative_to(skeleton).as_posix()
-            where = f"s3://{base.bucket}/{key}"
-
-            def read_range(start: int, stop: int) -> bytes:
-                try:
-                    resp = client.get_object(Bucket=base.bucket, Key=key, Range=f"bytes={start}-{stop - 1}")
-                    return resp["Body"].read()
-                except Exception as exc:  # noqa: BLE001
-                    raise StorageError(f"cannot read {where}: {exc}") from None
-
-            check_safetensors_header(read_range, sizes.get(str(path), 0), where)
-
-        return _validate_folder(uri, skeleton, check, display_root=base.uri)
+                local.touch()  # e.g. a pickle .bin: its name is all find_weight_files looks at
+        files = _check_folder(uri, view, lambda path: None, allow_pickle, display_root=base.uri)
+        yield view, files, base.uri
     finally:
-        shutil.rmtree(skeleton, ignore_errors=True)
+        shutil.rmtree(view, ignore_errors=True)

@@ -140,8 +140,8 @@ class Pipeline:
         progress bar on stderr (None: a bar when stderr is a terminal). ``item_ids`` name the items
         in warnings.
         """
-        req = self._validate(prompts, seeds, negative_prompts, sampler, steps, guidance_scale, width, height,
-                             init_images, strength, sampler_options, item_ids, settings)
+        req = self.validate(prompts, seeds, negative_prompts, sampler, steps, guidance_scale, width, height,
+                            init_images, strength, sampler_options, item_ids, **settings)
         total = len(req.prompts)
         size = total if micro_batch is None else micro_batch
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
@@ -174,8 +174,12 @@ class Pipeline:
         return [({**req.settings, "prompt_chunks": key}, members) for key, members in sorted(groups.items())]
 
     # ------------------------------------------------------------------------------- validation
-    def _validate(self, prompts, seeds, negative_prompts, sampler, steps, guidance_scale, width, height,
-                  init_images, strength, sampler_options, item_ids, extra) -> _Request:
+    def validate(self, prompts, seeds, negative_prompts=None, sampler=None, steps=None, guidance_scale=None,
+                 width=None, height=None, init_images=None, strength=0.8, sampler_options=None, item_ids=None,
+                 **extra) -> _Request:
+        """Check a generate() request and resolve it (family defaults filled in) without rendering:
+        every error generate() would raise before its first model call is raised here. Works on a
+        pipeline built on the meta device (the job's pre-flight)."""
         from .sampling import get_sampler
 
         fam = self.family

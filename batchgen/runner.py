@@ -92,6 +92,7 @@ class Plan:
     removed: list[str]
     inputs: dict
     timings: dict[str, float]
+    resolved: dict = field(default_factory=dict)  # family defaults filled in (jobstate.resolve)
 
     @property
     def todo(self) -> int:
@@ -131,10 +132,11 @@ def prepare(spec, *, overwrite: bool = False, max_failures: int | None = None, h
         remove = jobstate.check_previous(out, spec, previous, overwrite)
         resume = previous is not None and not overwrite
         committed = committed_state(out) if resume else empty_state()
-        scan = scan_inputs(spec, cfg, committed)
+        resolved = jobstate.resolve(spec, model)
+        scan = scan_inputs(spec, cfg, committed, resolved, model.check_prompt if model is not None else None)
         inputs = jobstate.check_inputs(out, spec, previous if resume else None, scan, committed)
-        jobstate.check_sampling(spec, model, scan)
-        removed = jobstate.prepare_output(out, spec, scan, previous if resume else None, remove, hooks)
+        jobstate.check_sampling(spec, model, scan, resolved)
+        removed = jobstate.prepare_output(out, spec, scan, previous if resume else None, remove, hooks, resolved)
     except BaseException:
         lease.release()
         if created:
@@ -143,7 +145,7 @@ def prepare(spec, *, overwrite: bool = False, max_failures: int | None = None, h
     limit = jobstate.max_failures_for(scan.total_rows, max_failures)
     timings = {"preflight_model": round(t_model - t0, 3), "preflight_scan": round(time.perf_counter() - t_model, 3)}
     return Plan(spec, cfg, out, scan, committed, lease, hooks, limit, previous if resume else None, removed,
-                inputs, timings)
+                inputs, timings, resolved)
 
 
 def _remove_if_empty(path: str) -> None:
@@ -163,7 +165,6 @@ def execute(plan: Plan, *, progress_every_s: float = 10.0, progress_bar: bool | 
 
     from . import jobstate
     from .cluster import release_worker_nodes, request_worker_nodes
-    from .dataset import row_settings
     from .manifest import PartWriter
     from .quiet import StderrFilter, quiet_libraries
     from .stages import EncodeAndStore, GeneratorActor, ReadRows
@@ -196,24 +197,26 @@ def execute(plan: Plan, *, progress_every_s: float = 10.0, progress_bar: bool | 
             tasks = jobstate.read_tasks(scan)
             ds = (
                 ray.data.from_items(tasks, override_num_blocks=max(1, len(tasks)))
-                .map_batches(ReadRows(row_settings(spec), plan.cfg, committed_ref), batch_size=1,
+                .map_batches(ReadRows(scan.settings, plan.cfg, committed_ref), batch_size=1,
                              batch_format="pyarrow", num_cpus=jobstate.READ_CPUS)
                 .repartition(target_num_rows_per_block=rows_per_call)  # one actor call = one small block
                 .map_batches(
                     GeneratorActor,
                     fn_constructor_kwargs=dict(
-                        model_uri=spec.model.uri, dtype=spec.model.dtype, storage_cfg=plan.cfg,
-                        batch_size=c.batch_size, sampler=spec.sampling.sampler,
+                        model=spec.model.model_dump(mode="json"), storage_cfg=plan.cfg,
+                        batch_size=c.batch_size, sampler=plan.resolved["sampler"],
                         sampler_options=spec.sampling.sampler_options, hooks=hooks,
                         torch_threads=c.torch_threads, max_init_pixels=spec.input.max_init_image_pixels,
-                        quiet=not verbose),
+                        quiet=not verbose, compile=c.compile, deterministic=c.deterministic,
+                        scoring=spec.scoring.clip.model_dump() if spec.scoring.clip else None),
                     batch_size=rows_per_call, batch_format="pyarrow",
                     compute=ray.data.ActorPoolStrategy(min_size=actors.min_workers, max_size=actors.max_workers),
                     **actors.resources,
                 )
                 .map_batches(
                     EncodeAndStore(out.uri, plan.cfg, spec.output.format, spec.output.quality, spec.model.uri,
-                                   spec.sampling.sampler, spec.sampling.sampler_options, c.batch_size, hooks),
+                                   plan.resolved["sampler"], spec.sampling.sampler_options, c.batch_size, hooks,
+                                   scan.settings.get("passthrough")),
                     batch_size=rows_per_call, batch_format="pyarrow", num_cpus=jobstate.ENCODE_CPUS,
                 )
             )
@@ -254,6 +257,7 @@ class _StreamState:
     retried_now: int = 0
     render_ms: float = 0.0
     encode_ms: float = 0.0
+    warmup_ms: list = field(default_factory=list)  # compile warm-ups (one per actor and shape)
     envs: list = field(default_factory=list)
 
 
@@ -361,6 +365,9 @@ def _stream(ds, plan: Plan, parts, progress, state: _StreamState, interrupted: d
         try:
             for batch in batches:
                 with guard.critical():
+                    if "warmup_ms" in batch.column_names:
+                        state.warmup_ms += [w for w in batch.column("warmup_ms").to_pylist() if w]
+                        batch = batch.drop_columns(["warmup_ms"])
                     state.expected_fp = jobstate.check_fingerprint(batch, state.expected_fp, plan.out, plan.spec)
                     jobstate.render_envs(batch, state.envs)
                     parts.add(batch)
@@ -455,6 +462,7 @@ def _finish(plan: Plan, parts, progress, state: _StreamState, aborted: bool, t0:
             "consolidate": round(time.perf_counter() - t_cons, 3),
             "total": round(time.perf_counter() - t0 + sum(plan.timings.values()), 3),
             "render_sum_over_items": round(state.render_ms / 1000, 3),
+            "compile_warmups": [round(w / 1000, 3) for w in state.warmup_ms],
             "encode_store_sum_over_items": round(state.encode_ms / 1000, 3),
         },
         "manifest_parts_written": parts.parts_written,

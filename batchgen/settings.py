@@ -7,6 +7,9 @@ into homogeneous micro-batches). ``Pipeline.generate`` validates its keyword arg
 table; the job spec, the input-row schema, the settings-group key, the manifest columns and the
 parameters embedded in each image are derived from it, so a new knob is an entry here plus the
 code that uses it.
+
+Two more per-row columns are not settings of ``generate()`` and live in the job code: ``n`` (images
+per prompt, :mod:`batchgen.dataset`) and ``loras`` (LoRA set, grouped like a group setting).
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ class Setting:
     families: tuple[str, ...] | None = None  # None: every family
     img2img: bool = False  # only meaningful for img2img items (rows with init_image)
     choices: tuple[str, ...] | None = None  # allowed values of a "str" setting
+    spec: bool = True  # the job spec's sampling section has a job-wide default for it
+    row: bool = True  # an input column of this name sets it per row
 
     def check(self, value: Any, where: str) -> Any:
         """``value`` normalized to this setting's type; ValueError naming ``where`` otherwise."""
@@ -82,9 +87,11 @@ def _num(x: float) -> str:
 SETTINGS: tuple[Setting, ...] = (
     Setting("negative_prompt", "str", "", "negative prompt (\"\" = unconditional)"),
     Setting("seed", "int", None, "noise seed; a row without one gets derive(job seed, item id)",
-            lo=0, hi=SEED_LIMIT - 1),
-    Setting("width", "int", 512, "image width in pixels", lo=8, hi=4096, multiple_of=8, group=True),
-    Setting("height", "int", 512, "image height in pixels", lo=8, hi=4096, multiple_of=8, group=True),
+            lo=0, hi=SEED_LIMIT - 1, spec=False),
+    Setting("width", "int", None, "image width in pixels; None = the model's own size (sample_size x VAE factor)",
+            lo=8, hi=4096, multiple_of=8, group=True),
+    Setting("height", "int", None, "image height in pixels; None = the model's own size", lo=8, hi=4096,
+            multiple_of=8, group=True),
     Setting("steps", "int", None, "denoising steps; None = family default (30; FLUX schnell 4)", lo=1, hi=1000,
             group=True),
     Setting("guidance_scale", "float", None,
@@ -92,7 +99,8 @@ SETTINGS: tuple[Setting, ...] = (
             lo=0, hi=100, group=True),
     Setting("strength", "float", 0.8, "img2img: how much of the schedule re-noises the init image",
             lo=0, hi=1, lo_open=True, group=True, img2img=True),
-    Setting("init_image", "str", None, "img2img: URI of the init image (local path or s3://)", img2img=True),
+    Setting("init_image", "str", None, "img2img: URI of the init image (local path or s3://)", img2img=True,
+            spec=False),
     Setting("original_width", "int", None, "SDXL micro-conditioning: original size (default: width)",
             lo=1, hi=65536, families=("sdxl",)),
     Setting("original_height", "int", None, "SDXL micro-conditioning: original size (default: height)",
@@ -118,6 +126,8 @@ SETTINGS: tuple[Setting, ...] = (
             "(1 = off)", lo=1, hi=100, group=True, families=("flux",)),
 )
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
+SPEC_SETTINGS: tuple[Setting, ...] = tuple(s for s in SETTINGS if s.spec)
+ROW_SETTINGS: tuple[Setting, ...] = tuple(s for s in SETTINGS if s.row)
 GROUP_SETTINGS: tuple[str, ...] = tuple(s.name for s in SETTINGS if s.group)
 
 

@@ -43,6 +43,8 @@ class InputSpec(_Section):
         None, description="column with unique item ids; else ids derive from file path + row number"
     )
     prompt_column: str = Field("prompt", description="column holding the prompt text")
+    passthrough: list[str] = Field(default_factory=list, description="input columns copied into the manifest and "
+                                                                     "the exports (labels, captions)")
     max_init_image_pixels: int = Field(
         DEFAULT_MAX_INIT_IMAGE_PIXELS, ge=1,
         description="largest init_image (width x height) a row may use; larger ones fail that item "
@@ -50,47 +52,73 @@ class InputSpec(_Section):
     )
 
 
+class LoraSpec(_Section):
+    """One LoRA fused into the model's weights."""
+
+    uri: str = Field(description="a .safetensors LoRA (kohya / sd-scripts or diffusers / PEFT), local or s3://")
+    scale: float = Field(1.0, ge=-10.0, le=10.0, allow_inf_nan=False, description="strength of the LoRA")
+
+
 class ModelSpec(_Section):
-    """Which checkpoint renders the images."""
+    """Which checkpoint renders the images, and how it is loaded. The whole block is part of the
+    resume digest: any change is a different job."""
 
-    uri: str = Field("builtin:tiny", description="builtin:tiny, a local or s3:// diffusers folder")
+    uri: str = Field("builtin:tiny", description="builtin:NAME, a diffusers folder or a single .safetensors "
+                                                 "checkpoint (local, file:// or s3://)")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto", description="auto = float16 on GPU, float32 on CPU"
+        "auto", description="auto = the family's GPU dtype (float16; bfloat16 for SD3/FLUX) on a GPU, float32 on CPU"
     )
+    variant: Optional[str] = Field(None, description="weight file variant of a diffusers folder, e.g. fp16")
+    loras: list[LoraSpec] = Field(default_factory=list, description="LoRAs fused into the weights (a row's "
+                                                                     "`loras` column replaces them for that row)")
+    vae: Optional[str] = Field(None, description="a VAE file or folder replacing the checkpoint's")
+    text_encoders: Optional[dict[str, str] | str] = Field(
+        None, description="text encoder files/folders by component (text_encoder, text_encoder_2, ...), or one "
+                          "diffusers folder to take them from")
+    tokenizers: Optional[dict[str, str] | str] = Field(
+        None, description="tokenizer folders by component (T5 tokenizers are never downloaded), or one diffusers folder")
+    prediction_type: Optional[Literal["epsilon", "v_prediction"]] = Field(
+        None, description="for checkpoints that do not say (SD 2.x 768-v, v-pred SDXL finetunes)")
+    allow_pickle: bool = Field(False, description="load .ckpt / .bin pickle weights (they can run code)")
+    text_encoder_device: Optional[Literal["cpu"]] = Field(
+        None, description="cpu: keep the text encoders in host memory (FLUX on 24 GB GPUs)")
+    fp8: list[str] = Field(default_factory=list, description="components stored in float8 e4m3 (e.g. "
+                                                             "[transformer]); upcast at each matmul")
+
+    def load_options(self) -> dict[str, Any]:
+        """The keyword arguments of load_pipeline this block stands for (besides uri and dtype)."""
+        return {"variant": self.variant, "allow_pickle": self.allow_pickle, "vae": self.vae,
+                "text_encoders": self.text_encoders, "tokenizers": self.tokenizers,
+                "prediction_type": self.prediction_type, "text_encoder_device": self.text_encoder_device,
+                "fp8": tuple(self.fp8), "loras": [lora.model_dump() for lora in self.loras]}
 
 
-class SamplingSpec(_Section):
-    """Job-wide sampling settings; per-row columns of the same name override them."""
+class _SamplingBase(_Section):
+    """Job-wide sampling settings; per-row columns of the same name override them. Every field
+    but the first four comes from the settings table (:mod:`batchgen.settings`); None means the
+    model family's default."""
 
-    sampler: str = Field("ddim", description="sampler name (see the samplers section; A1111 names are aliases)")
-    steps: int = Field(30, ge=1, le=1000, description="denoising steps")
-    guidance_scale: float = Field(7.5, ge=0.0, le=100.0, allow_inf_nan=False,
-                                  description="classifier-free guidance")
-    width: int = Field(512, ge=8, le=MAX_SIDE, description="image width, a multiple of 8")
-    height: int = Field(512, ge=8, le=MAX_SIDE, description="image height, a multiple of 8")
-    negative_prompt: str = Field("", description="default negative prompt")
-    seed: int = Field(0, ge=0, lt=2**63, description="job seed; rows without seed get derive(seed, item_id)")
-    strength: float = Field(0.8, gt=0.0, le=1.0, allow_inf_nan=False,
-                            description="img2img strength (rows with init_image)")
-    sampler_options: dict[str, Any] = Field(
-        default_factory=dict, description="extra sampler keyword options (JSON-serializable)"
-    )
-
-    @field_validator("width", "height")
+    @field_validator("*", check_fields=False)
     @classmethod
-    def _multiple_of_8(cls, value: int) -> int:
-        if value % 8:
-            raise ValueError(f"must be a multiple of 8, got {value}")
+    def _table_rules(cls, value, info):
+        from .settings import BY_NAME
+
+        setting = BY_NAME.get(info.field_name)
+        if setting is not None and value is not None:
+            try:
+                return setting.check(value, info.field_name)
+            except ValueError as exc:  # the error's key already names the field
+                raise ValueError(str(exc).removeprefix(f"{info.field_name}: ")) from None
         return value
 
-    @field_validator("sampler")
+    @field_validator("sampler", check_fields=False)
     @classmethod
     def _canonical_sampler(cls, value: str) -> str:
         from .samplernames import canonical_sampler
 
         return canonical_sampler(value)
 
-    @field_validator("sampler_options")
+    @field_validator("sampler_options", check_fields=False)
     @classmethod
     def _finite_json(cls, value: dict) -> dict:
         def check(v: Any, where: str) -> None:
@@ -110,6 +138,63 @@ class SamplingSpec(_Section):
         for key, item in value.items():
             check(item, key)
         return value
+
+    def family_values(self, family: str) -> dict[str, Any]:
+        """The table settings as the job sends them to a ``family`` model: settings of other
+        families are left out (an explicitly set one is an error naming it)."""
+        from .settings import SPEC_SETTINGS
+
+        out = {}
+        for setting in SPEC_SETTINGS:
+            if setting.families is not None and family not in setting.families:
+                if setting.name in self.model_fields_set and getattr(self, setting.name) != setting.default:
+                    raise InputError(f"sampling.{setting.name} applies to {', '.join(setting.families)} models; "
+                                     f"this model is {family}")
+                continue
+            out[setting.name] = getattr(self, setting.name)
+        return out
+
+
+def _sampling_spec() -> type[BaseModel]:
+    """SamplingSpec: four job-level fields plus one field per settings-table entry."""
+    from pydantic import create_model
+
+    from .settings import SPEC_SETTINGS
+
+    fields: dict[str, Any] = {
+        "sampler": (str, Field("auto", description="sampler name (README: samplers; A1111 names are aliases); "
+                                                   "auto = the model family's default")),
+        "sampler_options": (dict[str, Any], Field(default_factory=dict,
+                                                  description="extra sampler keyword options (JSON-serializable)")),
+        "seed": (int, Field(0, ge=0, lt=2**63, description="job seed; rows without seed get derive(seed, item_id)")),
+        "images_per_prompt": (int, Field(1, ge=1, le=10000, description="images per input row (a row's `n` "
+                                                                        "column overrides it); items <id>-<k>, "
+                                                                        "seeds seed + k")),
+    }
+    types = {"str": str, "int": int, "float": float}
+    for setting in SPEC_SETTINGS:
+        typ = types[setting.type]
+        if setting.default is None:
+            typ = Optional[typ]
+        families = f" ({', '.join(setting.families)} models)" if setting.families else ""
+        fields[setting.name] = (typ, Field(setting.default, description=setting.doc + families))
+    return create_model("SamplingSpec", __base__=_SamplingBase, **fields)
+
+
+SamplingSpec = _sampling_spec()
+
+
+class ScoringClipSpec(_Section):
+    """CLIP score of every rendered image against its prompt (torchmetrics' CLIPScore scale)."""
+
+    model: str = Field(description="a transformers CLIPModel folder (local or s3://) with its processor files")
+    batch_size: int = Field(16, ge=1, le=1024, description="images per CLIP call")
+
+
+class ScoringSpec(_Section):
+    """Optional quality scores written to the manifest (and usable by `export --where`)."""
+
+    clip: Optional[ScoringClipSpec] = Field(None, description="clip_score column")
 
 
 class OutputSpec(_Section):
@@ -135,6 +220,11 @@ class ComputeSpec(_Section):
         1, ge=1, le=256, description="torch intra-op threads per generator actor (CPU bytes depend on it; "
                                      "recorded per item and reproduced by rerender)"
     )
+    compile: Literal["none", "default", "max"] = Field(
+        "none", description="torch.compile the denoiser and VAE decoder (max: + CUDA graphs); compiled images "
+                            "differ from eager ones in the last bits")
+    deterministic: bool = Field(False, description="torch deterministic algorithms, no TF32, no cuDNN benchmark "
+                                                   "(recorded per item)")
     start_timeout_s: float = Field(
         600.0, gt=0, allow_inf_nan=False,
         description="fail when min_workers generator actors have not started (resources, model load) "
@@ -178,11 +268,13 @@ class JobSpec(_Section):
     output: OutputSpec
     compute: ComputeSpec = Field(default_factory=ComputeSpec)
     storage: StorageSpec = Field(default_factory=StorageSpec)
+    scoring: ScoringSpec = Field(default_factory=ScoringSpec, description="optional quality scores (clip)")
 
-    # Fields whose change changes an image or the set of items: compared on resume.
+    # Fields whose change changes an image, a manifest column or the set of items: compared on resume.
     DIGEST_FIELDS: ClassVar[tuple[str, ...]] = (
-        "input.uri", "input.id_column", "input.prompt_column", "model.uri", "model.dtype",
-        "sampling", "output.format", "output.quality", "compute.batch_size",
+        "input.uri", "input.id_column", "input.prompt_column", "input.passthrough", "model", "sampling",
+        "output.format", "output.quality", "compute.batch_size", "compute.compile", "compute.deterministic",
+        "scoring",
     )
 
     def digest_fields(self) -> dict[str, Any]:

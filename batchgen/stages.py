@@ -73,10 +73,11 @@ class NullRenderer:
         return [np.random.default_rng(int(s)).integers(0, 256, (height, width, 3), dtype=np.uint8) for s in seeds]
 
 
-def _load_renderer(model_uri: str, dtype: str, storage_cfg, hooks: dict, torch_threads: int = 1,
-                   device: str | None = None):
-    """The job's renderer: the pipeline with ``torch_threads`` intra-op threads (CPU bytes depend
-    on the thread count, so the job fixes it and records it per item)."""
+def _load_renderer(model: dict | str, dtype: str | None, storage_cfg, hooks: dict, torch_threads: int = 1,
+                   device: str | None = None, compile: str = "none", deterministic: bool = False):
+    """The job's renderer: the pipeline of the spec's ``model`` block (a dict; a bare URI also
+    works), with ``torch_threads`` intra-op threads (CPU bytes depend on the thread count, so the
+    job fixes it and records it per item) and the deterministic switches when asked."""
     if hooks.get("renderer") == "null":
         return NullRenderer()
     import torch
@@ -84,8 +85,60 @@ def _load_renderer(model_uri: str, dtype: str, storage_cfg, hooks: dict, torch_t
     from . import load_pipeline
 
     torch.set_num_threads(int(torch_threads))
+    if deterministic:
+        set_deterministic()
+    model = {"uri": model} if isinstance(model, str) else dict(model)
+    options = {k: model.get(k) for k in ("variant", "vae", "text_encoders", "tokenizers", "prediction_type",
+                                         "allow_pickle", "text_encoder_device")}
+    options = {k: v for k, v in options.items() if v not in (None, False)}
+    fp8 = tuple(model.get("fp8") or ())
     # load_pipeline resolves builtin:, local and s3:// URIs (cached once per node) and dtype "auto".
-    return load_pipeline(model_uri, device=device, dtype=dtype, storage_config=storage_cfg)
+    return load_pipeline(model["uri"], device=device, dtype=dtype or model.get("dtype"), storage_config=storage_cfg,
+                         compile=compile, fp8=fp8, loras=model.get("loras") or None, **options)
+
+
+def set_deterministic() -> None:
+    """compute.deterministic: torch's deterministic algorithms (cuBLAS's workspace setting first,
+    before any cuBLAS handle exists), no TF32, no cuDNN autotuning. Recorded in render_env."""
+    import torch
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+
+
+# Settings generate() takes as its own arguments (the rest go in **settings).
+_NAMED = ("negative_prompt", "seed", "width", "height", "steps", "guidance_scale", "strength", "init_image")
+
+
+def generate_kwargs(rows: list[dict], family: str | None) -> dict[str, Any]:
+    """The generate() arguments for one settings group's rows (normalized input rows): group
+    settings from the first row, per-item settings as lists, settings the rows leave null (family
+    defaults) left out. The pre-flight validates every group with exactly this."""
+    from .settings import ROW_SETTINGS
+
+    first = rows[0]
+    kwargs: dict[str, Any] = {
+        "negative_prompts": [r["negative_prompt"] for r in rows],
+        "steps": first["steps"], "guidance_scale": first["guidance_scale"],
+        "width": first["width"], "height": first["height"],
+    }
+    if first.get("strength") is not None:
+        kwargs["strength"] = first["strength"]
+    for setting in ROW_SETTINGS:
+        if setting.name in _NAMED:
+            continue
+        if setting.families is not None and (family is None or family not in setting.families):
+            continue
+        values = [r.get(setting.name) for r in rows]
+        if all(v is None for v in values):
+            continue
+        kwargs[setting.name] = values[0] if setting.group else values
+    return kwargs
 
 
 def _cpu_name() -> str:
@@ -221,21 +274,33 @@ def _quiet_libraries() -> None:
 class GeneratorActor:
     """Holds one loaded pipeline; renders homogeneous groups at the fixed micro-batch."""
 
-    def __init__(self, model_uri: str, dtype: str, storage_cfg, batch_size: int, sampler: str,
-                 sampler_options: dict, hooks: dict | None = None, torch_threads: int = 1,
-                 max_init_pixels: int | None = None, quiet: bool = False):
+    def __init__(self, model: dict, storage_cfg, batch_size: int, sampler: str, sampler_options: dict,
+                 hooks: dict | None = None, torch_threads: int = 1, max_init_pixels: int | None = None,
+                 quiet: bool = False, compile: str = "none", deterministic: bool = False, scoring: dict | None = None):
         self.hooks = hooks or {}
         self.batch_size = batch_size
         self.sampler = sampler
         self.sampler_options = sampler_options
         self.storage_cfg = storage_cfg
         self.max_init_pixels = max_init_pixels
+        self.compile = compile
         if quiet:
             _quiet_libraries()
-        self.renderer = _load_renderer(model_uri, dtype, storage_cfg, self.hooks, torch_threads)
+        self.renderer = _load_renderer(model, None, storage_cfg, self.hooks, torch_threads, compile=compile,
+                                       deterministic=deterministic)
+        self.family = getattr(getattr(self.renderer, "family", None), "name", None)
+        self.job_loras = json.dumps([{"uri": x["uri"], "scale": float(x.get("scale", 1.0))}
+                                     for x in (model.get("loras") or [])], separators=(",", ":"))
         self.fingerprint = self.renderer.model_info["fingerprint"]
         self.render_env = json.dumps(render_env(self.renderer), sort_keys=True)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.scorer = None
+        if scoring and not isinstance(self.renderer, NullRenderer):
+            from .scoring import ClipScorer
+
+            self.scorer = ClipScorer.load(scoring["model"], device=self.renderer.device,
+                                          batch_size=int(scoring.get("batch_size", 16)), storage_config=storage_cfg)
+        self.warmed: set[str] = set()
         self.calls = 0
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -247,24 +312,31 @@ class GeneratorActor:
         if sleep:
             time.sleep(float(sleep))
         rows = batch.to_pylist()
-        images: list[bytes | None] = [None] * len(rows)
-        errors: list[str | None] = [None] * len(rows)
-        render_ms = [0.0] * len(rows)
+        n = len(rows)
+        out: dict[str, list] = {
+            "image": [None] * n, "error": [None] * n, "render_ms": [0.0] * n, "warmup_ms": [0.0] * n,
+            "applied_loras": [None] * n, "class_id": [None] * n, "class_name": [None] * n, "clip_score": [None] * n,
+        }
         groups: dict[str, list[int]] = {}
         for i, r in enumerate(rows):
             groups.setdefault(r["group"], []).append(i)
         for members in groups.values():
-            self._render_group(rows, members, images, errors, render_ms)
-        status = ["ok" if e is None else "failed" for e in errors]
-        return (batch.append_column("image", pa.array(images, pa.binary()))
-                .append_column("status", pa.array(status, pa.string()))
-                .append_column("error", pa.array(errors, pa.string()))
-                .append_column("render_ms", pa.array(render_ms, pa.float64()))
-                .append_column("worker", pa.array([self.worker] * len(rows), pa.string()))
-                .append_column("model_fingerprint", pa.array([self.fingerprint] * len(rows), pa.string()))
-                .append_column("render_env", pa.array([self.render_env] * len(rows), pa.string())))
+            self._render_group(rows, members, out)
+        status = ["ok" if e is None else "failed" for e in out["error"]]
+        types = {"image": pa.binary(), "error": pa.string(), "render_ms": pa.float64(), "warmup_ms": pa.float64(),
+                 "applied_loras": pa.string(), "class_id": pa.int64(), "class_name": pa.string(),
+                 "clip_score": pa.float64()}
+        result = batch.drop_columns([c for c in batch.column_names if c in types or c == "status"])
+        for name, typ in types.items():
+            result = result.append_column(name, pa.array(out[name], typ))
+        return (result.append_column("status", pa.array(status, pa.string()))
+                .append_column("worker", pa.array([self.worker] * n, pa.string()))
+                .append_column("model_family", pa.array([self.family] * n, pa.string()))
+                .append_column("model_fingerprint", pa.array([self.fingerprint] * n, pa.string()))
+                .append_column("render_env", pa.array([self.render_env] * n, pa.string())))
 
-    def _render_group(self, rows, members, images, errors, render_ms) -> None:
+    def _render_group(self, rows, members, out) -> None:
+        errors = out["error"]
         first = rows[members[0]]
         init_images = None
         if first["init_image"] is not None:
@@ -278,33 +350,68 @@ class GeneratorActor:
             members = ok
             if not members:
                 return
-        start = time.perf_counter()
+        group_rows = [rows[i] for i in members]
+        prompts = [r["prompt"] for r in group_rows]
         try:
-            arrays = self.renderer.generate(
-                [rows[i]["prompt"] for i in members], [rows[i]["seed"] for i in members],
-                negative_prompts=[rows[i]["negative_prompt"] for i in members], sampler=self.sampler,
-                steps=first["steps"], guidance_scale=first["guidance_scale"], width=first["width"],
-                height=first["height"], init_images=init_images,
-                strength=first["strength"] if first["strength"] is not None else 0.8,
-                micro_batch=self.batch_size, sampler_options=self.sampler_options or None,
-                item_ids=[rows[i]["item_id"] for i in members], progress=False,
-            )
+            applied = self._set_loras(first.get("loras") or "[]")
+            kwargs = dict(generate_kwargs(group_rows, self.family), sampler=self.sampler,
+                          sampler_options=self.sampler_options or None, micro_batch=self.batch_size,
+                          init_images=init_images)
+            warmup = self._warm_up(first["group"], kwargs)
+            start = time.perf_counter()
+            arrays = self.renderer.generate(prompts, [r["seed"] for r in group_rows],
+                                            item_ids=[r["item_id"] for r in group_rows], progress=False, **kwargs)
+            per_item = (time.perf_counter() - start) * 1000.0 / len(members)
+            labels = self.renderer.family.item_labels(prompts) if self.family else {}
+            scores = self.scorer.score(arrays, prompts).tolist() if self.scorer is not None else None
         except Exception as exc:  # noqa: BLE001 - the group's items fail, the job goes on
             log.exception("render failed for %d items", len(members))
             for i in members:
                 errors[i] = f"render failed: {type(exc).__name__}: {exc}"
             return
-        per_item = (time.perf_counter() - start) * 1000.0 / len(members)
-        for i, arr in zip(members, arrays):
-            images[i] = np.ascontiguousarray(arr, dtype=np.uint8).tobytes()
-            render_ms[i] = per_item
+        for k, (i, arr) in enumerate(zip(members, arrays)):
+            out["image"][i] = np.ascontiguousarray(arr, dtype=np.uint8).tobytes()
+            out["render_ms"][i] = per_item
+            out["applied_loras"][i] = applied
+            for name, values in labels.items():
+                out[name][i] = values[k]
+            if scores is not None:
+                out["clip_score"][i] = float(scores[k])
+        if warmup:
+            out["warmup_ms"][members[0]] = warmup
+
+    def _set_loras(self, loras: str) -> str:
+        """Fuse the group's LoRA set (canonical JSON; swaps only what changes); returns the applied
+        set with each file's sha256, as the manifest records it."""
+        if isinstance(self.renderer, NullRenderer):
+            return loras
+        wanted = json.loads(loras)
+        info = self.renderer.set_loras(wanted) if wanted or self.renderer.model_info.get("loras") else []
+        return json.dumps([{"uri": x["uri"], "scale": x["scale"], "sha256": x["sha256"]} for x in info],
+                          separators=(",", ":"))
+
+    def _warm_up(self, group: str, kwargs: dict) -> float:
+        """A compiled pipeline compiles on the first call of each shape: do it on a throw-away
+        micro-batch and report how long it took (the job's summary lists it)."""
+        if self.compile == "none" or isinstance(self.renderer, NullRenderer) or group in self.warmed:
+            return 0.0
+        self.warmed.add(group)
+        options = {k: v for k, v in kwargs.items() if k not in ("negative_prompts", "micro_batch", "init_images")}
+        options = {k: (v[0] if isinstance(v, list) else v) for k, v in options.items()}
+        if kwargs.get("init_images"):
+            options["init_images"] = kwargs["init_images"][:1] * self.batch_size
+        return self.renderer.warmup(self.batch_size, **options) * 1000.0
 
 
 class EncodeAndStore:
-    """CPU stage: encode (parameters embedded), write ``images/<id>.<ext>``, emit manifest rows."""
+    """CPU stage: encode (parameters embedded), write ``images/<id>.<ext>``, emit manifest rows
+    (the job's manifest schema: the fixed columns, then its passthrough columns)."""
 
     def __init__(self, out_uri: str, storage_cfg, fmt: str, quality: int, model_uri: str, sampler: str,
-                 sampler_options: dict, batch_size: int, hooks: dict | None = None):
+                 sampler_options: dict, batch_size: int, hooks: dict | None = None,
+                 passthrough: dict[str, str] | None = None):
+        from .manifest import manifest_schema
+
         self.skip_store = (hooks or {}).get("store") == "skip"  # control-plane benchmark only
         self.out_uri = out_uri
         self.storage_cfg = storage_cfg
@@ -314,6 +421,8 @@ class EncodeAndStore:
         self.sampler = sampler
         self.sampler_options = json.dumps(sampler_options or {}, sort_keys=True)
         self.batch_size = batch_size
+        extra = [pa.field(name, pa.type_for_alias(typ)) for name, typ in (passthrough or {}).items()]
+        self.schema = manifest_schema(extra)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from . import __version__
@@ -330,7 +439,8 @@ class EncodeAndStore:
         rows = batch.drop_columns(["image"]).to_pylist()
         images = batch.column("image").to_pylist()
         for i, row in enumerate(rows):
-            row.update(sampler=self.sampler, batch_size=self.batch_size, sampler_options=self.sampler_options)
+            row.update(sampler=self.sampler, batch_size=self.batch_size, sampler_options=self.sampler_options,
+                       loras=row.get("applied_loras"))
             loc = images_dir.join(f"{row['item_id']}.{ext}")
             start = time.perf_counter()
             sha = size = None
@@ -349,12 +459,13 @@ class EncodeAndStore:
             cols["image_sha256"].append(sha)
             cols["image_bytes"].append(size)
             cols["encode_ms"].append((time.perf_counter() - start) * 1000.0)
-        columns = {name: batch.column(name) for name in batch.column_names if name != "image"}
+        columns = {name: batch.column(name) for name in batch.column_names if name not in ("image", "loras")}
         columns.update(cols)
         columns.update(
-            status=status, error=error,
+            status=status, error=error, loras=batch.column("applied_loras"),
             sampler=[self.sampler] * n, batch_size=[self.batch_size] * n,
             model_uri=[self.model_uri] * n, image_format=[self.fmt] * n,
             batchgen_version=[__version__] * n, sampler_options=[self.sampler_options] * n,
         )
-        return to_manifest_table(columns)
+        # warmup_ms (compile time, for the summary) rides along; the driver drops it before committing
+        return to_manifest_table(columns, self.schema).append_column("warmup_ms", batch.column("warmup_ms"))

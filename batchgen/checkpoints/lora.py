@@ -516,6 +516,15 @@ def lora_deltas(lora: LoraFile | str | Path, modules: Mapping[str, torch.nn.Modu
     return out
 
 
+def check_lora(lora: LoraFile | str | Path, modules: Mapping[str, torch.nn.Module], storage_config=None) -> int:
+    """Match ``lora`` against ``modules`` by names and shapes only (modules may live on the meta
+    device: a pre-flight); raises CheckpointError naming unmatched keys. Returns the number of
+    parameters it would change."""
+    if not isinstance(lora, LoraFile):
+        lora = read_lora(lora, storage_config)
+    return len(_resolve(lora, modules, {}, 1.0, 0))
+
+
 # --------------------------------------------------------------------------------------------
 # LoRA sets on a loaded model
 # --------------------------------------------------------------------------------------------

@@ -248,6 +248,15 @@ class Family:
             if settings[key] % m:
                 raise ValueError(f"{key}: {settings[key]} is not a multiple of {m} (required by this {self.name} model)")
 
+    def check_prompt(self, prompt: str) -> str | None:
+        """Why this model cannot render ``prompt`` (e.g. DiT: not a class name), or None. The job's
+        pre-flight runs it over every input row."""
+        return None
+
+    def item_labels(self, prompts: Sequence[str]) -> dict[str, list]:
+        """Extra manifest columns this family knows about its items (DiT: class_id, class_name)."""
+        return {}
+
     def guided(self, settings: dict[str, Any]) -> bool:
         """Whether a batch runs classifier-free guidance (doubles the model batch)."""
         return settings["guidance_scale"] > 1.0

@@ -100,6 +100,18 @@ class DiT(Family):
             out.append((cid, self.id2label.get(cid, str(cid)).strip()))
         return out
 
+    def check_prompt(self, prompt: str) -> str | None:
+        try:
+            self._class_id(prompt, 0)
+        except ValueError as exc:
+            return str(exc).removeprefix("prompts[0]: ")
+        return None
+
+    def item_labels(self, prompts: Sequence[str]) -> dict[str, list]:
+        """Manifest columns for the items: their class id and name."""
+        labels = self.class_labels(prompts)
+        return {"class_id": [c for c, _ in labels], "class_name": [n for _, n in labels]}
+
     def _class_id(self, prompt: str, index: int) -> int:
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"prompts[{index}]: {prompt!r} is not a class; a DiT prompt is a class name from the "
