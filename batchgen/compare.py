@@ -22,14 +22,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import io
 import logging
-import posixpath
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 from .errors import InputError, StorageError
+from .outputs import (REQUIRED_COLUMNS, Output, decode_image, image_location, iter_rows,  # noqa: F401
+                      open_output, read_manifest)
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,6 @@ DEFAULT_IGNORED_SETTINGS = ("render_ms", "encode_ms", "worker", "attempt", "imag
                             "source_file", "source_row")
 # Columns that are results rather than settings; compared through the image itself.
 RESULT_COLUMNS = ("item_id", "image_sha256", "image_bytes", "status", "error")
-REQUIRED_COLUMNS = ("item_id", "status", "image_uri", "image_sha256")
 
 
 @dataclasses.dataclass
@@ -122,81 +121,6 @@ class CompareResult:
         }
 
 
-# --- reading job outputs (also used by batchgen.export) -------------------------------------
-
-
-def open_output(uri: str, storage_config=None):
-    """The :class:`~batchgen.storage.Location` of a job output that has a ``manifest.parquet``."""
-    from .storage import Location
-
-    root = Location.parse(str(uri), storage_config)
-    if not root.join("manifest.parquet").exists():
-        hint = " (the job has part files but was not consolidated: re-run it)" if root.join(
-            "manifest").is_dir_like() else ""
-        raise InputError(f"{root.uri}: no manifest.parquet; is this a finished batchgen job output?{hint}")
-    return root
-
-
-def read_manifest(root):
-    """The consolidated manifest of a job output as an Arrow table sorted by item_id."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    loc = root.join("manifest.parquet")
-    try:
-        table = pq.read_table(pa.BufferReader(loc.read_bytes()))
-    except StorageError:
-        raise
-    except Exception as exc:  # pyarrow raises several types for a damaged file
-        raise InputError(f"{loc.uri}: not a readable Parquet manifest ({exc})") from exc
-    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
-    if missing:
-        raise InputError(f"{loc.uri}: manifest has no column(s) {', '.join(missing)}")
-    if table.column("item_id").null_count:
-        raise InputError(f"{loc.uri}: column item_id has null values")
-    table = table.sort_by("item_id")
-    ids = table.column("item_id")
-    if len(ids) > 1:
-        dup = pc.equal(ids.slice(1), ids.slice(0, len(ids) - 1))
-        if pc.any(dup).as_py():
-            first = pc.index(dup, True).as_py()
-            raise InputError(f"{loc.uri}: item_id {ids[first + 1].as_py()!r} appears more than once")
-    return table
-
-
-def iter_rows(table, chunk: int = 1024) -> Iterator[dict]:
-    """Rows of an Arrow table as dicts, converting ``chunk`` rows at a time."""
-    for start in range(0, table.num_rows, chunk):
-        yield from table.slice(start, chunk).to_pylist()
-
-
-def image_location(root, row: dict, storage_config=None):
-    """Where an item's image is: ``images/<file name>`` under ``root`` (so a copied output, such as
-    a blessed baseline, finds its own images), else the manifest's ``image_uri`` as written."""
-    from .storage import Location
-
-    uri = row.get("image_uri")
-    if not uri:
-        raise InputError(f"{root.uri}: item {row['item_id']!r} has no image_uri in the manifest")
-    local = root.join("images", posixpath.basename(str(uri).rstrip("/")))
-    if local.exists():
-        return local
-    return Location.parse(str(uri), storage_config)
-
-
-def decode_image(data: bytes, where: str):
-    """PNG/JPEG/WebP bytes -> HxWx3 uint8 array (RGB)."""
-    import numpy as np
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return np.asarray(im.convert("RGB"))
-    except Exception as exc:
-        raise InputError(f"{where}: not a readable image ({exc})") from exc
-
-
 # --- the compare ----------------------------------------------------------------------------
 
 
@@ -275,8 +199,8 @@ def compare_outputs(
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     thresholds = thresholds or Thresholds()
-    broot, croot = open_output(baseline, storage_config), open_output(candidate, storage_config)
-    btab, ctab = read_manifest(broot), read_manifest(croot)
+    bout, cout = Output.open(baseline, storage_config), Output.open(candidate, storage_config)
+    btab, ctab = bout.manifest, cout.manifest
     counts = {k: 0 for k in CLASSES}
     settings_differ: dict[str, int] = {}
     items: list[ItemResult] = []
@@ -313,8 +237,7 @@ def compare_outputs(
                 if b.get("image_sha256") and b.get("image_sha256") == c.get("image_sha256"):
                     record(res)  # identical bytes: the images are not read
                     continue
-                b_loc = image_location(broot, b, storage_config)
-                c_loc = image_location(croot, c, storage_config)
+                b_loc, c_loc = bout.image_location(b), cout.image_location(c)
                 res.baseline_image, res.candidate_image = b_loc.uri, c_loc.uri
                 job = (res, b_loc, c_loc, b.get("image_sha256"), c.get("image_sha256"), thresholds)
                 pending.append(job)
@@ -323,11 +246,11 @@ def compare_outputs(
                 continue
             if b_ok:
                 res.status = "missing"
-                res.baseline_image = image_location(broot, b, storage_config).uri
+                res.baseline_image = bout.image_location(b).uri
                 res.note = "not in candidate" if c is None else f"failed in candidate: {c.get('error')}"
             elif c_ok:
                 res.status = "new"
-                res.candidate_image = image_location(croot, c, storage_config).uri
+                res.candidate_image = cout.image_location(c).uri
                 res.note = "" if b is None else f"failed in baseline: {b.get('error')}"
             else:  # failed wherever it appears
                 res.status = "missing"
@@ -337,7 +260,7 @@ def compare_outputs(
         flush()
     items.sort(key=ItemResult.badness)
     log.info("compare: done, %d items in %.1f s: %s", seen, time.monotonic() - t0, _counts_line(counts))
-    return CompareResult(broot.uri, croot.uri, thresholds, counts, items, settings_differ)
+    return CompareResult(bout.uri, cout.uri, thresholds, counts, items, settings_differ)
 
 
 def _counts_line(counts: dict) -> str:
@@ -409,5 +332,7 @@ def run(args) -> int:
 
 configure_compare = configure
 run_compare = run
+# open_output, read_manifest, image_location and decode_image live in batchgen.outputs; they stay
+# importable from here for older callers.
 __all__ = ["Thresholds", "ItemResult", "CompareResult", "compare_outputs", "format_summary",
-           "open_output", "read_manifest", "image_location", "decode_image"]
+           "REQUIRED_COLUMNS", "open_output", "read_manifest", "image_location", "decode_image"]

@@ -5,8 +5,9 @@ item-id order, so shard membership is deterministic and a re-export writes ident
 
 webdataset
     ``000000.tar``, ``000001.tar``, ... with ``shard_size`` samples each. A sample is
-    ``<key>.<png|jpg|webp>`` (the stored image bytes), ``<key>.txt`` (the prompt, UTF-8) and
-    ``<key>.json`` (the manifest row). The key is the item id with ``.`` replaced by ``_`` (WebDataset
+    ``<key>.<png|jpg|webp>`` (the stored image bytes), ``<key>.cls`` (the class id, when the job has
+    labels), ``<key>.txt`` (the prompt, UTF-8) and ``<key>.json`` (the manifest row, with any
+    passthrough columns). The key is the item id with ``.`` replaced by ``_`` (WebDataset
     splits file names at the first dot); two ids mapping to one key are an error. Tar headers are
     fixed (mtime 0, uid/gid 0, empty owner names, mode 0644, PAX format). Beside each tar,
     ``NNNNNN.parquet`` holds the shard's rows (``key`` + manifest columns), and ``sizes.json``
@@ -17,6 +18,22 @@ parquet
     columns, with the ``huggingface`` schema metadata declaring ``image`` an ``Image`` feature.
 
 Both write ``export.json`` (counts). One shard is held in memory at a time.
+
+Filters (``where=``, ``min_score=``): only ok items for which a :mod:`batchgen.where` expression
+holds are exported, e.g. ``clip_score >= 28 and label != 3``; ``min_score=X`` is
+``clip_score >= X`` (an output without a ``clip_score`` column is an error that says to run the job
+with ``scoring.clip``). Nothing is deleted; the items left out are counted (``filtered_out``) beside
+the failed ones (``failed_skipped``) in ``export.json``, with the expression.
+
+Labels (``label_column=``, ``label_names_column=``): a sample's class is an integer manifest
+column: by default ``label`` (an ``input.passthrough`` column) when it is an integer, else
+``class_id`` (DiT jobs); ``"none"`` exports no labels. WebDataset samples then get ``<key>.cls``
+(the id as ASCII digits, which ``webdataset`` decodes to an int). The Parquet export gets an int64
+``label`` column (beside the original columns) which, when a names column exists (``class_name``
+by default), is declared a ``ClassLabel`` with ``names[id]`` for ids ``0..max``: the id -> name
+table comes from every manifest row (failed and filtered ones too, so the classes do not depend on
+what rendered), an id without a name is named ``str(id)``, an id with two names is an error. An
+exported row without a class id is an error (filter it out or pass ``"none"``).
 
 Provenance (``provenance=``): the manifest records where each item came from on the machine that
 rendered it: ``source_file`` (an absolute input path), ``image_uri`` (an absolute output path),
@@ -29,10 +46,11 @@ out. Use ``relative`` or ``drop`` for exports meant for publishing.
 from __future__ import annotations
 
 import argparse
-import hashlib
+import dataclasses
 import io
 import json
 import logging
+import math
 import posixpath
 import re
 import tarfile
@@ -45,6 +63,10 @@ log = logging.getLogger(__name__)
 FORMATS = ("webdataset", "parquet")
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "jpg": "jpg", "webp": "webp"}
 _OUR_FILES = re.compile(r"^(\d{6}\.(tar|parquet)|sizes\.json|export\.json|data/train-\d{5}-of-\d{5}\.parquet)$")
+AUTO_LABEL_COLUMNS = ("label", "class_id")  # the integer class, first present wins
+AUTO_NAMES_COLUMN = "class_name"
+MAX_CLASSES = 1_000_000  # a ClassLabel lists every name; larger ids are a data error, not classes
+SCORE_COLUMN = "clip_score"
 
 
 def sample_key(item_id: str) -> str:
@@ -56,29 +78,183 @@ PROVENANCE = ("keep", "relative", "drop")
 PROVENANCE_COLUMNS = ("source_file", "image_uri", "init_image", "model_uri", "worker")
 
 
-def _source_rows(output: str, shard_size, storage_config, provenance: str = "keep"):
-    """The job output to export, its ok manifest rows as an Arrow table (in manifest order: sorted
-    by item id) and the number of other rows. Rows become Python dicts one shard at a time."""
+@dataclasses.dataclass
+class Selection:
+    """What an export writes: the job output, its selected ok rows and what was left out."""
+
+    output: object  # batchgen.outputs.Output
+    rows: object  # Arrow table: ok rows that pass the filters, sorted by item_id
+    failed: int  # rows whose status is not ok
+    filtered: int  # ok rows the filters left out
+    where: str | None
+    min_score: float | None
+
+    @property
+    def root(self):
+        return self.output.root
+
+
+@dataclasses.dataclass
+class Labels:
+    """The integer class of each sample: ``column`` of the manifest, and when a names column
+    exists, ``names[id]`` for every id ``0..max id`` (a ``ClassLabel``)."""
+
+    column: str
+    names_column: str | None = None
+    names: list[str] | None = None
+
+    def as_json(self) -> dict:
+        return {"column": self.column, "names_column": self.names_column,
+                "num_classes": None if self.names is None else len(self.names)}
+
+
+def _select(output: str, shard_size, storage_config, provenance: str = "keep", where: str | None = None,
+            min_score: float | None = None) -> Selection:
+    """The job output to export and its ok manifest rows (in manifest order: sorted by item id)
+    that pass ``where`` and ``min_score``. Rows become Python dicts one shard at a time."""
     import pyarrow.compute as pc
 
-    from .compare import open_output, read_manifest
+    from .outputs import Output
+    from .where import filter_table
 
     _check_shard_size(shard_size)
     if provenance not in PROVENANCE:
         raise ValueError(f"provenance must be one of {', '.join(PROVENANCE)}, got {provenance!r}")
-    root = open_output(output, storage_config)
-    table = read_manifest(root)
-    ok = table.filter(pc.equal(table.column("status"), "ok"))
-    return root, ok, table.num_rows - ok.num_rows
+    if min_score is not None:
+        if isinstance(min_score, bool) or not isinstance(min_score, (int, float)) or not math.isfinite(min_score):
+            raise ValueError(f"min_score must be a finite number, got {min_score!r}")
+        min_score = float(min_score)
+    out = Output.open(output, storage_config)
+    table = out.manifest
+    ok = out.ok_table()
+    selected = ok
+    if where is not None:
+        selected = filter_table(selected, where)
+    if min_score is not None:
+        if SCORE_COLUMN not in table.column_names:
+            raise InputError(f"{out.uri}: the manifest has no {SCORE_COLUMN} column for --min-score "
+                             f"({SCORE_COLUMN} >= X); run the job with scoring.clip to get scores")
+        scores = selected.column(SCORE_COLUMN)
+        if not _is_number(scores.type):
+            raise InputError(f"{out.uri}: column {SCORE_COLUMN} has type {scores.type}, not a number")
+        selected = selected.filter(pc.fill_null(pc.greater_equal(scores, min_score), False))
+    return Selection(out, selected, table.num_rows - ok.num_rows, ok.num_rows - selected.num_rows,
+                     where, min_score)
 
 
-def _input_roots(root) -> dict[str, str]:
+def _is_number(arrow_type) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_integer(arrow_type) or pa.types.is_floating(arrow_type) or pa.types.is_null(arrow_type)
+
+
+def _input_roots(out) -> dict[str, str]:
     """{input file uri: its path relative to the input root}, from the job's job.json."""
     try:
-        job = json.loads(root.join("job.json").read_bytes().decode())
+        job = out.job
     except Exception:  # noqa: BLE001 - an output without job.json: fall back to file names
         return {}
     return {i["uri"]: i["rel"] for i in job.get("inputs") or [] if isinstance(i, dict) and "uri" in i and "rel" in i}
+
+
+# --- labels ---------------------------------------------------------------------------------
+
+
+def resolve_labels(table, label_column: str | None = "auto", names_column: str | None = "auto",
+                   source: str = "") -> Labels | None:
+    """Which integer column is each sample's class, and its names (see the module doc).
+
+    ``table`` is the whole manifest (failed rows included), so the class list does not depend on
+    which items rendered or passed a filter. ``"auto"``: ``label`` when it is an integer column,
+    else ``class_id`` (when no other ``label`` column exists); names from ``class_name``.
+    ``None`` or ``"none"``: no labels / no names.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    schema = table.schema
+    label_column = None if label_column in (None, "none") else label_column
+    names_column = None if names_column in (None, "none") else names_column
+    if label_column == "auto":
+        label_column = None
+        for name in AUTO_LABEL_COLUMNS:
+            if name in schema.names and pa.types.is_integer(schema.field(name).type):
+                if name == "label" or "label" not in schema.names:
+                    label_column = name
+                break
+    elif label_column is not None:
+        if label_column not in schema.names:
+            raise InputError(f"{source}: --label-column {label_column!r}: no such manifest column "
+                             f"({_close(label_column, schema.names)})")
+        if not pa.types.is_integer(schema.field(label_column).type):
+            raise InputError(f"{source}: --label-column {label_column!r} has type {schema.field(label_column).type}; "
+                             f"the label must be an integer class id")
+        if label_column != "label" and "label" in schema.names:
+            raise InputError(f"{source}: the manifest already has a column 'label', so {label_column!r} cannot be "
+                             f"exported as 'label'; pass --label-column label or rename the input column")
+    if names_column == "auto":
+        names_column = AUTO_NAMES_COLUMN if AUTO_NAMES_COLUMN in schema.names and _is_string(
+            schema.field(AUTO_NAMES_COLUMN).type) else None
+    elif names_column is not None:
+        if names_column not in schema.names:
+            raise InputError(f"{source}: --label-names-column {names_column!r}: no such manifest column "
+                             f"({_close(names_column, schema.names)})")
+        if not _is_string(schema.field(names_column).type):
+            raise InputError(f"{source}: --label-names-column {names_column!r} has type "
+                             f"{schema.field(names_column).type}; class names must be strings")
+    if label_column is None:
+        return None
+    if names_column is None:
+        return Labels(label_column)
+    ids = table.column(label_column)
+    if ids.null_count == len(ids):
+        return Labels(label_column, names_column, [])
+    low, high = pc.min(ids).as_py(), pc.max(ids).as_py()
+    if low < 0:
+        raise InputError(f"{source}: column {label_column!r} has the class id {low}; a ClassLabel needs ids >= 0 "
+                         f"(pass --label-names-column none to export the ids as plain integers)")
+    if high >= MAX_CLASSES:
+        raise InputError(f"{source}: column {label_column!r} has the class id {high}; a ClassLabel lists every id "
+                         f"up to the largest (at most {MAX_CLASSES}); pass --label-names-column none")
+    pairs = table.select([label_column, names_column])
+    pairs = pairs.filter(pc.and_(pc.is_valid(pairs.column(0)), pc.is_valid(pairs.column(1))))
+    pairs = pairs.group_by([label_column, names_column]).aggregate([]).sort_by(
+        [(label_column, "ascending"), (names_column, "ascending")])
+    by_id: dict[int, str] = {}
+    for i, name in zip(pairs.column(label_column).to_pylist(), pairs.column(names_column).to_pylist()):
+        if i in by_id:
+            raise InputError(f"{source}: class id {i} has two names in column {names_column!r}: "
+                             f"{by_id[i]!r} and {name!r}; give each id one name")
+        by_id[i] = name
+    return Labels(label_column, names_column, [by_id.get(i, str(i)) for i in range(high + 1)])
+
+
+def _is_string(arrow_type) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)
+
+
+def _close(name: str, names) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, list(names), n=3, cutoff=0.6)
+    return ("did you mean " + " or ".join(repr(n) for n in close) + "?") if close else \
+        "the columns are " + ", ".join(names)
+
+
+def _check_labelled(sel: Selection, labels: Labels | None) -> None:
+    """Every exported row has a class id (a training sample without one is a data error)."""
+    import pyarrow.compute as pc
+
+    if labels is None:
+        return
+    col = sel.rows.column(labels.column)
+    if col.null_count:
+        first = sel.rows.filter(pc.is_null(col)).column("item_id")[0].as_py()
+        raise InputError(f"{sel.output.uri}: item {first!r} has no class id (column {labels.column!r} is null in "
+                         f"{col.null_count} exported rows); leave those out with --where \"{labels.column} >= 0\" "
+                         f"or export without labels with --label-column none")
 
 
 def _is_local_path(value) -> bool:
@@ -112,15 +288,13 @@ def _shards(ok, shard_size: int):
         yield shard, ok.slice(start, shard_size).to_pylist()
 
 
-def _image_bytes(root, row: dict, storage_config) -> tuple[bytes, str]:
+def _image_bytes(sel: Selection, row: dict) -> tuple[bytes, str]:
     """The stored image of a row, checked against its manifest sha256; and its extension."""
-    from .compare import image_location
+    from .outputs import check_sha256
 
-    loc = image_location(root, row, storage_config)
+    loc = sel.output.image_location(row)
     data = loc.read_bytes()
-    want = row.get("image_sha256")
-    if want and hashlib.sha256(data).hexdigest() != want:
-        raise InputError(f"{loc.uri}: image bytes do not match the manifest sha256 of item {row['item_id']!r}")
+    check_sha256(data, row, loc.uri)
     fmt = (row.get("image_format") or posixpath.splitext(loc.uri)[1].lstrip(".")).lower()
     if fmt not in EXTENSIONS:
         raise InputError(f"item {row['item_id']!r}: unknown image_format {fmt!r} (expected png, jpeg or webp)")
@@ -168,15 +342,35 @@ def _remove_stale(dest, existing: list, written: set[str]) -> None:
             loc.delete()
 
 
+
+
+def _counts(fmt: str, sel: Selection, provenance: str, labels: Labels | None, shard_size: int, **extra) -> dict:
+    root = sel.root
+    return {"format": fmt, "source": root.uri if provenance == "keep" else root.name,
+            "exported": sel.rows.num_rows, "failed_skipped": sel.failed, "filtered_out": sel.filtered,
+            "where": sel.where, "min_score": sel.min_score, "labels": None if labels is None else labels.as_json(),
+            "shard_size": shard_size, "provenance": provenance, **extra}
+
+
+def _log_done(sel: Selection, shards: int, t0: float) -> None:
+    log.info("export: %d samples in %d shards in %.1f s (%d failed and %d filtered items left out)",
+             sel.rows.num_rows, shards, time.monotonic() - t0, sel.failed, sel.filtered)
+
+
 def export_webdataset(output: str, to: str, shard_size: int = 1000, storage_config=None,
-                      overwrite: bool = False, provenance: str = "keep") -> dict:
-    """Write WebDataset shards of a job output's ok items; returns the counts."""
+                      overwrite: bool = False, provenance: str = "keep", where: str | None = None,
+                      min_score: float | None = None, label_column: str | None = "auto",
+                      label_names_column: str | None = "auto") -> dict:
+    """Write WebDataset shards of a job output's selected ok items; returns the counts."""
     import pyarrow as pa
 
     from .storage import Location
 
-    root, ok, failed = _source_rows(output, shard_size, storage_config, provenance)
-    inputs = _input_roots(root) if provenance == "relative" else {}
+    sel = _select(output, shard_size, storage_config, provenance, where, min_score)
+    labels = resolve_labels(sel.output.manifest, label_column, label_names_column, sel.output.uri)
+    _check_labelled(sel, labels)
+    ok = sel.rows
+    inputs = _input_roots(sel.output) if provenance == "relative" else {}
     schema = pa.schema([("key", pa.string())] + [f for f in ok.schema if provenance != "drop"
                                                   or f.name not in PROVENANCE_COLUMNS])
     keys: dict[str, str] = {}
@@ -199,13 +393,15 @@ def export_webdataset(output: str, to: str, shard_size: int = 1000, storage_conf
         with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for r in chunk:
                 key = sample_key(r["item_id"])
-                data, ext = _image_bytes(root, r, storage_config)
+                data, ext = _image_bytes(sel, r)
                 _tar_add(tar, f"{key}.{ext}", data)
+                if labels is not None:
+                    _tar_add(tar, f"{key}.cls", str(int(r[labels.column])).encode("ascii"))
                 _tar_add(tar, f"{key}.txt", (r.get("prompt") or "").encode("utf-8"))
-                _tar_add(tar, f"{key}.json", _json_row(public_row(r, provenance, root.uri, inputs)))
+                _tar_add(tar, f"{key}.json", _json_row(public_row(r, provenance, sel.root.uri, inputs)))
         dest.join(f"{name}.tar").write_bytes(buf.getvalue())
         shard_rows = pa.Table.from_pylist(
-            [{"key": sample_key(r["item_id"]), **public_row(r, provenance, root.uri, inputs)} for r in chunk],
+            [{"key": sample_key(r["item_id"]), **public_row(r, provenance, sel.root.uri, inputs)} for r in chunk],
             schema=schema)
         dest.join(f"{name}.parquet").write_bytes(_parquet_bytes(shard_rows))
         sizes[f"{name}.tar"] = len(chunk)
@@ -213,68 +409,85 @@ def export_webdataset(output: str, to: str, shard_size: int = 1000, storage_conf
         done += len(chunk)
         log.info("export: shard %s (%d samples, %d/%d done)", name, len(chunk), done, ok.num_rows)
     dest.join("sizes.json").write_bytes(json.dumps(sizes, indent=2, sort_keys=True).encode())
-    counts = {"format": "webdataset", "source": root.uri if provenance == "keep" else root.name,
-              "exported": ok.num_rows, "failed_skipped": failed, "shards": len(sizes), "shard_size": shard_size,
-              "provenance": provenance}
+    counts = _counts("webdataset", sel, provenance, labels, shard_size, shards=len(sizes))
     dest.join("export.json").write_bytes(json.dumps(counts, indent=2, sort_keys=True).encode())
     _remove_stale(dest, existing, written | {"sizes.json", "export.json"})
-    log.info("export: %d samples in %d shards in %.1f s (%d failed items left out)",
-             ok.num_rows, len(sizes), time.monotonic() - t0, failed)
+    _log_done(sel, len(sizes), t0)
     return counts
 
 
-def hf_features(schema) -> dict:
-    """The ``huggingface`` metadata: ``image`` as an Image feature, other columns as Values."""
-    import pyarrow as pa
+_HF_DTYPES = {"string": "string", "large_string": "large_string", "bool": "bool", "null": "null",
+              "int8": "int8", "int16": "int16", "int32": "int32", "int64": "int64", "uint8": "uint8",
+              "uint16": "uint16", "uint32": "uint32", "uint64": "uint64", "halffloat": "float16",
+              "float": "float32", "double": "float64", "binary": "binary", "large_binary": "large_binary"}
 
-    names = {pa.string(): "string", pa.large_string(): "large_string", pa.int64(): "int64",
-             pa.int32(): "int32", pa.float64(): "float64", pa.float32(): "float32", pa.bool_(): "bool"}
+
+def hf_features(schema, class_names: list[str] | None = None) -> dict:
+    """The ``huggingface`` metadata: ``image`` as an Image feature, ``label`` as a ClassLabel when
+    ``class_names`` are given, other columns as Values."""
     features = {"image": {"_type": "Image"}}
     for f in schema:
         if f.name == "image":
             continue
-        if f.type not in names:
+        if f.name == "label" and class_names is not None:
+            features["label"] = {"names": list(class_names), "_type": "ClassLabel"}
+            continue
+        dtype = _HF_DTYPES.get(str(f.type))
+        if dtype is None:
             raise InputError(f"manifest column {f.name!r} has type {f.type}, which the export cannot describe")
-        features[f.name] = {"dtype": names[f.type], "_type": "Value"}
+        features[f.name] = {"dtype": dtype, "_type": "Value"}
     return {"info": {"features": features}}
 
 
 def export_parquet(output: str, to: str, shard_size: int = 1000, storage_config=None,
-                   overwrite: bool = False, provenance: str = "keep") -> dict:
-    """Write Hugging Face datasets Parquet files of a job output's ok items; returns the counts."""
+                   overwrite: bool = False, provenance: str = "keep", where: str | None = None,
+                   min_score: float | None = None, label_column: str | None = "auto",
+                   label_names_column: str | None = "auto") -> dict:
+    """Write Hugging Face datasets Parquet files of a job output's selected ok items; returns the counts."""
     import pyarrow as pa
 
     from .storage import Location
 
-    root, ok, failed = _source_rows(output, shard_size, storage_config, provenance)
-    inputs = _input_roots(root) if provenance == "relative" else {}
+    sel = _select(output, shard_size, storage_config, provenance, where, min_score)
+    labels = resolve_labels(sel.output.manifest, label_column, label_names_column, sel.output.uri)
+    _check_labelled(sel, labels)
+    ok = sel.rows
+    inputs = _input_roots(sel.output) if provenance == "relative" else {}
     dest = Location.parse(str(to), storage_config)
     existing = _prepare_destination(dest, overwrite)
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     fields = [pa.field("image", image_type), pa.field("text", pa.string())]
-    fields += [f for f in ok.schema if f.name not in ("image", "text")
+    ours = {"image", "text"}
+    if labels is not None:  # HF's convention: the class is the column "label"
+        fields.append(pa.field("label", pa.int64()))
+        ours.add("label")
+    fields += [f for f in ok.schema if f.name not in ours
                and (provenance != "drop" or f.name not in PROVENANCE_COLUMNS)]
     schema = pa.schema(fields)
-    schema = schema.with_metadata({"huggingface": json.dumps(hf_features(schema))})
+    schema = schema.with_metadata({"huggingface": json.dumps(hf_features(
+        schema, labels.names if labels is not None else None))})
     n_files = max(1, -(-ok.num_rows // shard_size))
     written: set[str] = set()
+    t0 = time.monotonic()
     for shard, chunk in _shards(ok, shard_size) if ok.num_rows else [(0, [])]:
         out_rows = []
         for r in chunk:
-            data, ext = _image_bytes(root, r, storage_config)
-            pub = public_row(r, provenance, root.uri, inputs)
-            out_rows.append({"image": {"bytes": data, "path": f"{r['item_id']}.{ext}"},
-                             "text": r.get("prompt"), **{k: v for k, v in pub.items() if k not in ("image", "text")}})
+            data, ext = _image_bytes(sel, r)
+            pub = public_row(r, provenance, sel.root.uri, inputs)
+            row = {"image": {"bytes": data, "path": f"{r['item_id']}.{ext}"}, "text": r.get("prompt")}
+            if labels is not None:
+                row["label"] = r[labels.column]
+            row.update({k: v for k, v in pub.items() if k not in ours})
+            out_rows.append(row)
         name = f"data/train-{shard:05d}-of-{n_files:05d}.parquet"
         tab = pa.Table.from_pylist(out_rows, schema=schema)
         dest.join(name).write_bytes(_parquet_bytes(tab, row_group_size=100))
         written.add(name)
         log.info("export: %s (%d rows)", name, len(chunk))
-    counts = {"format": "parquet", "source": root.uri if provenance == "keep" else root.name,
-              "exported": ok.num_rows, "failed_skipped": failed, "files": n_files, "shard_size": shard_size,
-              "provenance": provenance}
+    counts = _counts("parquet", sel, provenance, labels, shard_size, files=n_files)
     dest.join("export.json").write_bytes(json.dumps(counts, indent=2, sort_keys=True).encode())
     _remove_stale(dest, existing, written | {"export.json"})
+    _log_done(sel, n_files, t0)
     return counts
 
 
@@ -284,13 +497,16 @@ def _check_shard_size(shard_size) -> None:
 
 
 def export_output(output: str, fmt: str, to: str, shard_size: int = 1000, storage_config=None,
-                  overwrite: bool = False, provenance: str = "keep") -> dict:
+                  overwrite: bool = False, provenance: str = "keep", where: str | None = None,
+                  min_score: float | None = None, label_column: str | None = "auto",
+                  label_names_column: str | None = "auto") -> dict:
     """Export a job output in ``fmt`` ("webdataset" or "parquet") to ``to``."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     fn = export_webdataset if fmt == "webdataset" else export_parquet
     return fn(output, to, shard_size=shard_size, storage_config=storage_config, overwrite=overwrite,
-              provenance=provenance)
+              provenance=provenance, where=where, min_score=min_score, label_column=label_column,
+              label_names_column=label_names_column)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -306,6 +522,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="absolute paths and host:pid columns: keep them (default), make paths relative "
                              "to the job's input/output roots and blank worker, or drop those columns "
                              "(for exports meant for publishing)")
+    parser.add_argument("--where", default=None, metavar="EXPR",
+                        help="export only the ok items for which EXPR holds, e.g. \"clip_score >= 28 and "
+                             "label != 3\" (comparisons of a manifest column with a number or quoted string, "
+                             "and / or / not, parentheses); nothing is deleted")
+    parser.add_argument("--min-score", type=float, default=None, metavar="X",
+                        help="shorthand for --where \"clip_score >= X\" (combined with --where by 'and')")
+    parser.add_argument("--label-column", default="auto", metavar="NAME",
+                        help="integer class column: WebDataset .cls, HF 'label' (default auto: 'label', else "
+                             "'class_id'; none: no labels)")
+    parser.add_argument("--label-names-column", default="auto", metavar="NAME",
+                        help="class-name column that makes the HF 'label' a ClassLabel (default auto: "
+                             "'class_name'; none: a plain integer)")
 
 
 def run(args) -> int:
@@ -313,11 +541,14 @@ def run(args) -> int:
 
     counts = export_output(args.output, args.fmt, args.to, shard_size=args.shard_size,
                            storage_config=StorageConfig(endpoint_url=args.endpoint_url),
-                           overwrite=args.overwrite, provenance=args.provenance)
+                           overwrite=args.overwrite, provenance=args.provenance, where=args.where,
+                           min_score=args.min_score, label_column=args.label_column,
+                           label_names_column=args.label_names_column)
     print(json.dumps(counts, sort_keys=True))
     return 0
 
 
 configure_export = configure
 run_export = run
-__all__ = ["export_output", "export_webdataset", "export_parquet", "sample_key", "hf_features"]
+__all__ = ["export_output", "export_webdataset", "export_parquet", "sample_key", "hf_features",
+           "resolve_labels", "Labels"]

@@ -103,12 +103,11 @@ def _settings_html(settings: dict) -> str:
 
 def _item_images(item, out, storage_config, n: int) -> str:
     """Write baseline/candidate/heatmap PNGs of one item; return the <figure>s (or a note)."""
-    from .compare import decode_image
-    from .storage import Location
+    from .outputs import load_image
 
     try:
-        a = decode_image(Location.parse(item.baseline_image, storage_config).read_bytes(), item.baseline_image)
-        b = decode_image(Location.parse(item.candidate_image, storage_config).read_bytes(), item.candidate_image)
+        a = load_image(item.baseline_image, storage_config)
+        b = load_image(item.candidate_image, storage_config)
     except Exception as exc:  # the item is already marked changed with its note
         return f"<p>images unavailable: {html.escape(str(exc))}</p>"
     pics = [("baseline", a, True), ("candidate", b, True)]
