@@ -160,29 +160,18 @@ def rerender_item(output: str, item_id: str, endpoint_url: str | None = None) ->
     """Render one item alone from its manifest row; returns (image bytes, manifest row)."""
     import hashlib
 
-    import pyarrow.compute as pc
-
-    from .errors import InputError
     from .images import encode_image
-    from .manifest import JOB_FILE, image_parameters, iter_parts, read_json, read_manifest
+    from .manifest import image_parameters
+    from .outputs import Output
     from .stages import _load_renderer, apply_render_env, env_differences, generate_kwargs, read_init_image, render_env
-    from .storage import Location, StorageConfig
+    from .storage import StorageConfig
 
     cfg = StorageConfig(endpoint_url=endpoint_url)
-    out = Location.parse(output, cfg)
-    if not out.join(JOB_FILE).exists():
-        raise InputError(f"{out.uri}: no job.json, not a batchgen job output")
-    job = read_json(out.join(JOB_FILE))
-    row = None
-    table = read_manifest(out)
-    tables = [table] if table is not None else [t for _, t in iter_parts(out)]
-    for t in tables:
-        hit = t.filter(pc.and_(pc.equal(t.column("item_id"), item_id), pc.equal(t.column("status"), "ok")))
-        if hit.num_rows:
-            row = hit.slice(hit.num_rows - 1, 1).to_pylist()[0]
-    if row is None:
-        raise InputError(f"{out.uri}: item {item_id!r} has no ok row in the manifest")
+    out = Output.at(output, cfg)
+    job = out.job  # InputError when the folder is not a batchgen output
+    row = out.find_row(item_id)  # the item's ok row: manifest.parquet, else the committed parts
     import torch
+
 
     spec = job["spec"]
     hooks = _hooks() or {}
@@ -233,11 +222,13 @@ def rerender_item(output: str, item_id: str, endpoint_url: str | None = None) ->
 def run_rerender(args) -> int:
     import hashlib
 
+    from .outputs import Output
     from .storage import Location, StorageConfig
 
     data, row = rerender_item(args.output, args.item_id, args.endpoint_url)
     Location.parse(args.out).write_bytes(data)
-    stored = Location.parse(row["image_uri"], StorageConfig(endpoint_url=args.endpoint_url)).read_bytes()
+    cfg = StorageConfig(endpoint_url=args.endpoint_url)
+    stored = Output.at(args.output, cfg).read_image_bytes(row, verify=False)  # its own images/ (a copied output too)
     same = stored == data and hashlib.sha256(stored).hexdigest() == row["image_sha256"]
     print(f"{args.item_id}: wrote {args.out} ({len(data)} bytes, batch_size {row['batch_size']}); "
           f"{'identical to' if same else 'DIFFERS from'} the stored image {row['image_uri']}")
