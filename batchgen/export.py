@@ -131,9 +131,9 @@ def _select(output: str, shard_size, storage_config, provenance: str = "keep", w
     if where is not None:
         selected = filter_table(selected, where)
     if min_score is not None:
-        if SCORE_COLUMN not in table.column_names:
-            raise InputError(f"{out.uri}: the manifest has no {SCORE_COLUMN} column for --min-score "
-                             f"({SCORE_COLUMN} >= X); run the job with scoring.clip to get scores")
+        if SCORE_COLUMN not in table.column_names or table.column(SCORE_COLUMN).null_count == table.num_rows:
+            raise InputError(f"{out.uri}: the manifest has no {SCORE_COLUMN} column (or no scores in it) for "
+                             f"--min-score ({SCORE_COLUMN} >= X); run the job with scoring.clip to get scores")
         scores = selected.column(SCORE_COLUMN)
         if not _is_number(scores.type):
             raise InputError(f"{out.uri}: column {SCORE_COLUMN} has type {scores.type}, not a number")
@@ -165,8 +165,9 @@ def resolve_labels(table, label_column: str | None = "auto", names_column: str |
     """Which integer column is each sample's class, and its names (see the module doc).
 
     ``table`` is the whole manifest (failed rows included), so the class list does not depend on
-    which items rendered or passed a filter. ``"auto"``: ``label`` when it is an integer column,
-    else ``class_id`` (when no other ``label`` column exists); names from ``class_name``.
+    which items rendered or passed a filter. ``"auto"``: ``label`` when it is an integer column with
+    values, else ``class_id`` (a DiT job's; when no other ``label`` column exists); names from
+    ``class_name`` when it has values.
     ``None`` or ``"none"``: no labels / no names.
     """
     import pyarrow as pa
@@ -176,9 +177,11 @@ def resolve_labels(table, label_column: str | None = "auto", names_column: str |
     label_column = None if label_column in (None, "none") else label_column
     names_column = None if names_column in (None, "none") else names_column
     if label_column == "auto":
+        # every manifest has class_id (null unless the model is a DiT): a column counts when it has values
         label_column = None
         for name in AUTO_LABEL_COLUMNS:
-            if name in schema.names and pa.types.is_integer(schema.field(name).type):
+            if (name in schema.names and pa.types.is_integer(schema.field(name).type)
+                    and table.column(name).null_count < table.num_rows):
                 if name == "label" or "label" not in schema.names:
                     label_column = name
                 break
@@ -194,7 +197,8 @@ def resolve_labels(table, label_column: str | None = "auto", names_column: str |
                              f"exported as 'label'; pass --label-column label or rename the input column")
     if names_column == "auto":
         names_column = AUTO_NAMES_COLUMN if AUTO_NAMES_COLUMN in schema.names and _is_string(
-            schema.field(AUTO_NAMES_COLUMN).type) else None
+            schema.field(AUTO_NAMES_COLUMN).type) and table.column(AUTO_NAMES_COLUMN).null_count < table.num_rows \
+            else None
     elif names_column is not None:
         if names_column not in schema.names:
             raise InputError(f"{source}: --label-names-column {names_column!r}: no such manifest column "

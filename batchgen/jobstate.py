@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .errors import BatchgenError, InputError, StorageError
+from .errors import BatchgenError, CheckpointError, InputError, StorageError
 from .manifest import JOB_FILE, MANIFEST_FILE, PARTS_DIR, SUMMARY_FILE, read_json, write_json
 
 log = logging.getLogger(__name__)

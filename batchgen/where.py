@@ -318,6 +318,10 @@ def mask(text: str, table):
     import pyarrow.compute as pc
 
     node = check(text, table.schema)
+    for c in _comparisons(node):  # a column every manifest has but this job never filled (clip_score)
+        if c.column in COLUMN_HINTS and table.num_rows and table.column(c.column).null_count == table.num_rows:
+            raise WhereError(text, c.column_pos, f"column {c.column!r} has no values in this manifest; "
+                                                 f"{COLUMN_HINTS[c.column]}")
     if table.num_rows == 0:
         import pyarrow as pa
 

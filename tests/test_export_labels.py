@@ -24,8 +24,11 @@ NAMES = ["cat", "dog", "bird"]
 def _with_columns(out, columns: dict, passthrough=()):
     """Add columns ({name: arrow array in item_id order}) to a fixture's manifest and job.json."""
     table = pq.read_table(out / "manifest.parquet")
-    for name, values in columns.items():
-        table = table.append_column(name, values)
+    for name, values in columns.items():  # the manifest schema has class_id, class_name, clip_score: replace
+        if name in table.column_names:
+            table = table.set_column(table.schema.get_field_index(name), name, values)
+        else:
+            table = table.append_column(name, values)
     pq.write_table(table, out / "manifest.parquet")
     job = {"name": "labelled", "spec": {"input": {"passthrough": list(passthrough)}}}
     (out / "job.json").write_text(json.dumps(job))
@@ -206,7 +209,7 @@ def test_where_and_min_score_filter_without_deleting(tmp_path, capsys):
     assert main(["export", str(plain), "--format", "webdataset", "--to", str(tmp_path / "bad"),
                  "--min-score", "0.28"]) == 2
     assert "run the job with scoring.clip to get scores" in capsys.readouterr().err
-    with pytest.raises(WhereError, match="unknown column 'clip_score'.*run the job with scoring.clip"):
+    with pytest.raises(WhereError, match="column 'clip_score' has no values.*run the job with scoring.clip"):
         export_output(str(plain), "webdataset", str(tmp_path / "bad"), where="clip_score > 1")
     assert not (tmp_path / "bad").exists()
 
