@@ -416,9 +416,9 @@ def _passthrough(table: pa.Table, name: str, typ: pa.DataType, file_uri: str) ->
 
 def passthrough_types(table_schema: pa.Schema, names: list[str], file_uri: str) -> dict[str, pa.DataType]:
     """The Arrow types of the passthrough columns, from the first input file: plain values only."""
-    from .settings import BY_NAME
+    from .manifest import LABEL_COLUMNS, MANIFEST_SCHEMA
 
-    reserved = {f[0] for f in ROW_HEAD} | set(BY_NAME) | {"loras", "group", "n"}
+    reserved = (set(MANIFEST_SCHEMA.names) - set(LABEL_COLUMNS)) | {"group", "n"}
     out = {}
     for name in names:
         if name in reserved:
@@ -435,6 +435,13 @@ def passthrough_types(table_schema: pa.Schema, names: list[str], file_uri: str) 
                 or pa.types.is_boolean(typ)):
             raise InputError(f"input file {file_uri}, column {name!r}: input.passthrough takes numbers, strings "
                              f"and booleans, not {typ}")
+        if name in LABEL_COLUMNS:  # fills the manifest's own label column: its type
+            want = LABEL_COLUMNS[name]
+            if (pa.types.is_integer(want) and not pa.types.is_integer(typ)) or (
+                    pa.types.is_string(want) and not pa.types.is_string(typ)):
+                raise InputError(f"input file {file_uri}, column {name!r}: a passed-through {name} must hold "
+                                 f"{'integers' if pa.types.is_integer(want) else 'strings'}, not {typ}")
+            typ = want
         out[name] = typ
     return out
 

@@ -61,10 +61,14 @@ def manifest_schema(passthrough: pa.Schema | list | None = None) -> pa.Schema:
         ("batchgen_version", pa.string()),
         ("render_env", pa.string()),
     ]
-    return pa.schema(fields + list(passthrough or []))
+    base = {name for name, _ in fields}
+    extra = [f for f in (passthrough or []) if (f.name if isinstance(f, pa.Field) else f[0]) not in base]
+    return pa.schema(fields + extra)
 
 
 MANIFEST_SCHEMA = manifest_schema()
+# Label columns an input may fill through input.passthrough (a DiT model fills them itself).
+LABEL_COLUMNS = {"class_id": pa.int64(), "class_name": pa.string()}
 # render_env: JSON of what else decides an item's bytes (device kind and name, dtype, torch
 # intra-op threads, torch/CUDA/cuDNN versions, deterministic flags); see stages.render_env().
 

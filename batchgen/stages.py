@@ -315,7 +315,9 @@ class GeneratorActor:
         n = len(rows)
         out: dict[str, list] = {
             "image": [None] * n, "error": [None] * n, "render_ms": [0.0] * n, "warmup_ms": [0.0] * n,
-            "applied_loras": [None] * n, "class_id": [None] * n, "class_name": [None] * n, "clip_score": [None] * n,
+            "applied_loras": [None] * n, "clip_score": [None] * n,
+            # labels passed through from the input, unless the model names them itself (DiT)
+            "class_id": [r.get("class_id") for r in rows], "class_name": [r.get("class_name") for r in rows],
         }
         groups: dict[str, list[int]] = {}
         for i, r in enumerate(rows):
