@@ -10,6 +10,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test]"
+# open_clip_torch only for the CLIP BPE vocabulary of single-file checkpoints: without its
+# dependencies (torchvision would replace the pinned CPU torch stack).
+	$(BIN)/python -m pip install -q -c constraints.txt --no-deps open_clip_torch
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,6 +1,6 @@
 """batchgen: distributed, reproducible batch image generation for Stable-Diffusion-family models."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["__version__", "load_pipeline"]
 

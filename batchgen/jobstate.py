@@ -227,8 +227,13 @@ def check_previous(out, spec, previous: dict | None, overwrite: bool) -> list[st
         return []
     differing = diff_keys(previous.get("digest_fields", {}), spec.digest_fields())
     if differing and not overwrite:
+        from . import __version__
+
+        written_by = (previous.get("versions") or {}).get("batchgen")
+        why = (f" (it was written by batchgen {written_by}, whose spec had other keys and defaults; "
+               f"this is {__version__}, which cannot resume it)") if written_by and written_by != __version__ else ""
         raise InputError(
-            f"output {out.uri} holds a different job (keys differ: {', '.join(differing)}); "
+            f"output {out.uri} holds a different job (keys differ: {', '.join(differing)}){why}; "
             f"use the same spec to resume, another output.uri, or --overwrite to replace it")
     if overwrite:
         return [name for name in OUR_ENTRIES if out.join(name).exists()]

@@ -1188,6 +1188,7 @@ def run(args) -> int:
     if args.preview is not None:
         for row in tpl.rows(args.preview):
             print(json.dumps(row, ensure_ascii=False))
+        sys.stdout.flush()  # the rows before the count, also when both streams go to one pipe
         print(f"{tpl.row_count()} rows in all", file=sys.stderr)
         return 0
     if not args.out:

@@ -126,3 +126,22 @@ def test_bad_arrays_raise_value_error(array):
 def test_not_an_image():
     with pytest.raises(ValueError, match="not a PNG, JPEG or WebP image"):
         read_generation_parameters(b"hello")
+
+
+def test_png_parameters_read_by_sd_parsers():
+    """A real third-party reader (sd-parsers, as image browsers use) finds prompt, negative prompt,
+    sampler, steps, CFG, seed, size and model hash in our PNG ``parameters`` chunk."""
+    sd_parsers = pytest.importorskip("sd_parsers")
+    params = {"prompt": "a red fox, detailed", "negative_prompt": "blurry", "steps": 20, "sampler": "euler_a",
+              "guidance_scale": 7.5, "seed": 42, "width": 64, "height": 48,
+              "model_fingerprint": "abcdef0123456789"}
+    data = encode_image(np.zeros((48, 64, 3), np.uint8), "png", parameters=params)
+    info = sd_parsers.ParserManager().parse(io.BytesIO(data))
+    assert info is not None and info.generator.name == "AUTOMATIC1111"
+    (sampler,) = info.samplers
+    assert sampler.name == "euler_a"
+    assert sampler.parameters == {"cfg_scale": "7.5", "seed": "42", "steps": "20"}
+    assert sampler.model.hash == "abcdef0123"
+    assert [p.value for p in sampler.prompts] == ["a red fox, detailed"]
+    assert [p.value for p in sampler.negative_prompts] == ["blurry"]
+    assert info.metadata == {"Size": "64x48"}

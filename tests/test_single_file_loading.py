@@ -405,9 +405,33 @@ def _random_fp16(module: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
     return state
 
 
+def _kohya_attention_lora(path, states: dict, rank: int = 4, alpha: float = 2.0, seed: int = 11):
+    """A kohya file (sd-scripts names, one alpha for all) on every UNet attention projection and the
+    CLIP attention projections, its delta about 0.3 x each weight's spread."""
+    gen = torch.Generator().manual_seed(seed)
+    lora = {}
+    for prefix, component, suffixes in (("lora_unet_", "unet", (".to_q.weight", ".to_k.weight", ".to_v.weight",
+                                                                 ".to_out.0.weight")),
+                                        ("lora_te_", "text_encoder", ("_proj.weight",))):
+        for key, weight in states[component].items():
+            if not key.endswith(suffixes) or weight.ndim != 2 or (component == "text_encoder" and "self_attn" not in key):
+                continue
+            amp = (0.3 * float(weight.float().std()) / rank**0.5) ** 0.5
+            stem = prefix + key.removesuffix(".weight").replace(".", "_")
+            lora[f"{stem}.lora_down.weight"] = (torch.randn(rank, weight.shape[1], generator=gen) * amp).half()
+            lora[f"{stem}.lora_up.weight"] = (torch.randn(weight.shape[0], rank, generator=gen) * amp).half()
+            lora[f"{stem}.alpha"] = torch.tensor(alpha, dtype=torch.float16)
+    save_file(lora, str(path))
+    return path
+
+
 @pytest.mark.slow
 def test_full_size_sd15_single_file_matches_diffusers(tmp_path):
+    """An SD1.5-shaped single file (860M-parameter UNet, random fp16 weights) against diffusers'
+    folder pipeline, without and with a kohya LoRA at scale 0.7 (``load_lora_weights`` +
+    ``fuse_lora(lora_scale=0.7)``): each within 1 uint8 level."""
     diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("peft")  # diffusers' LoRA loading
     if open_clip_bpe_path() is None:
         pytest.skip("open_clip_torch is not installed (the CLIP tokenizer of a single file)")
     from batchgen.checkpoints.clip_vocab import clip_tokenizer_files
@@ -437,26 +461,39 @@ def test_full_size_sd15_single_file_matches_diffusers(tmp_path):
     (folder / "model_index.json").write_text(json.dumps(configs["model_index"]))
     single = tmp_path / "sd15.safetensors"
     save_file(sf.to_single_file(states, "sd1", "sd1"), str(single))
+    lora = _kohya_attention_lora(tmp_path / "style.safetensors", states)
     del states
 
+    prompt, seed, size, steps = ["a photo of a cat"], 7, 64, 2
     ours = load_pipeline(single, device="cpu", dtype=torch.float32)
     assert ours.model_info["single_file"] == {"family": "sd1", "variant": "sd1", "configs": "standard",
                                               "components": ["text_encoder", "unet", "vae"]}
-    images = ours.generate(["a photo of a cat"], [7], sampler="ddim", steps=2, width=64, height=64,
-                           negative_prompts=["blurry"])
+    kwargs = dict(sampler="ddim", steps=steps, width=size, height=size, negative_prompts=["blurry"])
+    images = [ours.generate(prompt, [seed], **kwargs)[0]]
+    ours.set_loras([{"uri": str(lora), "scale": 0.7}])
+    images.append(ours.generate(prompt, [seed], **kwargs)[0])
     del ours
     ref = diffusers.StableDiffusionPipeline.from_pretrained(str(folder), dtype=torch.float32,
                                                             safety_checker=None, local_files_only=True)
     ref.set_progress_bar_config(disable=True)
     ref.scheduler = getattr(diffusers, REFERENCE["ddim"][0]).from_config(ref.scheduler.config)
-    expected = ref(["a photo of a cat"], negative_prompt=["blurry"], num_inference_steps=2, width=64, height=64,
-                   guidance_scale=7.5, output_type="np", generator=[torch.Generator().manual_seed(7)]).images
-    expected = [(e * 255).round().astype(np.uint8) for e in expected]
+
+    def reference():
+        out = ref(prompt, negative_prompt=["blurry"], num_inference_steps=steps, width=size, height=size,
+                  guidance_scale=7.5, output_type="np", generator=[torch.Generator().manual_seed(seed)]).images
+        return (out[0] * 255).round().astype(np.uint8)
+
+    expected = [reference()]
+    ref.load_lora_weights(str(lora))
+    ref.fuse_lora(lora_scale=0.7)
+    expected.append(reference())
+    diffs = [int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max()) for a, b in zip(images, expected)]
+    changed = int(np.abs(images[1].astype(np.int16) - images[0].astype(np.int16)).max())
+    print(f"full-size SD1.5 single file vs diffusers folder: max diff {diffs[0]} levels, with the LoRA "
+          f"{diffs[1]} levels (the LoRA moves pixels by up to {changed}), {time.perf_counter() - start:.1f} s")
     assert len(np.unique(images[0])) > 32
-    diff = int(np.abs(images[0].astype(np.int16) - expected[0].astype(np.int16)).max())
-    print(f"full-size SD1.5 single file vs diffusers folder: max diff {diff} levels, "
-          f"{time.perf_counter() - start:.1f} s")
-    assert diff <= 1
+    assert changed > 8  # the LoRA is not a no-op
+    assert diffs == [min(d, 1) for d in diffs]  # each within 1 level
 
 
 def test_missing_open_clip_is_a_clear_error(tiny, tmp_path, monkeypatch):

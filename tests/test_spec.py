@@ -24,6 +24,13 @@ def test_demo_spec_loads_with_documented_layout():
     assert spec.output.format == "png"
 
 
+def test_synthetic_example_spec_loads():
+    """jobs/synthetic/job.yaml (the README walkthrough) reads the template's prompts with labels."""
+    spec = load_spec(REPO / "jobs" / "synthetic" / "job.yaml")
+    assert spec.input.uri == "out/synthetic-prompts.parquet" and spec.input.passthrough == ["label", "class_name"]
+    assert spec.sampling.images_per_prompt == 2 and spec.output.uri == "out/synthetic"
+
+
 def test_every_field_is_documented():
     from batchgen.spec import JobSpec
 
@@ -171,3 +178,21 @@ def test_unknown_sampler_suggests_names():
         check_sampler(spec_from_dict({"input": {"uri": "x"}, "output": {"uri": "o"},
                                       "sampling": {"sampler": "eular_a"}}))
     assert "unknown sampler 'eular_a' (did you mean 'euler_a'?)" in str(err.value)
+
+
+def test_output_of_an_older_batchgen_is_refused_with_the_reason(tmp_path):
+    """job.json written by an earlier batchgen (other spec keys and defaults): the refusal says so."""
+    from batchgen import __version__
+    from batchgen.jobstate import check_previous
+    from batchgen.storage import Location
+
+    spec = spec_from_dict({"input": {"uri": "in.parquet"}, "output": {"uri": str(tmp_path)}})
+    fields = dict(spec.digest_fields())
+    del fields["sampling.images_per_prompt"]  # a key the older spec did not have
+    old = {"digest_fields": fields, "versions": {"batchgen": "0.1.0"}}
+    out = Location.parse(str(tmp_path))
+    with pytest.raises(InputError, match=rf"keys differ: sampling.images_per_prompt\) \(it was written by batchgen "
+                                         rf"0.1.0.*this is {__version__}, which cannot resume it\).*--overwrite"):
+        check_previous(out, spec, old, overwrite=False)
+    same = {"digest_fields": spec.digest_fields(), "versions": {"batchgen": "0.1.0"}}
+    assert check_previous(out, spec, same, overwrite=False) == []

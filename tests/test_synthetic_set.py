@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,31 +28,24 @@ from batchgen.spec import spec_from_dict
 from .fixtures_jobs import image_digests, job_dict
 from .fixtures_ray import subprocess_env
 
-CLASSES = "name,id\ntabby cat,0\ngolden retriever,1\nred fox,2\n"
-TEMPLATE = {
-    "seed": 42,
-    "count": 4,
-    "per": "class",
-    "negative_prompt": "blurry, lowres",
-    "variables": {"class": {"file": "classes.csv"}},
-    "columns": {"label": "class.id", "class_name": "class.name"},
-    "templates": [{"name": "photo", "prompt": "a {close-up |wide-angle |}photo of a {class.name}, __lighting__"}],
-}
+EXAMPLE = Path(__file__).resolve().parents[1] / "jobs" / "synthetic"  # the README walkthrough's files
 
 
 def _prompts(folder: Path) -> Path:
+    """``batchgen prompts jobs/synthetic/template.yaml`` on a copy of the shipped example."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "classes.csv").write_text(CLASSES)
-    (folder / "lighting.txt").write_text("studio lighting\nsoft morning light\n{overcast|golden hour} light\n")
-    (folder / "classes.yaml").write_text(yaml.safe_dump(TEMPLATE))
+    for name in ("classes.csv", "lighting.txt", "template.yaml"):
+        shutil.copy(EXAMPLE / name, folder / name)
     out = folder / "prompts.parquet"
-    expand_to_parquet(load_template(folder / "classes.yaml"), str(out))
+    expand_to_parquet(load_template(folder / "template.yaml"), str(out))
     return out
 
 
 def _job(prompts: Path, out: Path) -> dict:
-    return job_dict(prompts, out, input={"id_column": "id", "passthrough": ["label", "class_name"]},
-                    sampling={"images_per_prompt": 2})
+    """jobs/synthetic/job.yaml with the test's input and output, at the suite's small size."""
+    shipped = yaml.safe_load((EXAMPLE / "job.yaml").read_text())
+    return job_dict(prompts, out, input=dict(shipped["input"], uri=str(prompts)),
+                    sampling={"images_per_prompt": shipped["sampling"]["images_per_prompt"]})
 
 
 def test_synthetic_classification_set(tmp_path, ray_local, builtin_tiny, ray_tmpdir):
