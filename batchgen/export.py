@@ -142,6 +142,16 @@ def _select(output: str, shard_size, storage_config, provenance: str = "keep", w
                      where, min_score)
 
 
+def _prepare(output, shard_size, storage_config, provenance, where, min_score, label_column, label_names_column):
+    """What both formats start from: the selection, its labels (checked on every exported row)
+    and, for ``provenance="relative"``, the job's input roots."""
+    sel = _select(output, shard_size, storage_config, provenance, where, min_score)
+    labels = resolve_labels(sel.output.manifest, label_column, label_names_column, sel.output.uri)
+    _check_labelled(sel, labels)
+    inputs = _input_roots(sel.output) if provenance == "relative" else {}
+    return sel, labels, inputs
+
+
 def _is_number(arrow_type) -> bool:
     import pyarrow as pa
 
@@ -370,11 +380,9 @@ def export_webdataset(output: str, to: str, shard_size: int = 1000, storage_conf
 
     from .storage import Location
 
-    sel = _select(output, shard_size, storage_config, provenance, where, min_score)
-    labels = resolve_labels(sel.output.manifest, label_column, label_names_column, sel.output.uri)
-    _check_labelled(sel, labels)
+    sel, labels, inputs = _prepare(output, shard_size, storage_config, provenance, where, min_score,
+                                   label_column, label_names_column)
     ok = sel.rows
-    inputs = _input_roots(sel.output) if provenance == "relative" else {}
     schema = pa.schema([("key", pa.string())] + [f for f in ok.schema if provenance != "drop"
                                                   or f.name not in PROVENANCE_COLUMNS])
     keys: dict[str, str] = {}
@@ -452,11 +460,9 @@ def export_parquet(output: str, to: str, shard_size: int = 1000, storage_config=
 
     from .storage import Location
 
-    sel = _select(output, shard_size, storage_config, provenance, where, min_score)
-    labels = resolve_labels(sel.output.manifest, label_column, label_names_column, sel.output.uri)
-    _check_labelled(sel, labels)
+    sel, labels, inputs = _prepare(output, shard_size, storage_config, provenance, where, min_score,
+                                   label_column, label_names_column)
     ok = sel.rows
-    inputs = _input_roots(sel.output) if provenance == "relative" else {}
     dest = Location.parse(str(to), storage_config)
     existing = _prepare_destination(dest, overwrite)
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])

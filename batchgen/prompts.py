@@ -520,8 +520,6 @@ def _fmt(value) -> str:
 
 def _read_table_file(path: Path, where: str) -> tuple[list[str], dict[str, list]]:
     """(column names, columns) of a csv / parquet / json / jsonl / yaml table file."""
-    import pyarrow as pa
-
     suffix = path.suffix.lower()
     try:
         if suffix == ".csv":

@@ -201,7 +201,7 @@ def test_credentials_in_endpoint_urls_are_refused_everywhere(tmp_path, monkeypat
     from batchgen.submit import prepare_submission
 
     inp, out = write_prompts(tmp_path / "p.parquet", 1), tmp_path / "out"
-    data = job_dict(inp, f"s3://bucket/out", storage={"endpoint_url": "http://key:s3cr3t@127.0.0.1:9"})
+    data = job_dict(inp, "s3://bucket/out", storage={"endpoint_url": "http://key:s3cr3t@127.0.0.1:9"})
     with pytest.raises(InputError) as err:
         spec_from_dict(data)
     assert "s3cr3t" not in str(err.value)

@@ -35,6 +35,8 @@ from batchgen import load_pipeline
 from batchgen.checkpoints.lora import LoraFuser, inspect_lora, lora_deltas, read_lora
 from batchgen.errors import CheckpointError
 
+from .module_parity import perturb, public
+
 diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
 
@@ -408,17 +410,6 @@ def test_lora_from_s3(sd1, s3_server, s3_bucket):
 # --------------------------------------------------------------------------------------------
 
 
-def _public(config: dict) -> dict:
-    return {k: v for k, v in config.items() if not k.startswith("_")}
-
-
-def _perturb(module: torch.nn.Module, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-
-
 def _clip(with_projection: bool, seed: int):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -447,8 +438,8 @@ def test_sdxl_kohya_sgm_lora_matches_diffusers(tmp_path):
     from batchgen.models.unet import UNET_SDXL_TINY, UNet2DConditionModel
 
     torch.manual_seed(0)
-    ref_unet = diffusers.UNet2DConditionModel(**_public(UNET_SDXL_TINY)).eval()
-    _perturb(ref_unet, 1)
+    ref_unet = diffusers.UNet2DConditionModel(**public(UNET_SDXL_TINY)).eval()
+    perturb(ref_unet, 1)
     unet = UNet2DConditionModel(UNET_SDXL_TINY).eval()
     unet.load_state_dict(ref_unet.state_dict())
     te1, te2 = _clip(False, 2), _clip(True, 3)
@@ -502,8 +493,8 @@ def flux_pair():
     from batchgen.models.flux import FLUX_TINY_DEV, FluxTransformer2DModel
 
     torch.manual_seed(0)
-    ref = diffusers.FluxTransformer2DModel(**_public(FLUX_TINY_DEV)).eval()
-    _perturb(ref, 1)
+    ref = diffusers.FluxTransformer2DModel(**public(FLUX_TINY_DEV)).eval()
+    perturb(ref, 1)
     ours = FluxTransformer2DModel(FLUX_TINY_DEV).eval()
     ours.load_state_dict(ref.state_dict())
     return ours, ref

@@ -20,6 +20,8 @@ from batchgen.models.dit import (  # noqa: E402
     class_id,
 )
 
+from .module_parity import module_pair, public  # noqa: E402
+
 CONFIGS = {
     "learned-sigma": DIT_TINY,  # out_channels = 2 * in_channels
     # epsilon only, exact-erf GELU, affine norm3 (keys norm3.weight / norm3.bias)
@@ -28,25 +30,10 @@ CONFIGS = {
 }
 
 
-def _public(config: dict) -> dict:
-    return {k: v for k, v in config.items() if not k.startswith("_")}
-
-
-def _perturb(module: torch.nn.Module, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-
-
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def pair(request):
     config = CONFIGS[request.param]
-    torch.manual_seed(0)
-    ref = diffusers.DiTTransformer2DModel(**_public(config)).eval()
-    _perturb(ref, 1)
-    ours = DiTTransformer2DModel(config).eval()
-    ours.load_state_dict(ref.state_dict(), strict=True)
+    ref, ours = module_pair(diffusers.DiTTransformer2DModel, DiTTransformer2DModel, config, 1)
     return request.param, ref, ours
 
 
@@ -182,7 +169,7 @@ def test_config_resolved_with_defaults():
 @pytest.mark.parametrize("config", [DIT_XL_2_256, DIT_XL_2_512], ids=["256", "512"])
 def test_real_configs_on_meta_equal_diffusers(config):
     with torch.device("meta"):
-        ref = diffusers.DiTTransformer2DModel(**_public(config))
+        ref = diffusers.DiTTransformer2DModel(**public(config))
         ours = DiTTransformer2DModel(config)
     ref_sd, our_sd = ref.state_dict(), ours.state_dict()
     assert {k: v.shape for k, v in our_sd.items()} == {k: v.shape for k, v in ref_sd.items()}
@@ -221,7 +208,7 @@ def test_class_id_numbers_and_names():
 def test_class_id_equals_dit_pipeline_get_label_ids():
     from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline
 
-    transformer = diffusers.DiTTransformer2DModel(**_public({**DIT_TINY, "num_layers": 1}))
+    transformer = diffusers.DiTTransformer2DModel(**public({**DIT_TINY, "num_layers": 1}))
     vae = AutoencoderKL(block_out_channels=[8], norm_num_groups=8, latent_channels=4)
     pipe = DiTPipeline(transformer, vae, DDIMScheduler(), id2label=ID2LABEL)
     names = list(pipe.labels)

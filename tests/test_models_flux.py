@@ -29,6 +29,8 @@ from batchgen.models.flux import (  # noqa: E402
     unpack_latents,
 )
 
+from .module_parity import max_diff, module_pair, perturb, public  # noqa: E402
+
 FLUX_CONFIGS = {
     "tiny-schnell": FLUX_TINY_SCHNELL,
     "tiny-dev": FLUX_TINY_DEV,
@@ -38,22 +40,6 @@ FLUX_CONFIGS = {
 }
 LATENT_CHANNELS = 16
 TEXT_TOKENS = 5
-
-
-def _public(config: dict) -> dict:
-    return {k: v for k, v in config.items() if not k.startswith("_")}
-
-
-def _perturb(module: torch.nn.Module, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-
-
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return (a - b).abs().max().item()
 
 
 def _inputs(config: dict, batch: int, latent_h: int, latent_w: int, seed: int) -> dict:
@@ -74,11 +60,7 @@ def _inputs(config: dict, batch: int, latent_h: int, latent_w: int, seed: int) -
 @pytest.fixture(scope="module", params=sorted(FLUX_CONFIGS))
 def flux_pair(request):
     config = FLUX_CONFIGS[request.param]
-    torch.manual_seed(0)
-    ref = diffusers.FluxTransformer2DModel(**_public(config)).eval()
-    _perturb(ref, 1)
-    ours = FluxTransformer2DModel(config).eval()
-    ours.load_state_dict(ref.state_dict(), strict=True)
+    ref, ours = module_pair(diffusers.FluxTransformer2DModel, FluxTransformer2DModel, config, 1)
     return request.param, config, ref, ours
 
 
@@ -92,7 +74,7 @@ def test_flux_matches_diffusers_bitwise(flux_pair, latent_hw):
     tokens = (latent_hw[0] // 2) * (latent_hw[1] // 2)
     assert got.shape == (2, tokens, ours.config["out_channels"])
     assert expected.abs().max().item() > 0.1  # a real, non-trivial output
-    assert _max_diff(got, expected) == 0.0, name
+    assert max_diff(got, expected) == 0.0, name
 
 
 def test_flux_single_timestep_broadcasts_like_diffusers(flux_pair):
@@ -103,7 +85,7 @@ def test_flux_single_timestep_broadcasts_like_diffusers(flux_pair):
     if config["guidance_embeds"]:
         inputs["guidance"] = torch.tensor([3.5])
     with torch.no_grad():
-        assert _max_diff(ours(**inputs), ref(**inputs).sample) == 0.0, name
+        assert max_diff(ours(**inputs), ref(**inputs).sample) == 0.0, name
 
 
 def test_flux_state_dict_keys_equal_diffusers(flux_pair):
@@ -118,7 +100,7 @@ def test_flux_item_output_independent_of_batch_position():
     """Item a's output is bitwise identical at position 0 of [a, b, c] and position 2 of [c, b, a]."""
     torch.manual_seed(0)
     ours = FluxTransformer2DModel(FLUX_TINY_DEV).eval()
-    _perturb(ours, 5)
+    perturb(ours, 5)
     inputs = _inputs(FLUX_TINY_DEV, 3, 6, 8, seed=6)
     reverse = torch.tensor([2, 1, 0])
     flipped = {k: (v if k in ("img_ids", "txt_ids") else v[reverse]) for k, v in inputs.items()}
@@ -134,7 +116,7 @@ def test_flux_item_output_independent_of_batch_position():
 @pytest.mark.parametrize("real", [FLUX_1_DEV, FLUX_1_SCHNELL], ids=["dev", "schnell"])
 def test_real_flux_configs_on_meta_match_diffusers(real):
     with torch.device("meta"):
-        ref = diffusers.FluxTransformer2DModel(**_public(real))
+        ref = diffusers.FluxTransformer2DModel(**public(real))
         ours = FluxTransformer2DModel(real)
     assert ours.device.type == "meta" and ours.dtype == torch.float32
     ref_sd, ours_sd = ref.state_dict(), ours.state_dict()

@@ -23,22 +23,13 @@ from batchgen.models.mmdit import (  # noqa: E402
     SD3Transformer2DModel,
 )
 
+from .module_parity import module_pair, public  # noqa: E402
+
 CONFIGS = {
     "sd3": MMDIT_TINY,  # no QK norm, no attn2
     "sd35-large": {**MMDIT_TINY, "qk_norm": "rms_norm"},  # RMS QK norm in every block
     "sd35-medium": MMDIT_TINY_SD35,  # RMS QK norm + attn2 in block 0 (MMDiT-X)
 }
-
-
-def _public(config: dict) -> dict:
-    return {k: v for k, v in config.items() if not k.startswith("_")}
-
-
-def _perturb(module: torch.nn.Module, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
 
 
 def _inputs(batch: int, height: int, width: int, seed: int, tokens: int = 7):
@@ -54,11 +45,7 @@ def _inputs(batch: int, height: int, width: int, seed: int, tokens: int = 7):
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def pair(request):
     config = CONFIGS[request.param]
-    torch.manual_seed(0)
-    ref = diffusers.SD3Transformer2DModel(**_public(config)).eval()
-    _perturb(ref, 1)
-    ours = SD3Transformer2DModel(config).eval()
-    ours.load_state_dict(ref.state_dict(), strict=True)
+    ref, ours = module_pair(diffusers.SD3Transformer2DModel, SD3Transformer2DModel, config, 1)
     return request.param, ref, ours
 
 
@@ -162,7 +149,7 @@ REAL = {
 def test_real_configs_on_meta_equal_diffusers(name):
     config, counted, known = REAL[name]
     with torch.device("meta"):
-        ref = diffusers.SD3Transformer2DModel(**_public(config))
+        ref = diffusers.SD3Transformer2DModel(**public(config))
         ours = SD3Transformer2DModel(config)
     ref_sd, our_sd = ref.state_dict(), ours.state_dict()
     assert sorted(our_sd) == sorted(ref_sd)

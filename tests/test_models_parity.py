@@ -24,6 +24,8 @@ from batchgen.models import (  # noqa: E402
 from batchgen.models.blocks import attention  # noqa: E402
 from batchgen.noise import item_generators  # noqa: E402
 
+from .module_parity import max_diff, module_pair, perturb, public  # noqa: E402
+
 TOL = 1e-4
 
 UNET_CONFIGS = {
@@ -73,28 +75,12 @@ UNET_CONFIGS = {
 }
 
 
-def _public(config: dict) -> dict:
-    return {k: v for k, v in config.items() if not k.startswith("_")}
-
-
-def _perturb(module: torch.nn.Module, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-
-
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return (a - b).abs().max().item()
-
-
 @pytest.fixture(scope="module", params=sorted(UNET_CONFIGS))
 def unet_pair(request):
     config = UNET_CONFIGS[request.param]
     torch.manual_seed(0)
-    ref = diffusers.UNet2DConditionModel(**_public(config)).eval()
-    _perturb(ref, 1)
+    ref = diffusers.UNet2DConditionModel(**public(config)).eval()
+    perturb(ref, 1)
     ours = UNet2DConditionModel(config).eval()
     return request.param, ref, ours
 
@@ -121,7 +107,7 @@ def test_unet_matches_diffusers(unet_pair, timestep):
         expected = ref(sample, timestep, context).sample
         got = ours(sample, timestep, context)
     assert expected.abs().max().item() > 0.1  # a real, non-trivial output
-    assert _max_diff(got, expected) <= TOL, name
+    assert max_diff(got, expected) <= TOL, name
 
 
 def test_unet_odd_spatial_size_matches_diffusers(unet_pair):
@@ -135,19 +121,19 @@ def test_unet_odd_spatial_size_matches_diffusers(unet_pair):
         expected = ref(sample, 250.5, context).sample
         got = ours(sample, 250.5, context)
     assert got.shape == (1, 4, 10, 7)
-    assert _max_diff(got, expected) <= TOL, name
+    assert max_diff(got, expected) <= TOL, name
 
 
 def test_unet_items_independent_of_batch_mates():
     ours = UNet2DConditionModel(UNET_SD2_TINY).eval()
-    _perturb(ours, 5)
+    perturb(ours, 5)
     gen = torch.Generator().manual_seed(6)
     sample = torch.randn(3, 4, 8, 8, generator=gen)
     context = torch.randn(3, 4, 32, generator=gen)
     with torch.no_grad():
         full = ours(sample, torch.tensor([1.0, 2.0, 3.0]), context)
         alone = ours(sample[1:2], 2.0, context[1:2])
-    assert _max_diff(full[1:2], alone) <= TOL
+    assert max_diff(full[1:2], alone) <= TOL
 
 
 def test_unet_rejects_bad_timestep_shape():
@@ -207,11 +193,7 @@ VAE_CONFIGS = {
 @pytest.fixture(scope="module", params=sorted(VAE_CONFIGS))
 def vae_pair(request):
     config = VAE_CONFIGS[request.param]
-    torch.manual_seed(0)
-    ref = diffusers.AutoencoderKL(**_public(config)).eval()
-    _perturb(ref, 2)
-    ours = AutoencoderKL(config).eval()
-    ours.load_state_dict(ref.state_dict(), strict=True)
+    ref, ours = module_pair(diffusers.AutoencoderKL, AutoencoderKL, config, 2)
     return request.param, ref, ours
 
 
@@ -226,9 +208,9 @@ def test_vae_encode_matches_diffusers(vae_pair):
     with torch.no_grad():
         expected = ref.encode(image).latent_dist
         got = ours.encode(image)
-    assert _max_diff(got.mean, expected.mean) <= TOL, name
-    assert _max_diff(got.logvar, expected.logvar) <= TOL, name
-    assert _max_diff(got.std, expected.std) <= TOL, name
+    assert max_diff(got.mean, expected.mean) <= TOL, name
+    assert max_diff(got.logvar, expected.logvar) <= TOL, name
+    assert max_diff(got.std, expected.std) <= TOL, name
 
 
 def test_vae_decode_matches_diffusers(vae_pair):
@@ -238,7 +220,7 @@ def test_vae_decode_matches_diffusers(vae_pair):
         expected = ref.decode(z).sample
         got = ours.decode(z)
     assert got.shape == (2, 3, 4 * ours.scale_factor, 5 * ours.scale_factor)
-    assert _max_diff(got, expected) <= TOL, name
+    assert max_diff(got, expected) <= TOL, name
 
 
 def test_vae_posterior_sample_matches_diffusers_per_item_generators(vae_pair):
@@ -254,8 +236,8 @@ def test_vae_posterior_sample_matches_diffusers_per_item_generators(vae_pair):
             ]
         )
         got = ours.encode(image).sample(item_generators(seeds))
-    assert _max_diff(got, expected) <= TOL, name
-    assert _max_diff(got[0], got[2]) > 0  # same seed, different images: different latents
+    assert max_diff(got, expected) <= TOL, name
+    assert max_diff(got[0], got[2]) > 0  # same seed, different images: different latents
     with pytest.raises(ValueError, match="generators"):
         ours.encode(image).sample(item_generators(seeds[:2]))
 
@@ -287,7 +269,7 @@ def test_vae_loads_legacy_attention_keys(vae_pair):
     fresh.load_state_dict(legacy, strict=True)
     z = torch.randn(1, 4, 3, 3, generator=torch.Generator().manual_seed(10))
     with torch.no_grad():
-        assert _max_diff(fresh.decode(z), ref.decode(z).sample) <= TOL
+        assert max_diff(fresh.decode(z), ref.decode(z).sample) <= TOL
     converted = convert_legacy_vae_keys(legacy)
     assert sorted(converted) == sorted(ref.state_dict())
 
@@ -308,7 +290,7 @@ def test_upcast_attention_computes_in_float32():
     assert upcast.dtype == torch.bfloat16
     expected = attention(q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float(), heads=2)
     assert torch.equal(upcast, expected.bfloat16())
-    assert _max_diff(upcast.float(), exact) < 0.1
+    assert max_diff(upcast.float(), exact) < 0.1
 
 
 def test_posterior_logvar_clamped_like_diffusers():

@@ -30,28 +30,14 @@ from batchgen.models.vae import (  # noqa: E402
     AutoencoderKL,
 )
 
+from .module_parity import max_diff, module_pair, perturb, public  # noqa: E402
+
 # Parameter counts of the published SDXL 1.0 UNets (base fp16 file 5.14 GB, refiner 4.52 GB).
 SDXL_BASE_PARAMS = 2_567_463_684
 SDXL_REFINER_PARAMS = 2_259_526_660
 
 POOLED = 32  # pooled text-embedding width of the tiny presets
 TINY_UNETS = {"base": (UNET_SDXL_TINY, 6), "refiner": (UNET_SDXL_REFINER_TINY, 5)}
-
-
-def _public(config: dict) -> dict:
-    return {k: v for k, v in config.items() if not k.startswith("_")}
-
-
-def _perturb(module: torch.nn.Module, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-
-
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return (a - b).abs().max().item()
 
 
 def _time_ids(n_ids: int) -> torch.Tensor:
@@ -72,11 +58,7 @@ def _inputs(config: dict, n_ids: int, batch: int = 2, size=(16, 16), seed: int =
 @pytest.fixture(scope="module", params=sorted(TINY_UNETS))
 def sdxl_pair(request):
     config, n_ids = TINY_UNETS[request.param]
-    torch.manual_seed(0)
-    ref = diffusers.UNet2DConditionModel(**_public(config)).eval()
-    _perturb(ref, 1)
-    ours = UNet2DConditionModel(config).eval()
-    ours.load_state_dict(ref.state_dict(), strict=True)
+    ref, ours = module_pair(diffusers.UNet2DConditionModel, UNet2DConditionModel, config, 1)
     return request.param, config, n_ids, ref, ours
 
 
@@ -97,8 +79,8 @@ def test_sdxl_tiny_matches_diffusers_bitwise(sdxl_pair, timestep):
         got = ours(sample, timestep, context, text_embeds=text_embeds, time_ids=time_ids)
         other_ids = ours(sample, timestep, context, text_embeds=text_embeds, time_ids=time_ids.flip(0))
     assert expected.abs().max().item() > 0.1  # a real, non-trivial output
-    assert _max_diff(got, expected) == 0.0, name
-    assert _max_diff(other_ids, got) > 1e-3  # the time ids really condition the output
+    assert max_diff(got, expected) == 0.0, name
+    assert max_diff(other_ids, got) > 1e-3  # the time ids really condition the output
 
 
 def test_sdxl_tiny_odd_spatial_size_matches_diffusers(sdxl_pair):
@@ -108,7 +90,7 @@ def test_sdxl_tiny_odd_spatial_size_matches_diffusers(sdxl_pair):
         expected = ref(sample, 250, context, added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids})
         got = ours(sample, 250, context, text_embeds, time_ids)
     assert got.shape == (1, 4, 10, 7)
-    assert _max_diff(got, expected.sample) == 0.0, name
+    assert max_diff(got, expected.sample) == 0.0, name
 
 
 def test_num_attention_heads_equals_attention_head_dim_list(sdxl_pair):
@@ -125,7 +107,7 @@ def test_num_attention_heads_equals_attention_head_dim_list(sdxl_pair):
 def test_sdxl_batch_items_independent_of_batch_mates():
     """Fixed batch shape: identical items at positions 0 and 2 give bitwise-identical outputs."""
     ours = UNet2DConditionModel(UNET_SDXL_TINY).eval()
-    _perturb(ours, 5)
+    perturb(ours, 5)
     sample, context, text_embeds, time_ids = _inputs(UNET_SDXL_TINY, 6, batch=3, size=(8, 8), seed=6)
     for t in (sample, context, text_embeds, time_ids):
         t[2] = t[0]
@@ -186,7 +168,7 @@ def _heads(module: torch.nn.Module, kind) -> dict:
 )
 def test_real_sdxl_unet_configs_on_meta_equal_diffusers(config, published):
     with torch.device("meta"):
-        ref = diffusers.UNet2DConditionModel(**_public(config))
+        ref = diffusers.UNet2DConditionModel(**public(config))
         ours = UNet2DConditionModel(config)
     ref_sd, ours_sd = ref.state_dict(), ours.state_dict()
     assert sorted(ours_sd) == sorted(ref_sd)
@@ -216,11 +198,7 @@ TINY_VAES = {
 @pytest.fixture(scope="module", params=sorted(TINY_VAES))
 def vae16_pair(request):
     config = TINY_VAES[request.param]
-    torch.manual_seed(0)
-    ref = diffusers.AutoencoderKL(**_public(config)).eval()
-    _perturb(ref, 2)
-    ours = AutoencoderKL(config).eval()
-    ours.load_state_dict(ref.state_dict(), strict=True)
+    ref, ours = module_pair(diffusers.AutoencoderKL, AutoencoderKL, config, 2)
     return request.param, ref, ours
 
 
@@ -231,8 +209,8 @@ def test_vae16_encode_matches_diffusers_bitwise(vae16_pair):
         expected = ref.encode(image).latent_dist
         got = ours.encode(image)
     assert got.mean.shape == (2, 16, 4, 3)
-    assert _max_diff(got.mean, expected.mean) == 0.0, name
-    assert _max_diff(got.logvar, expected.logvar) == 0.0, name
+    assert max_diff(got.mean, expected.mean) == 0.0, name
+    assert max_diff(got.logvar, expected.logvar) == 0.0, name
 
 
 def test_vae16_decode_matches_diffusers_bitwise(vae16_pair):
@@ -243,7 +221,7 @@ def test_vae16_decode_matches_diffusers_bitwise(vae16_pair):
         got = ours.decode(z)
     assert got.shape == (2, 3, 32, 40)
     assert expected.abs().max().item() > 0.1
-    assert _max_diff(got, expected) == 0.0, name
+    assert max_diff(got, expected) == 0.0, name
 
 
 def test_vae16_quant_convs_follow_config(vae16_pair):
@@ -260,7 +238,7 @@ def test_vae16_quant_convs_follow_config(vae16_pair):
 )
 def test_real_vae_configs_on_meta_equal_diffusers(config, latent, scaling, shift):
     with torch.device("meta"):
-        ref = diffusers.AutoencoderKL(**_public(config))
+        ref = diffusers.AutoencoderKL(**public(config))
         ours = AutoencoderKL(config)
     ref_sd, ours_sd = ref.state_dict(), ours.state_dict()
     assert sorted(ours_sd) == sorted(ref_sd)

@@ -95,13 +95,9 @@ def component_class(folder: CheckpointFolder, name: str) -> tuple[str, str]:
     return comps[name]
 
 
-def load_model(folder: CheckpointFolder, name: str, variant: str | None = None,
-               allow_pickle: bool = False, dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """Build component ``name`` from ``<name>/config.json`` and load its weights strictly.
-
-    ``dtype``: allocate the weights in this dtype (the checkpoint's tensors are cast while they
-    are copied in), so a 12B bf16 checkpoint needs 24 GB of host memory, not 48; None: float32.
-    """
+def _meta_model(folder: CheckpointFolder, name: str):
+    """``(library, model spec, config, module on the meta device)`` of component ``name``; a class
+    batchgen cannot build is an error naming it and the known ones."""
     library, cls = component_class(folder, name)
     spec = MODEL_CLASSES.get(cls)
     if spec is None:
@@ -111,6 +107,17 @@ def load_model(folder: CheckpointFolder, name: str, variant: str | None = None,
     config = folder.read_json(f"{name}/config.json")
     with torch.device("meta"):
         module = spec.build(config)
+    return library, spec, config, module
+
+
+def load_model(folder: CheckpointFolder, name: str, variant: str | None = None,
+               allow_pickle: bool = False, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Build component ``name`` from ``<name>/config.json`` and load its weights strictly.
+
+    ``dtype``: allocate the weights in this dtype (the checkpoint's tensors are cast while they
+    are copied in), so a 12B bf16 checkpoint needs 24 GB of host memory, not 48; None: float32.
+    """
+    library, spec, config, module = _meta_model(folder, name)
     if next(module.buffers(), None) is not None:
         module = spec.build(config)  # buffers computed in __init__ and not saved: build them for real
         if dtype is not None:
@@ -128,15 +135,7 @@ def build_model(folder: CheckpointFolder, name: str, variant: str | None = None,
     """Component ``name`` built on the meta device from its config, weights not read (``batchgen
     inspect``): the weight files' keys and shapes (safetensors headers) are checked strictly
     against it, and its config and weight files are recorded as loaded, as :func:`load_model` does."""
-    library, cls = component_class(folder, name)
-    spec = MODEL_CLASSES.get(cls)
-    if spec is None:
-        raise CheckpointError(
-            f"{folder.root}/model_index.json: component '{name}' has class {cls!r}, which batchgen "
-            f"cannot build (known: {', '.join(sorted(MODEL_CLASSES))})")
-    config = folder.read_json(f"{name}/config.json")
-    with torch.device("meta"):
-        module = spec.build(config)
+    library, spec, config, module = _meta_model(folder, name)
     weights = find_weight_files(folder.component_dir(name), WEIGHT_BASENAMES.get(library, "model"), variant,
                                 allow_pickle)
     if not weights.pickle:

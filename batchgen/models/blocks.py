@@ -19,6 +19,31 @@ from ..errors import CheckpointError
 SUPPORTED_ACTIVATIONS = ("silu", "swish")
 
 
+class ModelModule(nn.Module):
+    """A top-level model (denoiser, VAE): its dtype and device are those of its parameters."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+
+def check_text_inputs(encoder_hidden_states: torch.Tensor, pooled_projections: torch.Tensor, batch: int,
+                      cfg: dict) -> None:
+    """Shapes of a transformer's text conditioning: ``(batch, tokens, joint_attention_dim)`` tokens
+    and a ``(batch, pooled_projection_dim)`` pooled vector (SD3's MMDiT, FLUX)."""
+    context_shape = tuple(encoder_hidden_states.shape)
+    if len(context_shape) != 3 or context_shape[0] != batch or context_shape[2] != cfg["joint_attention_dim"]:
+        raise ValueError(f"encoder_hidden_states: expected ({batch}, tokens, {cfg['joint_attention_dim']}), "
+                         f"got shape {context_shape}")
+    if tuple(pooled_projections.shape) != (batch, cfg["pooled_projection_dim"]):
+        raise ValueError(f"pooled_projections: expected ({batch}, {cfg['pooled_projection_dim']}), "
+                         f"got shape {tuple(pooled_projections.shape)}")
+
+
 def check_activation(name, key: str = "act_fn") -> None:
     """Raise CheckpointError naming ``key`` unless ``name`` is SiLU (the only one SD uses)."""
     if name not in SUPPORTED_ACTIVATIONS:

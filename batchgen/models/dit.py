@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError
-from .blocks import Attention, TimestepEmbedding, timestep_embedding
+from .blocks import Attention, ModelModule, TimestepEmbedding, timestep_embedding
 from .dit_blocks import AdaLayerNormZero, GELUFeedForward, PatchEmbed, batch_timesteps, modulate, unpatchify
 
 # diffusers' defaults for DiTTransformer2DModel.__init__.
@@ -197,7 +197,7 @@ class DiTBlock(nn.Module):
 # --------------------------------------------------------------------------- model
 
 
-class DiTTransformer2DModel(nn.Module):
+class DiTTransformer2DModel(ModelModule):
     """Class-conditional DiT. ``forward(hidden_states, timestep, class_labels)``."""
 
     def __init__(self, config: dict):
@@ -215,14 +215,6 @@ class DiTTransformer2DModel(nn.Module):
         self.norm_out = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.proj_out_1 = nn.Linear(dim, 2 * dim)
         self.proj_out_2 = nn.Linear(dim, cfg["patch_size"] ** 2 * self.out_channels)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
 
     @property
     def learned_sigma(self) -> bool:

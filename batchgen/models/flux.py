@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError
-from .blocks import TimestepEmbedding, timestep_embedding
+from .blocks import ModelModule, TimestepEmbedding, check_text_inputs, timestep_embedding
 
 # diffusers' defaults for every key of FluxTransformer2DModel.__init__.
 FLUX_DEFAULTS: dict = {
@@ -496,7 +496,7 @@ def _check_ids(ids: torch.Tensor, tokens: int, name: str) -> None:
         )
 
 
-class FluxTransformer2DModel(nn.Module):
+class FluxTransformer2DModel(ModelModule):
     """FLUX.1 transformer. ``forward(hidden_states, encoder_hidden_states, pooled_projections, timestep,
     img_ids, txt_ids, guidance=None) -> (B, N, out_channels)`` velocity over the packed latent tokens."""
 
@@ -520,14 +520,6 @@ class FluxTransformer2DModel(nn.Module):
         )
         self.norm_out = AdaLayerNormContinuous(dim, dim)
         self.proj_out = nn.Linear(dim, cfg["out_channels"])
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
 
     def conditioning(self, timestep: torch.Tensor, guidance: torch.Tensor | None, pooled: torch.Tensor,
                      dtype: torch.dtype) -> torch.Tensor:
@@ -566,17 +558,7 @@ class FluxTransformer2DModel(nn.Module):
                 f"got shape {tuple(hidden_states.shape)}"
             )
         batch, img_len = hidden_states.shape[:2]
-        context_shape = tuple(encoder_hidden_states.shape)
-        if len(context_shape) != 3 or context_shape[0] != batch or context_shape[2] != cfg["joint_attention_dim"]:
-            raise ValueError(
-                f"encoder_hidden_states: expected ({batch}, tokens, {cfg['joint_attention_dim']}), "
-                f"got shape {context_shape}"
-            )
-        if pooled_projections.shape != (batch, cfg["pooled_projection_dim"]):
-            raise ValueError(
-                f"pooled_projections: expected ({batch}, {cfg['pooled_projection_dim']}), "
-                f"got shape {tuple(pooled_projections.shape)}"
-            )
+        check_text_inputs(encoder_hidden_states, pooled_projections, batch, cfg)
         txt_len = encoder_hidden_states.shape[1]
         _check_ids(img_ids, img_len, "img_ids")
         _check_ids(txt_ids, txt_len, "txt_ids")

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError
-from .blocks import TimestepEmbedding, timestep_embedding
+from .blocks import ModelModule, TimestepEmbedding, check_text_inputs, timestep_embedding
 from .dit_blocks import AdaLayerNormZero, GELUFeedForward, PatchEmbed, batch_timesteps, modulate, unpatchify
 
 # diffusers' defaults for SD3Transformer2DModel.__init__.
@@ -329,7 +329,7 @@ class CombinedTimestepTextProjEmbeddings(nn.Module):
 # --------------------------------------------------------------------------- model
 
 
-class SD3Transformer2DModel(nn.Module):
+class SD3Transformer2DModel(ModelModule):
     """SD3 / SD3.5 MMDiT. ``forward(hidden_states, encoder_hidden_states, pooled_projections, timestep)``."""
 
     def __init__(self, config: dict):
@@ -352,14 +352,6 @@ class SD3Transformer2DModel(nn.Module):
         self.norm_out = AdaLayerNormContinuous(dim, dim)
         self.proj_out = nn.Linear(dim, cfg["patch_size"] ** 2 * self.out_channels)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -373,16 +365,7 @@ class SD3Transformer2DModel(nn.Module):
         if hidden_states.ndim != 4:
             raise ValueError(f"hidden_states: expected (B, C, H, W), got shape {tuple(hidden_states.shape)}")
         b = hidden_states.shape[0]
-        if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != b:
-            raise ValueError(
-                f"encoder_hidden_states: expected ({b}, tokens, {cfg['joint_attention_dim']}), "
-                f"got shape {tuple(encoder_hidden_states.shape)}"
-            )
-        if pooled_projections.shape != (b, cfg["pooled_projection_dim"]):
-            raise ValueError(
-                f"pooled_projections: expected ({b}, {cfg['pooled_projection_dim']}), "
-                f"got shape {tuple(pooled_projections.shape)}"
-            )
+        check_text_inputs(encoder_hidden_states, pooled_projections, b, cfg)
         gh, gw = self.pos_embed.check_size(*hidden_states.shape[-2:])
         timesteps = batch_timesteps(timestep, b, hidden_states.device)
 

@@ -25,6 +25,7 @@ from torch import nn
 from ..errors import CheckpointError
 from .blocks import (
     Downsample2D,
+    ModelModule,
     ResnetBlock2D,
     TimestepEmbedding,
     Timesteps,
@@ -446,7 +447,7 @@ class CrossAttnUpBlock2D(nn.Module):
         return x
 
 
-class UNet2DConditionModel(nn.Module):
+class UNet2DConditionModel(ModelModule):
     """SD 1.x / 2.x / SDXL conditional UNet.
 
     ``forward(sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None)``; the last
@@ -522,14 +523,6 @@ class UNet2DConditionModel(nn.Module):
         self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(channels[0], cfg["out_channels"], cfg["conv_out_kernel"],
                                   padding=(cfg["conv_out_kernel"] - 1) // 2)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
 
     def time_embed(self, sample: torch.Tensor, timestep) -> torch.Tensor:
         """Timestep (number, 0-dim or (B,)/(1,) tensor, int or float) -> (B, temb) embedding."""

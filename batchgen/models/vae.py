@@ -24,7 +24,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..noise import randn_items
-from .blocks import Downsample2D, ResnetBlock2D, Upsample2D, check_activation
+from .blocks import Downsample2D, ModelModule, ResnetBlock2D, Upsample2D, check_activation
 
 # diffusers' defaults for the keys we read (AutoencoderKL.__init__).
 VAE_DEFAULTS: dict = {
@@ -305,7 +305,7 @@ class DiagonalGaussian:
         return self.mean + self.std * noise.to(self.mean.dtype)
 
 
-class AutoencoderKL(nn.Module):
+class AutoencoderKL(ModelModule):
     """SD VAE: ``encode(x) -> DiagonalGaussian``, ``decode(z) -> Tensor``; x and output in [-1, 1]."""
 
     def __init__(self, config: dict):
@@ -317,14 +317,6 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(cfg)
         self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, 1) if cfg["use_quant_conv"] else None
         self.post_quant_conv = nn.Conv2d(latent, latent, 1) if cfg["use_post_quant_conv"] else None
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
 
     @property
     def scale_factor(self) -> int:

@@ -279,8 +279,8 @@ def _check_schedule_args(name: str, family: str, cfg: dict, steps: int, opts: di
         if isinstance(mu, bool) or not isinstance(mu, (int, float, np.integer, np.floating)) or not math.isfinite(mu):
             raise ValueError(f"mu: expected a finite number, got {mu!r}")
         if not dynamic:
-            raise ValueError(f"mu: the scheduler config has use_dynamic_shifting=false, so mu would be ignored; "
-                             f"pass mu=None (only dynamically shifted checkpoints such as FLUX.1-dev take mu)")
+            raise ValueError("mu: the scheduler config has use_dynamic_shifting=false, so mu would be ignored; "
+                             "pass mu=None (only dynamically shifted checkpoints such as FLUX.1-dev take mu)")
         mu = float(mu)
     elif dynamic:
         raise ValueError(f"mu: the scheduler config has use_dynamic_shifting=true, so sampler {name!r} needs mu; "

@@ -12,6 +12,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from ..checkpoints.clip_vocab import bytes_to_unicode
+
 # Words the tiny tokenizers learn from: common prompt vocabulary, so prompts tokenize to fewer tokens.
 CORPUS = (
     "a an the of in on at with and or by for to from photo painting portrait landscape city street "
@@ -23,19 +25,6 @@ CORPUS = (
     "style render octane unreal engine 4k 8k hdr beautiful vintage futuristic ancient modern"
 ).split()
 DIFFUSERS_VERSION = "0.42.1"  # written into model_index.json / config.json, as diffusers does
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """CLIP's reversible byte -> printable unicode mapping (GPT-2 style)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, (chr(c) for c in chars)))
 
 
 def _learn_merges(words: list[str], count: int) -> list[tuple[str, str]]:
@@ -68,7 +57,7 @@ def _learn_merges(words: list[str], count: int) -> list[tuple[str, str]]:
 
 def clip_tokenizer_files(max_length: int = 77) -> dict[str, str]:
     """vocab.json, merges.txt and configs of a small CLIP-style byte-level BPE tokenizer."""
-    base = list(_bytes_to_unicode().values())
+    base = list(bytes_to_unicode().values())
     merges = _learn_merges(CORPUS, 300)
     tokens = base + [c + "</w>" for c in base] + ["".join(m) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
