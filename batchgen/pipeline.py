@@ -21,7 +21,7 @@ import torch
 
 from .checkpoints import open_source, resolve_model_uri
 from .families import family_for
-from .families.base import Batch, Family
+from .families.base import Batch, Conditioning, Family
 from .noise import check_seeds, item_generators, randn_items
 from .settings import BY_NAME, GROUP_SETTINGS, check_family, per_item_values
 
@@ -151,9 +151,10 @@ class Pipeline:
         done = 0
         try:
             for settings, members in self._partitions(req):
+                texts = _TextCache(self.family, req, members, size, settings)
                 for start in range(0, len(members), size):
                     indices = members[start:start + size]
-                    for i, image in zip(indices, self._render_batch(req, indices, size, settings)):
+                    for i, image in zip(indices, self._render_batch(req, indices, size, settings, texts)):
                         images[i] = image
                     done += len(indices)
                     report(done, total)
@@ -255,29 +256,19 @@ class Pipeline:
 
     # -------------------------------------------------------------------------------- rendering
     @torch.inference_mode()
-    def _render_batch(self, req: _Request, indices: list[int], size: int, settings: dict) -> list[np.ndarray]:
+    def _render_batch(self, req: _Request, indices: list[int], size: int, settings: dict,
+                      texts: "_TextCache") -> list[np.ndarray]:
         """Render the items ``indices`` as one model batch of exactly ``size`` (padded)."""
         from .sampling import get_sampler
 
         fam = self.family
         real = len(indices)
         pad = size - real
-
-        def take(values: list, fill) -> list:
-            return [values[i] for i in indices] + [fill] * pad
-
-        batch = Batch(
-            prompts=take(req.prompts, ""),
-            negatives=take(req.negatives, ""),
-            settings=settings,
-            items={k: take(v, v[indices[0]]) for k, v in req.items.items()},
-            labels=None if req.labels is None else take(req.labels, None),
-            guided=fam.guided(settings),
-        )
-        generators = item_generators(take(req.seeds, 0))
+        batch = _batch(req, indices, size, settings, fam.guided(settings))
+        generators = item_generators([req.seeds[i] for i in indices] + [0] * pad)
         sampler = get_sampler(req.sampler, fam.scheduler_config, settings["steps"], strength=settings.get("strength"),
                               options=req.options, **fam.schedule(settings, req.sampler))
-        cond = fam.encode_prompts(batch)
+        cond = texts.conditioning(indices, batch)
         shape = fam.noise_shape(settings["width"], settings["height"])
         # Each generator's draw order is diffusers': img2img's VAE posterior sample, then the noise.
         if req.init_images is not None:
@@ -291,6 +282,72 @@ class Pipeline:
         latents = sampler.sample(fam.denoiser(cond, batch), latents, generators)
         decoded = fam.decode(fam.unpack(latents, settings))
         return _to_uint8(decoded)[:real]
+
+
+def _batch(req: _Request, indices: list[int], size: int, settings: dict, guided: bool) -> Batch:
+    """The items ``indices`` of a request as a batch of exactly ``size`` (padding: empty prompts,
+    the first item's per-item settings)."""
+    pad = size - len(indices)
+
+    def take(values: list, fill) -> list:
+        return [values[i] for i in indices] + [fill] * pad
+
+    return Batch(
+        prompts=take(req.prompts, ""),
+        negatives=take(req.negatives, ""),
+        settings=settings,
+        items={k: take(v, v[indices[0]]) for k, v in req.items.items()},
+        labels=None if req.labels is None else take(req.labels, None),
+        guided=guided,
+    )
+
+
+class _TextCache:
+    """Each distinct prompt of a generate() call is encoded once, however many items share it (many
+    seeds or images per prompt).
+
+    Items share an encoding when prompt, negative prompt and per-item settings are equal. The text
+    encoders still always run at the micro-batch shape: the distinct prompts are encoded ``size`` at
+    a time in order of first use, so a batch that needs new ones also encodes the next ones coming
+    (one encoder call serves several micro-batches when prompts repeat; with no repeats the calls
+    are exactly those without sharing). At a fixed shape an item's encoding does not depend on
+    its batch-mates or position, so sharing changes no byte. An encoding is dropped after the
+    last micro-batch that uses it: memory stays within about two micro-batches of encodings.
+    """
+
+    def __init__(self, family: Family, req: _Request, members: list[int], size: int, settings: dict):
+        self.family, self.req, self.size, self.settings = family, req, size, settings
+        self.keys = {i: (req.prompts[i], req.negatives[i], *(v[i] for v in req.items.values())) for i in members}
+        self.first: dict[tuple, int] = {}  # key -> its first item, in order of first use
+        self.last: dict[tuple, int] = {}  # key -> the micro-batch that uses it last
+        for n, i in enumerate(members):
+            self.first.setdefault(self.keys[i], i)
+            self.last[self.keys[i]] = n // size
+        self.order = list(self.first)
+        self.next = 0  # order[next:] are not encoded yet
+        self.done: dict[tuple, Conditioning] = {}  # key -> the conditioning of that one item
+        self.batches = 0
+
+    def conditioning(self, indices: list[int], batch: Batch) -> Conditioning:
+        keys = [self.keys[i] for i in indices]
+        if any(k not in self.done for k in keys):
+            self._encode()
+        pieces = [self.done[k] for k in keys]
+        pieces += pieces[:1] * (batch.size - len(pieces))  # padding rows repeat the first item
+        for k in set(keys):
+            if self.last[k] == self.batches:
+                del self.done[k]
+        self.batches += 1
+        return Conditioning.join(pieces)
+
+    def _encode(self) -> None:
+        """Encode the next ``size`` distinct prompts (order of first use) as one padded batch."""
+        keys = self.order[self.next:self.next + self.size]
+        self.next += len(keys)
+        firsts = [self.first[k] for k in keys]
+        batch = _batch(self.req, firsts, self.size, self.settings, self.family.guided(self.settings))
+        cond = self.family.encode_prompts(batch)
+        self.done.update(zip(keys, cond.items(self.size)))
 
 
 def _inductor_cache() -> None:

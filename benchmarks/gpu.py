@@ -1,7 +1,7 @@
 """Side-by-side GPU benchmark: batchgen eager / compiled vs diffusers eager / compiled, one GPU, one run.
 
     python benchmarks/gpu.py [--models sd15,sdxl,sd35m,flux-schnell] [--batch 8] [--batches 3]
-                             [--variants batchgen-eager,batchgen-max,diffusers-eager,diffusers-max]
+                             [--variants batchgen-eager,batchgen-max,diffusers-eager,diffusers-max,batchgen-eager-det]
                              [--dtype bfloat16] [--job] [--out results.json]
     python benchmarks/gpu.py --cpu        # the same comparison, small shapes on the CPU
 
@@ -323,6 +323,9 @@ def run_model(name: str, spec: Model, args, device, dtype, tok) -> list[dict]:
     rows, baseline = [], None
     for variant in args.variants:
         side, mode = variant.split("-", 1)
+        deterministic = mode.endswith("-det")  # batchgen-eager-det: compute.deterministic's cost
+        mode = mode.removesuffix("-det")
+        switches = _deterministic(deterministic)
         if mode != "eager":
             torch._dynamo.reset()
             target = fam if side == "batchgen" else None
@@ -363,12 +366,36 @@ def run_model(name: str, spec: Model, args, device, dtype, tok) -> list[dict]:
             if peak:
                 row["mfu_denoiser"] = flops / t_call / (peak * 1e12)
         rows.append(row)
+        _restore(switches)
         print("   " + "  ".join(f"{k}={_fmt(v)}" for k, v in row.items() if k != "model"), flush=True)
     del pipe, ref, fam, ours_parts, their_parts
     torch._dynamo.reset()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows
+
+
+def _deterministic(on: bool) -> dict | None:
+    """Turn on compute.deterministic's switches (batchgen.stages.set_deterministic) for one variant;
+    returns what to restore."""
+    if not on:
+        return None
+    from batchgen.stages import set_deterministic
+
+    saved = {"algorithms": torch.are_deterministic_algorithms_enabled(), "precision": torch.get_float32_matmul_precision(),
+             "cudnn": (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32),
+             "tf32": torch.backends.cuda.matmul.allow_tf32}
+    set_deterministic()
+    return saved
+
+
+def _restore(saved: dict | None) -> None:
+    if saved is None:
+        return
+    torch.use_deterministic_algorithms(saved["algorithms"])
+    torch.set_float32_matmul_precision(saved["precision"])
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32 = saved["cudnn"]
+    torch.backends.cuda.matmul.allow_tf32 = saved["tf32"]
 
 
 def _scheduler(diffusers, config: dict, sampler: str):
@@ -579,7 +606,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="sd15,sdxl,sd35m", help=f"comma list of {', '.join(MODELS)}")
     parser.add_argument("--variants", default="batchgen-eager,diffusers-eager,batchgen-max,diffusers-max",
-                        help="comma list of batchgen-{eager,default,max}, diffusers-{eager,default,max}")
+                        help="comma list of batchgen-{eager,default,max}, diffusers-{eager,default,max}; "
+                        "a -det suffix on a batchgen variant (batchgen-eager-det) runs it with "
+                        "compute.deterministic's switches on, to measure their cost")
     parser.add_argument("--batch", type=int, default=None, help="images per micro-batch (default: per model, "
                         "8 for sd15, the issue's target shape)")
     parser.add_argument("--batches", type=int, default=3, help="timed micro-batches per variant")
@@ -592,6 +621,9 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="write all rows as JSON here")
     args = parser.parse_args()
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if any(v.endswith("-det") for v in args.variants):
+        # cuBLAS reads its workspace setting when its first handle is made: before any GPU work.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     device = torch.device("cpu" if args.cpu else "cuda")
     dtype = torch.float32 if args.cpu else getattr(torch, args.dtype)
     if args.cpu:

@@ -156,3 +156,19 @@ def test_dictionary_encoded_columns_are_read(tmp_path):
     assert [r["item_id"] for r in rows] == ["a", "b", "c"]
     assert [r["prompt"] for r in rows] == ["x", "y", "x"]
     assert [r["negative_prompt"] for r in rows] == ["n", "", "n"]
+
+
+def test_per_row_n_column_expands_items_with_stable_ids_and_seeds(tmp_path):
+    """A row's ``n`` overrides sampling.images_per_prompt (null: the job's value): items <id>-<k>
+    with seeds seed + k; n out of range is an error naming the row and the column."""
+    f = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt": ["x", "y", "z"], "id": ["a", "b", "c"], "seed": pa.array([10, 20, 30], pa.int64()),
+                             "n": pa.array([1, None, 3], pa.int64())}), f)
+    _, rows = _rows(f, input={"id_column": "id"}, sampling={"images_per_prompt": 2})
+    assert [r["item_id"] for r in rows] == ["a-0", "b-0", "b-1", "c-0", "c-1", "c-2"]
+    assert [r["seed"] for r in rows] == [10, 20, 21, 30, 31, 32]
+    assert [r["prompt"] for r in rows] == ["x", "y", "y", "z", "z", "z"]
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"prompt": ["x", "y"], "n": pa.array([2, 0], pa.int64())}), bad)
+    with pytest.raises(InputError, match=r"bad\.parquet, row 1, column 'n': 0 must be in"):
+        _rows(bad)

@@ -128,7 +128,7 @@ def test_micro_conditioning_per_item_matches_diffusers(sdxl):
     assert not np.array_equal(default[0], got[0])
 
 
-@pytest.mark.parametrize("sampler", ["euler", "ddim", "dpmpp_2m_sde_karras"])
+@pytest.mark.parametrize("sampler", NOISE_SAMPLERS)
 def test_refiner_img2img_matches_diffusers(refiner, sampler):
     from PIL import Image
 
@@ -169,9 +169,9 @@ def test_sd1_and_sdxl_share_one_generate_code_path(sdxl, tiny_sd1, monkeypatch):
     calls = []
     original = pipeline_module.Pipeline._render_batch
 
-    def spy(self, req, indices, size, settings):
+    def spy(self, req, indices, size, settings, texts):
         calls.append(self.family.name)
-        return original(self, req, indices, size, settings)
+        return original(self, req, indices, size, settings, texts)
 
     monkeypatch.setattr(pipeline_module.Pipeline, "_render_batch", spy)
     sd1 = load_pipeline(tiny_sd1, device="cpu", dtype=torch.float32)

@@ -114,6 +114,36 @@ def test_flux_job_from_a_single_file_checkpoint(tmp_path, ray_local):
     _rerenders_identically(out, sorted(rows)[1])
 
 
+def test_sd3_job_rerender_compare_and_exports(tmp_path, ray_local):
+    """SD3 end to end: family defaults, a per-job T5 length, rerender, compare of two runs that
+    differ in one setting, and both exports, with nothing family-specific in the job tools."""
+    import datasets
+
+    from batchgen.compare import compare_outputs
+    from batchgen.export import export_output
+
+    inp = write_prompts(tmp_path / "p.parquet", 3, id=["a", "b", "c"])
+    outs = {}
+    for name, shift in (("base", None), ("cand", 2.0)):
+        outs[name] = tmp_path / name
+        options = {} if shift is None else {"shift": shift}
+        data = job_dict(inp, outs[name], model={"uri": "builtin:tiny-sd3"}, input={"id_column": "id"},
+                        sampling={"sampler": "flow_heun", "sampler_options": options, "max_sequence_length": 32,
+                                  "guidance_scale": None, "width": 32, "height": 32})
+        assert run_job(spec_from_dict(data)).all_ok
+    rows = _manifest(outs["base"])
+    assert {(r["model_family"], r["sampler"], r["guidance_scale"], r["max_sequence_length"])
+            for r in rows.values()} == {("sd3", "flow_heun", 7.0, 32)}
+    _rerenders_identically(outs["base"], "b")
+    res = compare_outputs(str(outs["base"]), str(outs["cand"]))
+    assert res.counts["changed"] == 3 and res.settings_differ == {"sampler_options": 3}
+    export_output(str(outs["base"]), "webdataset", str(tmp_path / "wds"), shard_size=2)
+    assert json.loads((tmp_path / "wds" / "sizes.json").read_text()) == {"000000.tar": 2, "000001.tar": 1}
+    export_output(str(outs["base"]), "parquet", str(tmp_path / "hf"))
+    ds = datasets.load_dataset("parquet", data_files=str(tmp_path / "hf" / "data" / "*.parquet"), split="train")
+    assert sorted(ds["item_id"]) == ["a", "b", "c"] and ds[0]["image"].size == (32, 32)
+
+
 def test_job_with_clip_scores(tmp_path, ray_local, builtin_tiny, clip_dir):  # noqa: F811
     from batchgen.export import export_output
     from batchgen.outputs import Output

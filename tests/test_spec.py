@@ -92,6 +92,24 @@ def test_digest_covers_output_affecting_fields_only():
     assert diff_keys(a.digest_fields(), c.digest_fields()) == ["compute.batch_size", "sampling.steps"]
 
 
+def test_model_block_is_digested_whole():
+    """Every field of the model block (and any added later) changes the digest: a new model knob
+    can never be missed by the resume check."""
+    from batchgen.spec import ModelSpec
+
+    base = {"input": {"uri": "x"}, "output": {"uri": "o"}}
+    a = spec_from_dict(base)
+    changes = {"uri": "builtin:tiny-sd2", "dtype": "float16", "variant": "fp16", "loras": [{"uri": "/l.safetensors"}],
+               "vae": "/vae.safetensors", "text_encoders": {"text_encoder_2": "/t5"}, "tokenizers": {"tokenizer_2": "/t"},
+               "prediction_type": "v_prediction", "allow_pickle": True, "text_encoder_device": "cpu",
+               "fp8": ["transformer"]}
+    assert set(changes) == set(ModelSpec.model_fields), "a model field without a digest check here"
+    for key, value in changes.items():
+        b = spec_from_dict({**base, "model": {key: value}})
+        assert a.digest() != b.digest(), key
+        assert [k.split(".")[1] for k in diff_keys(a.digest_fields(), b.digest_fields())] == [key]
+
+
 # ----------------------------------------------------------------------------- issue 9 hardening
 
 

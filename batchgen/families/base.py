@@ -32,12 +32,41 @@ Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass
 class Conditioning:
-    """The prompt side of one micro-batch. Rows are items; when guided, the unconditional rows come
-    first (diffusers' ``torch.cat([negative, positive])``)."""
+    """The prompt side of one micro-batch. Rows are items; when guided, the rows come in two halves
+    of one row per item each (diffusers' ``torch.cat([negative, positive])``; DiT: classes, then the
+    null class). ``shared`` names the ``extra`` tensors that are not per row (FLUX's position ids)."""
 
     context: torch.Tensor | None = None  # (rows, tokens, dim) sequence embeddings
     pooled: torch.Tensor | None = None  # (rows, dim) pooled text vectors
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # time ids, text ids, class labels ...
+    shared: tuple[str, ...] = ()
+
+    def _per_row(self) -> dict[str, torch.Tensor]:
+        fields = {"context": self.context, "pooled": self.pooled}
+        fields.update((f"extra.{k}", v) for k, v in self.extra.items() if k not in self.shared)
+        return {k: v for k, v in fields.items() if v is not None}
+
+    def items(self, size: int) -> list["Conditioning"]:
+        """Split the conditioning of ``size`` items into one per item (each keeps its row of every
+        half); :meth:`join` puts such pieces back together in any order. Copies nothing."""
+        rows = self._per_row()
+        for name, value in rows.items():
+            if value.shape[0] % size:
+                raise ValueError(f"conditioning {name}: {value.shape[0]} rows is not a multiple of {size} items")
+        halves = {name: value.unflatten(0, (value.shape[0] // size, size)) for name, value in rows.items()}
+        return [self._with({name: v[:, i] for name, v in halves.items()}) for i in range(size)]
+
+    @staticmethod
+    def join(pieces: Sequence["Conditioning"]) -> "Conditioning":
+        """Item pieces from :meth:`items` -> the conditioning of a batch of those items, in order."""
+        first = pieces[0]
+        rows = {name: torch.stack([p._per_row()[name] for p in pieces], dim=1).flatten(0, 1)
+                for name in first._per_row()}
+        return first._with(rows)
+
+    def _with(self, rows: dict[str, torch.Tensor]) -> "Conditioning":
+        extra = {k: rows.get(f"extra.{k}", v) for k, v in self.extra.items()}
+        return Conditioning(rows.get("context"), rows.get("pooled"), extra, self.shared)
 
 
 @dataclass

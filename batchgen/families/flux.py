@@ -183,7 +183,7 @@ class Flux(Family):
         if self.distilled_guidance:
             extra["guidance"] = torch.full((rows,), float(batch.settings["guidance_scale"]), device=self.device,
                                            dtype=torch.float32)
-        return Conditioning(context=context, pooled=pooled, extra=extra)
+        return Conditioning(context=context, pooled=pooled, extra=extra, shared=("txt_ids", "img_ids"))
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """FluxPipeline's transformer call: ``timestep = t.expand(rows).to(dtype) / 1000`` (the module
