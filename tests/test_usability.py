@@ -88,6 +88,7 @@ def test_progress_bar_is_off_without_a_terminal(tmp_path):
     progress.close()
     assert buf.getvalue() == ""
     import fcntl
+    import select
     import struct
     import termios
 
@@ -98,7 +99,16 @@ def test_progress_bar_is_off_without_a_terminal(tmp_path):
             progress = progress_bar(4, file=tty)
             progress(4, 4)
             progress.close()
-        drawn = os.read(master, 4096).decode(errors="replace")
+        drawn = b""
+        while select.select([master], [], [], 1.0)[0]:  # everything written, however it was split
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # the slave side is closed and drained
+                break
+            if not chunk:
+                break
+            drawn += chunk
+        drawn = drawn.decode(errors="replace")
     finally:
         os.close(master)
     assert "4/4" in drawn
