@@ -88,12 +88,21 @@ def configure_status(p: argparse.ArgumentParser) -> None:
 
 def job_status(output: str, endpoint_url: str | None = None) -> dict:
     """Counts for an output, from job.json and the manifest parts: total, done, failed, remaining
-    (items of the recorded input files only), the failures by kind with the first ones, parts."""
+    (items of the current input only, never more than the total), items the manifest holds that
+    are no longer in the input, the input files that are gone, the failures by kind with the
+    first ones, parts.
+
+    The counts are exact without reading the input: job.json records, at the start of the last
+    run, which runs' parts existed and how many of the input's items they hold as done / failed
+    (``counted_at_start``); every part written since comes from that input. An older job.json
+    without that record is counted by source file, capped at the total. The failure listing
+    covers the recorded input files that are still there."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     from .errors import InputError
-    from .manifest import JOB_FILE, FailureSummary, iter_parts, read_json
+    from .jobstate import part_run
+    from .manifest import JOB_FILE, FailureSummary, part_locations, read_json, read_part
     from .storage import Location, StorageConfig
 
     out = Location.parse(output, StorageConfig(endpoint_url=endpoint_url))
@@ -101,33 +110,88 @@ def job_status(output: str, endpoint_url: str | None = None) -> dict:
     if not job_loc.exists():
         raise InputError(f"{out.uri}: no job.json, not a batchgen job output")
     job = read_json(job_loc)
-    inputs = [i.get("uri") for i in job.get("inputs") or [] if isinstance(i, dict)]
-    tables = [t for _, t in iter_parts(out, ["item_id", "status", "attempt", "source_file", "error"])]
-    parts = len(tables)
-    table = pa.concat_tables(tables) if tables else None
-    done = failed = outside = 0
+    recorded = [i for i in job.get("inputs") or [] if isinstance(i, dict)]
+    inputs = [i.get("uri") for i in recorded if not i.get("removed")]
+    removed = [i.get("uri") for i in recorded if i.get("removed")]
+    at_start = job.get("counted_at_start")
+    earlier_runs = set(at_start.get("runs") or []) if isinstance(at_start, dict) else None
+    columns = ["item_id", "status", "attempt", "source_file", "error"]
+    before, since = [], []  # parts of the runs counted at the start, parts written after
+    for loc in part_locations(out):
+        table = read_part(loc, columns)
+        if table is not None:
+            (before if earlier_runs is not None and part_run(loc.name) in earlier_runs else since).append(table)
+    parts = len(before) + len(since)
+    total = int(job.get("total_items", 0))
+    empty = pa.table({c: pa.array([], pa.int32() if c == "attempt" else pa.string()) for c in columns})
+    old = pa.concat_tables(before) if before else empty
+    new = pa.concat_tables(since) if since else empty
+    if earlier_runs is not None:
+        done, failed, outside = _count_since_start(old, new, int(at_start.get("done", 0)),
+                                                   int(at_start.get("failed", 0)))
+    else:
+        done, failed, outside = _count_by_source_file(new, inputs)
+    done = min(done, total)
+    failed = min(failed, total - done)
     failures = FailureSummary()
-    if table is not None and table.num_rows:
+    table = pa.concat_tables([old, new])
+    if table.num_rows:  # the latest attempt of each item of a current input file that never succeeded
         if inputs:
-            inside = pc.is_in(table.column("source_file"), value_set=pa.array(inputs, pa.string()))
-            outside_rows = table.filter(pc.invert(inside))
-            table = table.filter(inside)
-            outside = len(pc.unique(outside_rows.column("item_id")))
+            table = table.filter(pc.is_in(table.column("source_file"), value_set=pa.array(inputs, pa.string())))
         ok_ids = pc.unique(table.filter(pc.equal(table.column("status"), "ok")).column("item_id"))
-        done = len(ok_ids)
         bad = table.filter(pc.invert(pc.is_in(table.column("item_id"), value_set=ok_ids)))
-        if bad.num_rows:  # the latest attempt of each item that never succeeded
+        if bad.num_rows:
             latest = bad.sort_by([("item_id", "ascending"), ("attempt", "descending")])
             ids = latest.column("item_id").to_pylist()
-            keep = [i == 0 or ids[i] != ids[i - 1] for i in range(len(ids))]
-            latest = latest.filter(pa.array(keep))
-            failed = latest.num_rows
-            failures.add(latest)
-    total = int(job.get("total_items", 0))
+            failures.add(latest.filter(pa.array([i == 0 or ids[i] != ids[i - 1] for i in range(len(ids))])))
     return {"output": out.uri, "name": job.get("name"), "total": total, "done": done,
             "failed": failed, "remaining": max(0, total - done - failed), "not_in_input": outside,
-            "failures": failures.as_dict(), "manifest_parts": parts,
+            "removed_inputs": removed, "failures": failures.as_dict(), "manifest_parts": parts,
             "consolidated": out.join("manifest.parquet").exists()}
+
+
+def _ids(table, ok: bool | None = None):
+    import pyarrow.compute as pc
+
+    if ok is not None:
+        is_ok = pc.equal(table.column("status"), "ok")
+        table = table.filter(is_ok if ok else pc.invert(is_ok))
+    return pc.unique(table.column("item_id"))
+
+
+def _count_since_start(old, new, done_at_start: int, failed_at_start: int) -> tuple[int, int, int]:
+    """(done, failed, not in the input) from the counts at the run's start (``old``: the parts
+    then) and the parts written since (``new``: only items of the input)."""
+    import pyarrow.compute as pc
+
+    def size(values, keep_mask=None) -> int:
+        return len(values) if keep_mask is None else int(pc.sum(pc.cast(keep_mask, "int64")).as_py() or 0)
+
+    ok_old, ok_new, ids_old, ids_new = _ids(old, True), _ids(new, True), _ids(old), _ids(new)
+    failed_only_old = ids_old.filter(pc.invert(pc.is_in(ids_old, value_set=ok_old)))
+    done = done_at_start + size(ok_new, pc.invert(pc.is_in(ok_new, value_set=ok_old)))
+    recovered = size(failed_only_old, pc.is_in(failed_only_old, value_set=ok_new))
+    failing_new = ids_new.filter(pc.invert(pc.is_in(ids_new, value_set=ok_new)))
+    newly_failed = size(failing_new, pc.invert(pc.is_in(failing_new, value_set=ids_old)))
+    failed = failed_at_start - recovered + newly_failed
+    outside = max(0, len(ids_old) - done_at_start - failed_at_start)
+    return done, failed, outside
+
+
+def _count_by_source_file(table, inputs: list) -> tuple[int, int, int]:
+    """(done, failed, not in the input) counting the rows of the recorded input files (a job.json
+    of an older batchgen: ids that left an id_column file are still counted; the caller caps)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    outside = 0
+    if inputs and table.num_rows:
+        inside = pc.is_in(table.column("source_file"), value_set=pa.array(inputs, pa.string()))
+        outside = len(_ids(table.filter(pc.invert(inside))))
+        table = table.filter(inside)
+    ok = _ids(table, True)
+    ids = _ids(table)
+    return len(ok), int(pc.sum(pc.cast(pc.invert(pc.is_in(ids, value_set=ok)), "int64")).as_py() or 0), outside
 
 
 def run_status(args) -> int:
@@ -145,6 +209,9 @@ def run_status(args) -> int:
         print(f"{status['output']} ({status['name']}): {status['done']}/{status['total']} done, "
               f"{status['failed']} failed, {status['remaining']} remaining{extra} "
               f"({status['manifest_parts']} manifest parts; consolidated: {status['consolidated']})")
+        if status["removed_inputs"]:
+            print("removed input files (their items stay in the manifest, not counted): "
+                  + ", ".join(str(uri) for uri in status["removed_inputs"]))
         _print_failures(status["failures"], status["failed"])
     return 0 if status["done"] == status["total"] else 1
 
@@ -163,7 +230,7 @@ def rerender_item(output: str, item_id: str, endpoint_url: str | None = None) ->
     from .images import encode_image
     from .manifest import image_parameters
     from .outputs import Output
-    from .stages import _load_renderer, apply_render_env, env_differences, generate_kwargs, read_init_image, render_env
+    from .stages import apply_render_env, env_differences, generate_kwargs, load_renderer, read_init_image, render_env
     from .storage import StorageConfig
 
     cfg = StorageConfig(endpoint_url=endpoint_url)
@@ -189,9 +256,9 @@ def rerender_item(output: str, item_id: str, endpoint_url: str | None = None) ->
         model = {**spec["model"], "uri": row["model_uri"]}
         model["loras"] = [{"uri": x["uri"], "scale": x["scale"]} for x in json.loads(row.get("loras") or "[]")]
         compute = spec.get("compute", {})
-        renderer = _load_renderer(model, dtype, cfg, hooks, threads, device=device,
-                                  compile=compute.get("compile", "none"),
-                                  deterministic=bool(compute.get("deterministic")))
+        renderer = load_renderer(model, dtype, cfg, hooks, threads, device=device,
+                                 compile=compute.get("compile", "none"),
+                                 deterministic=bool(compute.get("deterministic")))
         differences = env_differences(recorded, render_env(renderer)) if recorded else {}
         row["render_env_differences"] = differences
         if differences:

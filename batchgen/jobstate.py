@@ -253,9 +253,11 @@ def _identity_changes(old: dict, new: dict) -> list[str]:
 
 
 def check_inputs(out, spec, previous: dict | None, scan, committed) -> dict[str, list]:
-    """Compare the input files with those job.json recorded. A changed file whose ids are row
-    positions (no ``input.id_column``) and that has committed items is an error: its items would
-    be matched to other prompts. Removed files are reported (their items are kept, not counted)."""
+    """Compare the input files with every file job.json recorded, including files that left the
+    input in an earlier run: a file that comes back is checked against the identity it had then.
+    A changed file whose ids are row positions (no ``input.id_column``) and that has committed
+    items is an error: its items would be matched to other prompts. Removed files are reported
+    (their items are kept, not counted)."""
     from .dataset import derived_id_prefix
 
     notes: dict[str, list] = {"changed": [], "removed": []}
@@ -267,11 +269,14 @@ def check_inputs(out, spec, previous: dict | None, scan, committed) -> dict[str,
         old = before.get(rel)
         changes = _identity_changes(old, cur) if old else []
         if not changes:
+            if old and old.get("removed"):
+                log.info("input file %s is part of the input again, unchanged", cur["uri"])
             continue
         notes["changed"].append({"file": cur["uri"], "changes": changes})
+        since = ("since it left the input in an earlier run" if old.get("removed") else "since the last run")
         if spec.input.id_column:
-            log.info("input file %s changed since the last run (%s); ids come from column %r, so finished "
-                     "items stay finished", cur["uri"], ", ".join(changes), spec.input.id_column)
+            log.info("input file %s changed %s (%s); ids come from column %r, so finished items stay finished",
+                     cur["uri"], since, ", ".join(changes), spec.input.id_column)
             continue
         prefix = derived_id_prefix(rel) + "-"
         ids = committed.done if len(committed.done) else pa.array([], pa.string())
@@ -279,7 +284,7 @@ def check_inputs(out, spec, previous: dict | None, scan, committed) -> dict[str,
             1 for i in committed.attempts if i.startswith(prefix))
         if touched:
             raise InputError(
-                f"input file {cur['uri']} changed since the last run on {out.uri} ({', '.join(changes)}) and "
+                f"input file {cur['uri']} changed {since} on {out.uri} ({', '.join(changes)}) and "
                 f"{touched} of its items are already committed; without input.id_column its item ids are row "
                 "numbers, so resuming would render some prompts twice and others never. Restore the file and "
                 "put new prompts in a new file, set input.id_column, or start over with --overwrite")
@@ -289,6 +294,37 @@ def check_inputs(out, spec, previous: dict | None, scan, committed) -> dict[str,
             log.warning("input file %s (%s rows) is no longer part of the input: its items stay in the manifest "
                         "but are not counted", old.get("uri"), old.get("rows"))
     return notes
+
+
+def merge_inputs(previous: dict | None, identities: list[dict]) -> list[dict]:
+    """The input files job.json records: the current ones, plus every file an earlier run of this
+    job recorded that is no longer there, marked ``removed`` (with the time it was first seen
+    missing). Never dropped: a file that comes back must be checked against the identity its
+    committed row-number ids were made from (see :func:`check_inputs`)."""
+    now = {i["rel"]: i for i in identities}
+    merged = dict(now)
+    if previous is not None and isinstance(previous.get("inputs"), list):
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        for old in previous["inputs"]:
+            if isinstance(old, dict) and isinstance(old.get("rel"), str) and old["rel"] not in now:
+                merged[old["rel"]] = {**old, "removed": old.get("removed") or stamp}
+    return [merged[rel] for rel in sorted(merged)]
+
+
+def counted_at_start(out, scan) -> dict[str, Any]:
+    """What ``status`` needs to count the items of the current input exactly while this run
+    writes: the runs whose manifest parts exist now (part files are named ``part-RUN-SEQ``) and
+    how many of the current input's items those parts hold as done / failed. Every part written
+    later comes from this input, so status adds them without having to read the input."""
+    from .manifest import part_locations
+
+    runs = sorted({part_run(loc.name) for loc in part_locations(out)})
+    return {"runs": runs, "done": scan.done_in_input, "failed": scan.failed_in_input}
+
+
+def part_run(name: str) -> str:
+    """The run a manifest part file belongs to: ``part-RUN-SEQ.parquet`` -> ``part-RUN``."""
+    return name.rsplit("-", 1)[0]
 
 
 def versions() -> dict[str, str]:
@@ -338,7 +374,8 @@ def prepare_output(out, spec, scan, previous: dict | None, remove: list[str], ho
         "resolved": resolved,
         "passthrough": scan.settings.get("passthrough", {}),
         "total_items": scan.total_rows,
-        "inputs": scan.identities,
+        "inputs": merge_inputs(keep, scan.identities),
+        "counted_at_start": counted_at_start(out, scan),
         "created": (keep or {}).get("created") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if hooks.get("renderer") == "null":

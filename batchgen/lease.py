@@ -9,8 +9,12 @@ wrote, so a run that lost its lease finds out instead of overwriting the new own
 A second run on the same output fails at once with a message naming the holder. A lease whose
 holder is gone is taken over: on the same host when its process no longer exists, anywhere when
 its heartbeat is older than ``STALE_S`` seconds (S3 measures the age with the server's clock).
-Take-over is atomic too (local: rename the stale file away, then exclusive create; S3: a put
-``If-Match`` the stale ETag), so of two runs racing for a stale lease exactly one wins.
+Take-over is atomic too, so of two runs racing for a stale lease exactly one wins. S3: a put
+``If-Match`` the stale ETag. Local: rename the stale file to a name of its own, check that the
+file moved is still the one judged stale (same content, which holds the holder's run id, and the
+same mtime), and only then delete it and create ours with an exclusive create. When another run
+took the lease over in between, the rename moved that run's fresh lease instead: it is put back
+(a hard link, which never replaces a newer lease) and this run reports the output busy.
 """
 
 from __future__ import annotations
@@ -130,13 +134,8 @@ class Lease:
     # -- local -------------------------------------------------------------------------------
 
     def _read_local(self) -> dict:
-        try:
-            with open(self.loc.path, "rb") as fh:
-                return json.loads(fh.read().decode() or "{}")
-        except FileNotFoundError:
-            return {}
-        except (ValueError, UnicodeDecodeError):
-            return {"unreadable": True}
+        snap = self._snapshot(self.loc.path)
+        return _parse(snap[0]) if snap is not None else {}
 
     def _create_local(self) -> bool:
         try:
@@ -147,28 +146,62 @@ class Lease:
             fh.write(json.dumps(self.info, sort_keys=True) + "\n")
         return True
 
+    def _snapshot(self, path: str) -> tuple[bytes, int] | None:
+        """(content, mtime in ns) of the lease file at ``path``, read through one open file; None
+        when there is none."""
+        try:
+            with open(path, "rb") as fh:
+                return fh.read(), os.fstat(fh.fileno()).st_mtime_ns
+        except FileNotFoundError:
+            return None
+
     def _acquire_local(self) -> None:
         os.makedirs(self.out.path, exist_ok=True)
         for _ in range(3):
             if self._create_local():
                 return
-            holder = self._read_local()
-            try:
-                age = time.time() - os.stat(self.loc.path).st_mtime
-            except FileNotFoundError:
+            judged = self._snapshot(self.loc.path)
+            if judged is None:
                 continue  # released meanwhile: try again
+            holder = _parse(judged[0])
+            age = time.time() - judged[1] / 1e9
             if not (_holder_is_dead(holder) or age > self.stale_s or holder.get("unreadable") and age > 5):
                 raise self._busy(holder, age)
-            # Stale: move it away atomically (only one of several racing runs succeeds), then create.
+            # Stale: move it away atomically (of several racing runs only one moves any given file),
+            # then make sure the file moved is the one judged stale: another run may have taken the
+            # lease over in between (its fresh lease is then the one moved), or the holder renewed
+            # it (a paused process that resumed). Such a lease is put back and the output is busy.
             aside = f"{self.loc.path}.stale-{uuid.uuid4().hex[:8]}"
             try:
                 os.rename(self.loc.path, aside)
             except FileNotFoundError:
                 continue
+            moved = self._snapshot(aside)
+            if moved != judged:
+                self._put_back(aside)
+                current = self._snapshot(self.loc.path) or moved or judged
+                raise self._busy(_parse(current[0]), time.time() - current[1] / 1e9)
             os.unlink(aside)
             self.took_over = holder
             log.warning("output %s: took over the lease of a run that is gone (%s)", self.out.uri, _who(holder, age))
         raise LeaseBusy(f"output {self.out.uri}: could not take the lease {self.loc.uri}; another run is starting")
+
+    def _put_back(self, aside: str) -> None:
+        """Return a lease moved aside by mistake: a hard link is an exclusive create (it never
+        replaces a lease a third run made meanwhile; that run keeps it, and the owner of the moved
+        one finds out at its next heartbeat and stops)."""
+        try:
+            os.link(aside, self.loc.path)
+        except FileExistsError:
+            pass
+        except OSError:  # a filesystem without hard links: replace only while the name is free
+            if not os.path.exists(self.loc.path):
+                os.rename(aside, self.loc.path)
+                return
+        try:
+            os.unlink(aside)
+        except FileNotFoundError:
+            pass
 
     # -- S3 ----------------------------------------------------------------------------------
 
@@ -253,6 +286,15 @@ class Lease:
             f"output {self.out.uri} is in use by another batchgen run ({_who(holder, age)}); wait for it to "
             f"finish. If that run died, its lease ({self.loc.uri}) is taken over automatically once its "
             f"heartbeat is {self.stale_s:.0f} s old (at once on the same host when its process is gone)")
+
+
+def _parse(data: bytes) -> dict:
+    """A lease file's content as a dict (``{"unreadable": True}`` when it is not JSON)."""
+    try:
+        value = json.loads(data.decode() or "{}")
+    except (ValueError, UnicodeDecodeError):
+        return {"unreadable": True}
+    return value if isinstance(value, dict) else {"unreadable": True}
 
 
 def _who(holder: dict, age: float) -> str:

@@ -267,15 +267,19 @@ class _Stop(BaseException):
 
 
 class _Critical:
-    def __init__(self, guard: "_Guard"):
+    """A region a stop must not cut: a signal in it is recorded and raised at its end (``raise_at_end``)
+    or only recorded (the stream's clean-up: the caller checks the flag afterwards)."""
+
+    def __init__(self, guard: "_Guard", raise_at_end: bool = True):
         self.guard = guard
+        self.raise_at_end = raise_at_end
 
     def __enter__(self) -> None:
         self.guard.depth += 1
 
     def __exit__(self, *exc) -> None:
         self.guard.depth -= 1
-        if self.guard.pending and not self.guard.depth and exc[0] is None:
+        if self.raise_at_end and self.guard.pending and not self.guard.depth and exc[0] is None:
             self.guard.pending = False
             raise _Stop()
 
@@ -285,9 +289,11 @@ class _Guard:
 
     The first signal records its name and raises :class:`_Stop` where the main thread is, which is
     almost always waiting inside Ray Data's iterator (whose cleanup then shuts its executor down).
-    While the loop records a batch (``critical()``), the stop waits until the batch is recorded.
-    Further signals while the run commits are logged and ignored. The commit thread stops the loop
-    the same way (``stop_from_thread``) when the lease is lost.
+    While the loop records a batch (``critical()``), the stop waits until the batch is recorded;
+    while the stream cleans up (``deferred()``) and while the guard is being removed, a signal is
+    only recorded, so the clean-up always completes and the caller sees the flag. Further signals
+    while the run commits are logged and ignored. The commit thread stops the loop the same way
+    (``stop_from_thread``) when the lease is lost.
     """
 
     def __init__(self, flag: dict):
@@ -309,7 +315,7 @@ class _Guard:
         self._raise()
 
     def _raise(self) -> None:
-        if self.depth:
+        if self.depth or not self.active:
             self.pending = True
             return
         raise _Stop()
@@ -323,6 +329,9 @@ class _Guard:
 
     def critical(self) -> _Critical:
         return _Critical(self)
+
+    def deferred(self) -> _Critical:
+        return _Critical(self, raise_at_end=False)
 
     def __enter__(self) -> "_Guard":
         if threading.current_thread() is threading.main_thread():
@@ -341,9 +350,11 @@ class _Guard:
 def _stream(ds, plan: Plan, parts, progress, state: _StreamState, interrupted: dict, actors) -> bool:
     """Iterate the dataset in the main thread; commit, count, and stop cleanly on a signal.
     A helper thread commits buffered rows on the time bound and logs progress while nothing
-    arrives. Returns True when ``max_failures`` aborted the job."""
-    from . import jobstate
+    arrives. Returns True when ``max_failures`` aborted the job.
 
+    A signal ends as the interrupted path wherever it lands while the guard is installed: in the
+    loop (the loop's own handler), while the iterator closes or the guard is removed (recorded,
+    checked at the end), or anywhere else in the guarded region (the outer handler)."""
     guard = _Guard(interrupted)
     done = threading.Event()
 
@@ -360,42 +371,72 @@ def _stream(ds, plan: Plan, parts, progress, state: _StreamState, interrupted: d
 
     timer = threading.Thread(target=tick, name="batchgen-commit", daemon=True)
     batches = iter(ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0))
-    with guard:
-        timer.start()
-        try:
-            for batch in batches:
-                with guard.critical():
-                    if "warmup_ms" in batch.column_names:
-                        state.warmup_ms += [w for w in batch.column("warmup_ms").to_pylist() if w]
-                        batch = batch.drop_columns(["warmup_ms"])
-                    state.expected_fp = jobstate.check_fingerprint(batch, state.expected_fp, plan.out, plan.spec)
-                    jobstate.render_envs(batch, state.envs)
-                    parts.add(batch)
-                    failed = jobstate.count_failed(batch)
-                    state.failed_now += failed
-                    state.ok_now += batch.num_rows - failed
-                    state.retried_now += jobstate.count_retried(batch)
-                    state.render_ms += _sum(batch, "render_ms")
-                    state.encode_ms += _sum(batch, "encode_ms")
-                    progress.update(batch.num_rows, state.failed_now)
-                if state.failed_now > plan.limit:
-                    return True
-            return False
-        except _Stop:
-            if interrupted.get("reason") == "lease lost":
-                interrupted.clear()
-                plan.lease.check()
-            return False
-        except BatchgenError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - a Ray Data failure, told in a few words
-            raise _translate(exc, plan, actors) from None
-        finally:
+    closed: list[bool] = []
+
+    def clean_up() -> None:  # idempotent: runs again when a signal cut it short
+        with guard.deferred():  # a signal now is recorded, not raised: the clean-up completes
             done.set()
-            timer.join(timeout=10)
+            if timer.ident is not None:
+                timer.join(timeout=10)
             close = getattr(batches, "close", None)
-            if close is not None:
+            if close is not None and not closed:
+                closed.append(True)
                 close()  # stops Ray Data's executor when we leave early
+
+    try:
+        with guard:
+            try:
+                timer.start()
+                aborted = _consume(batches, guard, plan, parts, progress, state, interrupted, actors)
+            finally:
+                clean_up()
+        if interrupted:  # a signal landed while the stream closed or the guard was removed
+            return _stopped(plan, interrupted)
+        return aborted
+    except _Stop:  # a signal anywhere else in the guarded region
+        clean_up()
+        return _stopped(plan, interrupted)
+
+
+def _consume(batches, guard: _Guard, plan: Plan, parts, progress, state: _StreamState, interrupted: dict,
+             actors) -> bool:
+    """The stream loop of :func:`_stream` (True when ``max_failures`` aborted the job)."""
+    from . import jobstate
+
+    try:
+        for batch in batches:
+            with guard.critical():
+                if "warmup_ms" in batch.column_names:
+                    state.warmup_ms += [w for w in batch.column("warmup_ms").to_pylist() if w]
+                    batch = batch.drop_columns(["warmup_ms"])
+                state.expected_fp = jobstate.check_fingerprint(batch, state.expected_fp, plan.out, plan.spec)
+                jobstate.render_envs(batch, state.envs)
+                parts.add(batch)
+                failed = jobstate.count_failed(batch)
+                state.failed_now += failed
+                state.ok_now += batch.num_rows - failed
+                state.retried_now += jobstate.count_retried(batch)
+                state.render_ms += _sum(batch, "render_ms")
+                state.encode_ms += _sum(batch, "encode_ms")
+                progress.update(batch.num_rows, state.failed_now)
+            if state.failed_now > plan.limit:
+                return True
+        return False
+    except _Stop:
+        return _stopped(plan, interrupted)
+    except BatchgenError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a Ray Data failure, told in a few words
+        raise _translate(exc, plan, actors) from None
+
+
+def _stopped(plan: Plan, interrupted: dict) -> bool:
+    """The stream stopped on a signal (``interrupted`` names it: the caller commits and raises
+    :class:`JobInterrupted`) or because the lease was lost (:class:`~batchgen.lease.LeaseLost`)."""
+    if interrupted.get("reason") == "lease lost":
+        interrupted.clear()
+        plan.lease.check()
+    return False
 
 
 def _translate(exc: BaseException, plan: Plan, actors) -> BaseException:

@@ -73,11 +73,17 @@ class NullRenderer:
         return [np.random.default_rng(int(s)).integers(0, 256, (height, width, 3), dtype=np.uint8) for s in seeds]
 
 
-def _load_renderer(model: dict | str, dtype: str | None, storage_cfg, hooks: dict, torch_threads: int = 1,
-                   device: str | None = None, compile: str = "none", deterministic: bool = False):
+def load_renderer(model: dict | str, dtype: str | None, storage_cfg, hooks: dict, torch_threads: int = 1,
+                  device: str | None = None, compile: str = "none", deterministic: bool = False):
     """The job's renderer: the pipeline of the spec's ``model`` block (a dict; a bare URI also
     works), with ``torch_threads`` intra-op threads (CPU bytes depend on the thread count, so the
-    job fixes it and records it per item) and the deterministic switches when asked."""
+    job fixes it and records it per item) and the deterministic switches when asked.
+
+    Public: the generator actors and ``batchgen rerender`` load a job's model through it, so an
+    item re-rendered alone gets exactly the pipeline its job used. ``dtype`` None takes the
+    block's; ``device`` None picks as :func:`batchgen.load_pipeline` does. Note that it sets
+    torch's process-wide thread count (and the deterministic switches): callers outside a worker
+    restore them (see :func:`batchgen.jobcli.rerender_item`)."""
     if hooks.get("renderer") == "null":
         return NullRenderer()
     import torch
@@ -224,34 +230,61 @@ def _maybe_die(hooks: dict, calls: int) -> None:
 
 
 def read_init_image(uri: str, storage_cfg, max_pixels: int | None = None):
-    """An init image as RGB; larger than ``max_pixels`` (width x height) is refused from its
-    header, before anything is decoded (a 20 KB PNG can decode to gigabytes)."""
-    import warnings
-
-    from PIL import Image
-
+    """An init image as RGB; larger than ``max_pixels`` (width x height; None: the default
+    limit) is refused from its header, before anything is decoded (a 20 KB PNG can decode to
+    gigabytes). Thread-safe: no process-wide state (``PIL.Image.MAX_IMAGE_PIXELS``, warning
+    filters) is changed; the limit is this call's own."""
     from .spec import DEFAULT_MAX_INIT_IMAGE_PIXELS
     from .storage import Location
 
-    limit = int(max_pixels or DEFAULT_MAX_INIT_IMAGE_PIXELS)
+    limit = DEFAULT_MAX_INIT_IMAGE_PIXELS if max_pixels is None else max_pixels
+    if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1:
+        raise ValueError(f"max_init_image_pixels must be a whole number of pixels >= 1, got {max_pixels!r}")
+    limit = int(limit)
     data = Location.parse(uri, storage_cfg).read_bytes()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # our limit below, not PIL's
-            try:
-                img = Image.open(io.BytesIO(data))  # reads the header only
-            finally:
-                Image.MAX_IMAGE_PIXELS = saved
-            width, height = img.size
-            if width * height > limit:
-                raise _TooLarge(f"init_image {uri}: {width}x{height} pixels ({width * height / 1e6:.1f} Mpx) is more "
-                                f"than input.max_init_image_pixels ({limit / 1e6:g} Mpx); not decoded")
-            return img.convert("RGB")
+        img = _open_header(data)
+        width, height = img.size
+        if width * height > limit:
+            raise _TooLarge(f"init_image {uri}: {width}x{height} pixels ({width * height / 1e6:.1f} Mpx) is more "
+                            f"than input.max_init_image_pixels ({limit / 1e6:g} Mpx); not decoded")
+        return img.convert("RGB")
     except _TooLarge as exc:
         raise ValueError(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - any decoder error is the item's failure
         raise ValueError(f"init_image {uri}: not a readable image ({exc})") from None
+
+
+def _open_header(data: bytes):
+    """``PIL.Image.open(data)`` (lazy: reads the header only) without Pillow's own pixel check.
+
+    Pillow checks ``PIL.Image.MAX_IMAGE_PIXELS`` there, a process-wide setting: turning it off
+    for one call would turn it off for every thread. The caller checks ``img.size`` against its
+    own limit instead, before anything is decoded (Pillow checks nothing when decoding). This is
+    Image.open's format probing, through the plugin registry ``register_open`` fills."""
+    import struct
+
+    from PIL import Image, UnidentifiedImageError
+
+    fp = io.BytesIO(data)
+    prefix = data[:16]
+    tried: set[str] = set()
+    for load_plugins in (Image.preinit, Image.init):
+        load_plugins()
+        for fmt in list(Image.ID):
+            if fmt in tried:
+                continue
+            tried.add(fmt)
+            factory, accept = Image.OPEN[fmt]
+            accepted = accept(prefix) if accept else True
+            if not accepted or isinstance(accepted, str):  # a str: "this format, but unsupported"
+                continue
+            fp.seek(0)
+            try:
+                return factory(fp, "")
+            except (SyntaxError, IndexError, TypeError, struct.error):  # what Image.open skips too
+                continue
+    raise UnidentifiedImageError("cannot identify image file")
 
 
 class _TooLarge(Exception):
@@ -286,8 +319,8 @@ class GeneratorActor:
         self.compile = compile
         if quiet:
             _quiet_libraries()
-        self.renderer = _load_renderer(model, None, storage_cfg, self.hooks, torch_threads, compile=compile,
-                                       deterministic=deterministic)
+        self.renderer = load_renderer(model, None, storage_cfg, self.hooks, torch_threads, compile=compile,
+                                      deterministic=deterministic)
         self.family = getattr(getattr(self.renderer, "family", None), "name", None)
         self.job_loras = json.dumps([{"uri": x["uri"], "scale": float(x.get("scale", 1.0))}
                                      for x in (model.get("loras") or [])], separators=(",", ":"))
