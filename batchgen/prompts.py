@@ -70,6 +70,10 @@ A variable column named like a ``run`` per-row setting (``seed``, ``steps``, ``w
 becomes that row's setting.
 
 Rows are written in row groups of ``row_group_rows`` as they are produced (bounded memory).
+
+The template file and ``.yaml`` / ``.json`` table files are read like a job spec
+(:mod:`batchgen.spec`): at most :data:`MAX_TEMPLATE_BYTES` each, and YAML aliases (``*name``, which
+can expand a small file into gigabytes) and duplicate keys are errors naming the file and line.
 """
 
 from __future__ import annotations
@@ -100,6 +104,7 @@ RESERVED_COLUMNS = ("prompt", "negative_prompt", "template")
 TABLE_SUFFIXES = (".csv", ".parquet", ".json", ".jsonl", ".yaml", ".yml", ".txt")
 DEFAULT_ROW_GROUP_ROWS = 65536
 MAX_ROWS_WITHOUT_LIMIT = 10**10  # a combinatorial explosion past this needs an explicit limit
+MAX_TEMPLATE_BYTES = 8 << 20  # a template or a .yaml/.json table file; larger tables belong in csv/parquet
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
 COLUMN_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _REF_RE = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)(?:\.([A-Za-z_][A-Za-z0-9_]*))?\s*\Z")
@@ -148,10 +153,12 @@ def _key_lines(path: Path, text: str) -> dict[tuple, tuple[int, bool]]:
     """YAML key path -> (1-based line, is block scalar) for every node of the document."""
     import yaml
 
+    from .spec import strict_loader
+
     lines: dict[tuple, tuple[int, bool]] = {}
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
+    try:  # strict: an alias would make walk() below visit a shared node again and again
+        root = yaml.compose(text, Loader=strict_loader("prompt template"))
+    except Exception:  # noqa: BLE001 - no line numbers for a document load_template refuses anyway
         return lines
 
     def walk(node, key: tuple, key_line: int | None) -> None:
@@ -535,13 +542,15 @@ def _read_table_file(path: Path, where: str) -> tuple[list[str], dict[str, list]
 
             table = pajson.read_json(str(path))
         else:  # .json / .yaml / .yml: a list of mappings or of scalars
-            import yaml
+            from .spec import read_text_limited, strict_yaml_load
 
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) if suffix != ".json" else json.loads(
-                path.read_text(encoding="utf-8"))
+            text = read_text_limited(path, MAX_TEMPLATE_BYTES, "table file")
+            data = strict_yaml_load(text, str(path), "table file") if suffix != ".json" else json.loads(text)
             return _rows_to_columns(data, f"{where} ({path})")
     except TemplateError:
         raise
+    except InputError as exc:  # too large, not UTF-8, alias, duplicate key: the message names the file
+        raise TemplateError(f"{where}: {exc}") from None
     except Exception as exc:  # noqa: BLE001  (pyarrow / yaml / json raise many types)
         raise TemplateError(f"{where}: cannot read {path}: {exc}") from None
     return table.column_names, {name: table.column(name).to_pylist() for name in table.column_names}
@@ -1093,12 +1102,16 @@ def load_template(path: str | os.PathLike, *, seed: int | None = None, count: in
     """Parse and validate a template file; keyword arguments override its top-level keys."""
     import yaml
 
+    from .spec import read_text_limited, strict_yaml_load
+
     path = Path(path)
     if not path.is_file():
         raise TemplateError(f"template {path}: no such file")
-    text = path.read_text(encoding="utf-8")
     try:
-        data = yaml.safe_load(text)
+        text = read_text_limited(path, MAX_TEMPLATE_BYTES, "prompt template")
+        data = strict_yaml_load(text, str(path), "prompt template")
+    except InputError as exc:  # too large, not UTF-8, alias, duplicate key: the message names the file
+        raise TemplateError(str(exc)) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f", line {mark.line + 1}" if mark is not None else ""

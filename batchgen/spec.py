@@ -7,7 +7,11 @@ an existing output can tell "resume" from "different job".
 
 The YAML reader is strict too: duplicate keys are errors, aliases (``*name``) are refused (a few
 lines of nested aliases expand into gigabytes: the "billion laughs"), and a spec file may be at
-most 1 MiB.
+most 1 MiB (at most that much is read, so a FIFO or ``/dev/zero`` cannot make it read forever).
+:func:`strict_yaml_load` and :func:`read_text_limited` give other YAML files (prompt templates)
+the same rules.
+
+Error messages never repeat the ``user:password@`` of a URL (``--set`` arguments included).
 
 Relative paths in a spec (and in ``--set``) are used as they are, so they resolve against the
 current directory, not the spec file's folder.
@@ -20,7 +24,6 @@ import json
 import math
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional
-from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -32,7 +35,9 @@ DEFAULT_MAX_INIT_IMAGE_PIXELS = 40_000_000
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
+    # hide_input_in_errors: str(ValidationError) never repeats a value (a URL with credentials);
+    # _format_errors shows values itself, redacted
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, hide_input_in_errors=True)
 
 
 class InputSpec(_Section):
@@ -46,10 +51,18 @@ class InputSpec(_Section):
     passthrough: list[str] = Field(default_factory=list, description="input columns copied into the manifest and "
                                                                      "the exports (labels, captions)")
     max_init_image_pixels: int = Field(
-        DEFAULT_MAX_INIT_IMAGE_PIXELS, ge=1,
+        DEFAULT_MAX_INIT_IMAGE_PIXELS,
         description="largest init_image (width x height) a row may use; larger ones fail that item "
                     "before they are decoded (decompression bombs)",
     )
+
+    @field_validator("max_init_image_pixels")
+    @classmethod
+    def _positive_pixels(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"must be a positive number of pixels (width x height), got {value}; the default is "
+                             f"{DEFAULT_MAX_INIT_IMAGE_PIXELS} ({DEFAULT_MAX_INIT_IMAGE_PIXELS / 1e6:g} Mpx)")
+        return value
 
 
 class LoraSpec(_Section):
@@ -246,15 +259,18 @@ class StorageSpec(_Section):
     @field_validator("endpoint_url")
     @classmethod
     def _no_credentials(cls, value: Optional[str]) -> Optional[str]:
+        from .storage import check_endpoint_url
+
         if value is None:
             return value
-        parts = urlsplit(value)
-        if "@" in parts.netloc:
+        if "@" in value:  # anywhere: a secret key may hold '/', which ends what urlsplit calls the netloc
             raise ValueError("must not contain user:password@ (it would be written to job.json and "
                              "logs); credentials come only from the AWS chain (AWS_ACCESS_KEY_ID / "
                              "AWS_SECRET_ACCESS_KEY, profiles, roles)")
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"must look like http(s)://host[:port], got {value!r}")
+        try:
+            check_endpoint_url(value, "endpoint_url")
+        except ValueError as exc:
+            raise ValueError(str(exc).removeprefix("endpoint_url ")) from None
         return value
 
 
@@ -314,7 +330,9 @@ class _Refused(Exception):
     """A YAML construct a job spec may not use (alias, duplicate key)."""
 
 
-def _strict_loader():
+def strict_loader(what: str = "job spec"):
+    """A SafeLoader subclass that refuses aliases and duplicate keys (raising ``_Refused`` with a
+    message that starts ``line N:`` and calls the document a ``what``)."""
     import yaml
 
     class StrictLoader(yaml.SafeLoader):
@@ -322,7 +340,7 @@ def _strict_loader():
             if self.check_event(yaml.AliasEvent):
                 event = self.peek_event()
                 raise _Refused(f"line {event.start_mark.line + 1}: YAML alias '*{event.anchor}' is not "
-                               "allowed in a job spec (aliases can expand a small file into gigabytes); "
+                               f"allowed in a {what} (aliases can expand a small file into gigabytes); "
                                "write the value out")
             return super().compose_node(parent, index)
 
@@ -345,19 +363,55 @@ def _strict_loader():
     return StrictLoader
 
 
+def strict_yaml_load(text: str, source: str, what: str = "job spec") -> Any:
+    """``text`` parsed by :func:`strict_loader`: an alias or a duplicate key is an InputError
+    naming ``source`` and the line; a syntax error stays a ``yaml.YAMLError`` for the caller to
+    word. Size limits are the caller's (:func:`read_text_limited`, :func:`parse_yaml`)."""
+    import yaml
+
+    try:
+        return yaml.load(text, Loader=strict_loader(what))  # noqa: S506 - a SafeLoader subclass
+    except _Refused as exc:
+        raise InputError(f"{source}, {exc}") from None
+
+
+def read_text_limited(path: str | Path, limit: int, what: str) -> str:
+    """The UTF-8 text of ``path``, reading at most ``limit + 1`` bytes: a larger file, or a FIFO
+    or device that never ends (``/dev/zero``), is an InputError naming the file, not an endless read."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > limit:
+            raise InputError(f"{path}: {size} bytes is too large for a {what} (limit {_bytes(limit)})")
+        with open(path, "rb") as fh:
+            data = fh.read(limit + 1)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
+    if len(data) > limit:
+        raise InputError(f"{path}: more than {limit} bytes is too large for a {what} (limit {_bytes(limit)})")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not UTF-8 text ({exc})") from None
+
+
+def _bytes(n: int) -> str:
+    return f"{n // 1024} KiB" if n >= 1024 else f"{n} bytes"
+
+
 def parse_yaml(text: str, source: str) -> Any:
     """Parse a job spec document strictly (size limit, no aliases, no duplicate keys)."""
     import yaml
+
+    from .storage import redact_text
 
     if len(text.encode("utf-8", "surrogatepass")) > MAX_SPEC_BYTES:
         raise InputError(f"{source}: {len(text)} characters is too large for a job spec "
                          f"(limit {MAX_SPEC_BYTES // 1024} KiB)")
     try:
-        return yaml.load(text, Loader=_strict_loader())  # noqa: S506 - a SafeLoader subclass
-    except _Refused as exc:
-        raise InputError(f"{source}, {exc}") from None
-    except yaml.YAMLError as exc:
-        raise InputError(f"{source}: not valid YAML: {exc}") from None
+        return strict_yaml_load(text, source)
+    except yaml.YAMLError as exc:  # its snippet of the document may hold a URL with credentials
+        raise InputError(f"{source}: not valid YAML: {redact_text(str(exc))}") from None
 
 
 def _parse_value(text: str, item: str) -> Any:
@@ -365,13 +419,21 @@ def _parse_value(text: str, item: str) -> Any:
     import yaml
 
     if len(text) > MAX_SPEC_BYTES:
-        raise InputError(f"--set {item[:60]!r}...: value too large")
+        raise InputError(f"--set {_show_set(item)[:60]!r}...: value too large")
     try:
-        return yaml.load(text, Loader=_strict_loader())  # noqa: S506
+        return yaml.load(text, Loader=strict_loader())  # noqa: S506
     except _Refused as exc:
-        raise InputError(f"--set {item!r}: {str(exc).split(': ', 1)[-1]}") from None
+        raise InputError(f"--set {_show_set(item)!r}: {str(exc).split(': ', 1)[-1]}") from None
     except yaml.YAMLError:
         return text
+
+
+def _show_set(item: str) -> str:
+    """A ``--set`` argument as error messages show it: the value's URL user-info redacted."""
+    from .storage import redact_userinfo
+
+    key, sep, value = item.partition("=")
+    return key + sep + redact_userinfo(value) if sep else redact_userinfo(item)
 
 
 def apply_overrides(data: dict, overrides: list[str], origins: dict[str, str] | None = None) -> dict:
@@ -382,18 +444,18 @@ def apply_overrides(data: dict, overrides: list[str], origins: dict[str, str] | 
     """
     for item in overrides or []:
         if "=" not in item:
-            raise InputError(f"--set {item!r}: expected dotted.key=value")
+            raise InputError(f"--set {_show_set(item)!r}: expected dotted.key=value")
         key, _, raw = item.partition("=")
         parts = [p for p in key.strip().split(".") if p]
         if not parts:
-            raise InputError(f"--set {item!r}: empty key")
+            raise InputError(f"--set {_show_set(item)!r}: empty key")
         node = data
         for i, part in enumerate(parts[:-1]):
             child = node.get(part)
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                raise InputError(f"--set {item!r}: {'.'.join(parts[:i + 1])!r} is not a section")
+                raise InputError(f"--set {_show_set(item)!r}: {'.'.join(parts[:i + 1])!r} is not a section")
             node = child
         node[parts[-1]] = _parse_value(raw, item)
         if origins is not None:
@@ -406,11 +468,11 @@ def apply_overrides(data: dict, overrides: list[str], origins: dict[str, str] | 
 
 def _safe_repr(value: Any, limit: int = 80) -> str:
     """A short repr of a bad value, with any URL user:password@ removed."""
-    if isinstance(value, str) and "@" in value and "://" in value:
-        parts = urlsplit(value)
-        if "@" in parts.netloc:
-            value = value.replace(parts.netloc, "***@" + parts.netloc.rsplit("@", 1)[1], 1)
-    text = repr(value)
+    from .storage import redact_text, redact_userinfo
+
+    if isinstance(value, str):
+        value = redact_userinfo(value)
+    text = redact_text(repr(value))
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -455,7 +517,7 @@ def _format_errors(exc: ValidationError, source: str, origins: dict[str, str] | 
             got = "" if " got " in f" {msg}" else f" (got {_safe_repr(err.get('input'))})"
             what = f"key {key!r}: {msg}{got}"
         origin = _origin(key, origins or {})
-        lines.append(f"--set {origin!r}: {what}" if origin else f"{source}: {what}")
+        lines.append(f"--set {_show_set(origin)!r}: {what}" if origin else f"{source}: {what}")
     return "invalid job spec: " + "; ".join(lines)
 
 
@@ -470,18 +532,9 @@ def spec_from_dict(data: Any, source: str = "job spec", origins: dict[str, str] 
 
 
 def read_spec_file(path: str | Path) -> Any:
-    """The raw (unvalidated) document of a spec file, read strictly."""
+    """The raw (unvalidated) document of a spec file, read strictly (at most MAX_SPEC_BYTES + 1 bytes)."""
     path = Path(path)
-    try:
-        size = path.stat().st_size
-        if size > MAX_SPEC_BYTES:
-            raise InputError(f"{path}: {size} bytes is too large for a job spec (limit {MAX_SPEC_BYTES // 1024} KiB)")
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read job spec: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path}: not UTF-8 text ({exc})") from None
-    return parse_yaml(text, str(path))
+    return parse_yaml(read_text_limited(path, MAX_SPEC_BYTES, "job spec"), str(path))
 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:

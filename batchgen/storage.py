@@ -3,8 +3,9 @@
 ``Location.parse(uri, cfg)`` gives an object with read/write/list/delete, a pyarrow filesystem for
 Parquet I/O, and ``local_cache_copy`` (download a folder once per node into a content-keyed cache).
 S3 goes through boto3 (objects) and ``pyarrow.fs.S3FileSystem`` (Parquet); the endpoint comes from
-the config or ``AWS_ENDPOINT_URL``; credentials come only from the standard AWS chain and never
-appear in anything this module returns, raises or logs. Every failure is a :class:`StorageError`
+the config or ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``; credentials come only from the standard
+AWS chain and never appear in anything this module returns, raises or logs (an endpoint URL with
+``user:password@`` is refused without repeating it). Every failure is a :class:`StorageError`
 naming the URI and the cause.
 
 Local locations normalize to absolute paths (``loc.uri`` is a plain path, not ``file://``).
@@ -16,6 +17,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import shutil
 import threading
 import uuid
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from .errors import StorageError
 
@@ -37,30 +39,47 @@ _DELETE_BATCH = 1000
 _COMPLETE_MARKER = ".batchgen-complete"
 
 
-class StorageConfig(BaseModel):
-    """Where S3 lives. Holds no credentials: those come from the AWS chain (env, profile, role)."""
+ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+"""The environment variables naming the S3 endpoint, the most specific first (as botocore reads them)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+class StorageConfig(BaseModel):
+    """Where S3 lives. Holds no credentials: those come from the AWS chain (env, profile, role).
+
+    A bad value raises a plain ``ValueError`` whose message names the setting and never repeats
+    the credentials of a ``user:password@`` endpoint (pydantic's own message would)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True,
+                              hide_input_in_errors=True)
 
     endpoint_url: str | None = None
-    """S3-compatible endpoint (``http://127.0.0.1:9000`` for MinIO); None: ``AWS_ENDPOINT_URL``, else AWS."""
+    """S3-compatible endpoint (``http://127.0.0.1:9000`` for MinIO); None: ``AWS_ENDPOINT_URL_S3``, then
+    ``AWS_ENDPOINT_URL``, else AWS."""
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise ValueError(_config_errors(exc)) from None
 
     @field_validator("endpoint_url")
     @classmethod
     def _check_endpoint(cls, value: str | None) -> str | None:
         if value is None or value == "":
             return None
-        _check_endpoint_text(value, "endpoint_url")
+        check_endpoint_url(value, "endpoint_url")
         return value.rstrip("/")
 
     def resolved_endpoint(self) -> str | None:
-        """The endpoint to use now: the configured one, else ``AWS_ENDPOINT_URL(_S3)``, else None."""
+        """The endpoint to use now: the configured one, else ``AWS_ENDPOINT_URL_S3``, else
+        ``AWS_ENDPOINT_URL``, else None."""
         if self.endpoint_url:
             return self.endpoint_url
-        env = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        if env:
-            _check_endpoint_text(env, "AWS_ENDPOINT_URL")
-            return env.rstrip("/")
+        for name in ENDPOINT_ENV:
+            env = os.environ.get(name)
+            if env:
+                check_endpoint_url(env, name)
+                return env.rstrip("/")
         return None
 
     def resolved(self) -> "StorageConfig":
@@ -69,27 +88,67 @@ class StorageConfig(BaseModel):
         return StorageConfig(endpoint_url=self.resolved_endpoint())
 
 
-def _check_endpoint_text(value: str, where: str) -> None:
-    parts = urlsplit(value)
-    if "@" in parts.netloc:
+def _config_errors(exc: ValidationError) -> str:
+    """A StorageConfig ValidationError in words, without the input values."""
+    known = ", ".join(StorageConfig.model_fields)
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(storage config)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"unknown storage setting {key!r} (extra settings are not allowed; known: {known})")
+            continue
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(msg if msg.startswith(key) else f"{key}: {msg}")
+    return "; ".join(lines)
+
+
+def check_endpoint_url(value: str, where: str) -> None:
+    """Raise ``ValueError`` (naming ``where``, never the credentials) unless ``value`` is a plain
+    ``http(s)://host[:port][/path]`` endpoint. Any '@' is refused: user-info in an endpoint would
+    be written to job.json, logs and the job's environment (a secret key may contain '/', so the
+    '@' need not be in what urlsplit calls the netloc)."""
+    if "@" in value:
         raise ValueError(f"{where} must not contain user:password@ (got {_redact(value)!r}): credentials "
                          "come only from the AWS chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
                          "profiles, instance roles), never from the endpoint URL")
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    parts = urlsplit(value)
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        ok = False
+    else:
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+    if not ok:
         raise ValueError(f"{where} must look like http(s)://host[:port], got {_redact(value)!r}")
 
 
+def redact_userinfo(text: str) -> str:
+    """``text`` (one URL or URI) with any ``user:password@`` replaced by ``***@``: everything
+    between the scheme and the last '@' goes, so a password holding '/', ':' or '@' is hidden too."""
+    at = text.rfind("@")
+    if at < 0:
+        return text
+    scheme = text.find("://")
+    keep = text[:scheme + 3] if 0 <= scheme < at else ""
+    return f"{keep}***{text[at:]}"
+
+
+_USERINFO_IN_TEXT = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^\s'\"<>]*@")
+
+
+def redact_text(text: str) -> str:
+    """Free text (an error message, a YAML snippet) with the user-info of every URL in it
+    replaced by ``***@``."""
+    return _USERINFO_IN_TEXT.sub(r"\1***@", text)
+
+
 def _redact(url: str | None) -> str:
-    """The URL without any user:password@ part."""
+    """The URL without any user:password@ part (for messages)."""
     if not url:
         return "AWS default endpoint"
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    netloc = parts.hostname or ""
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    return redact_userinfo(url)
+
+
 # boto3 clients: one per (process, endpoint, credential environment), created lazily; clients
 # are thread-safe. Keying on a digest of the AWS_* credential variables means a changed
 # environment (another profile, rotated keys) gets a fresh client instead of stale credentials.

@@ -21,10 +21,12 @@ What travels with the job (the runtime_env's ``working_dir``, a staging folder b
   without torch or ray the submit fails with exit 2 instead of a job that dies on the cluster.
   ``--ship-code`` always ships, ``--no-ship-code`` never does (the probe then only warns) and
   ``--no-check`` skips the probe.
-- Environment: ``AWS_ENDPOINT_URL`` / ``AWS_REGION`` / ``AWS_DEFAULT_REGION`` when set here (not
-  secrets). Credentials are never sent: cluster nodes use their own AWS chain (instance role,
+- Environment: ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` / ``AWS_REGION`` / ``AWS_DEFAULT_REGION``
+  when set here (not secrets; both endpoint variables, so the cluster resolves the endpoint as this
+  machine does). Credentials are never sent: cluster nodes use their own AWS chain (instance role,
   Kubernetes secret). ``--env KEY=VALUE`` adds variables explicitly (they are visible in the
-  dashboard).
+  dashboard), so it refuses AWS credential variables and any value holding a URL with
+  ``user:password@``; an endpoint variable must be a plain ``http(s)://host[:port]``.
 """
 
 from __future__ import annotations
@@ -40,11 +42,12 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from .errors import BatchgenError, InputError
 
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION")
+FORWARDED_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION")
+CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+_USERINFO_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s]*@")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
@@ -91,11 +94,47 @@ def dashboard_address(address: str | None) -> str:
 
 def _parse_env(items: list[str] | None) -> dict[str, str]:
     env = {}
-    for item in items or []:
+    for i, item in enumerate(items or []):
         key, sep, value = item.partition("=")
-        if not sep or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
-            raise ValueError(f"--env {item!r}: expected KEY=VALUE")
+        if not sep:  # the argument is not echoed: it may be a pasted secret
+            raise ValueError(f"--env argument {i + 1}: expected KEY=VALUE, got no '='")
+        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+            raise ValueError(f"--env {key[:60]!r}=...: expected KEY=VALUE with KEY a variable name "
+                             "(letters, digits, '_')")
         env[key] = value
+    return env
+
+
+def _job_env(extra_env: dict[str, str] | None) -> dict[str, str]:
+    """The job's env_vars: the endpoint / region variables set here, then ``--env``; refuses
+    anything that would put a credential in the job's environment (shown by the dashboard and
+    ``ray job`` commands). Messages name the variable, never its value."""
+    from .storage import ENDPOINT_ENV, check_endpoint_url, redact_userinfo
+
+    forwarded = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    extra = dict(extra_env or {})
+    hint = ("credentials are never sent with a job (its environment is visible in the Ray dashboard): "
+            "provide them on the cluster nodes (for AWS: an instance role, a Kubernetes secret, ~/.aws)")
+    for key, value in extra.items():
+        if key in CREDENTIAL_ENV:
+            raise InputError(f"--env {key}: {hint}")
+        if key not in ENDPOINT_ENV and _USERINFO_URL.search(value):
+            raise InputError(f"--env {key}: the value holds a URL with user:password@; {hint}")
+    env = {**forwarded, **extra}
+    for key in ENDPOINT_ENV:
+        value = env.get(key)
+        if not value:
+            continue
+        source = f"--env {key}" if key in extra else key
+        if "@" in value:
+            raise InputError(f"{source} contains user:password@ (got {redact_userinfo(value)!r}); it would be sent "
+                             "to the cluster in the job's environment (visible in the dashboard): put credentials "
+                             "in the AWS chain instead (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, profiles, "
+                             "roles on the nodes)")
+        try:
+            check_endpoint_url(value, source)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
     return env
 
 
@@ -140,10 +179,7 @@ def prepare_submission(spec_path: str | Path, overrides: list[str] | None = None
     origins: dict[str, str] = {}
     raw = apply_overrides(raw, overrides or [], origins)
     spec = spec_from_dict(raw, str(spec_path), origins)  # fail here, not on the cluster
-    forwarded = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
-    if forwarded.get("AWS_ENDPOINT_URL") and "@" in urlsplit(forwarded["AWS_ENDPOINT_URL"]).netloc:
-        raise InputError("AWS_ENDPOINT_URL contains user:password@; it would be sent to the cluster in the job's "
-                         "environment (visible in the dashboard): put credentials in the AWS chain instead")
+    env = _job_env(extra_env)
 
     staging = Path(staging_dir) if staging_dir else Path(tempfile.mkdtemp(prefix="batchgen-submit-"))
     staging.mkdir(parents=True, exist_ok=True)
@@ -173,8 +209,6 @@ def prepare_submission(spec_path: str | Path, overrides: list[str] | None = None
                          "--no-ship-inputs if the path exists on the cluster")
     (staging / "job.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
 
-    env = dict(forwarded)
-    env.update(extra_env or {})
     runtime_env: dict = {"working_dir": str(staging)}
     if env:
         runtime_env["env_vars"] = env
