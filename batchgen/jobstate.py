@@ -81,13 +81,13 @@ def check_sampler(spec) -> None:
         raise InputError(f"sampling.sampler: {unknown_sampler_message(spec.sampling.sampler, SAMPLER_NAMES)}")
 
 
-def check_sampling(spec, model, scan, resolved: dict) -> None:
+def check_sampling(spec, model, scan, resolved: dict) -> dict[str, str]:
     """Validate every settings group of the input with the model's skeleton pipeline, exactly as
     the actors will call it (sizes, family settings, the sampler and its schedule, img2img cuts),
     and every LoRA set against the model: a mistake fails here, naming the first row that has it,
-    not in every actor."""
+    not in every actor. Returns the sha256 of every LoRA file the job uses, by URI."""
     if model is None:
-        return
+        return {}
     import numpy as np
 
     from .stages import generate_kwargs
@@ -105,7 +105,7 @@ def check_sampling(spec, model, scan, resolved: dict) -> None:
             raise InputError(f"input file {file_uri}, row {row}: the model ({model.family}) cannot render it: {exc}"
                              ) from None
         loras.add(values.get("loras") or "[]")
-    _check_loras(model, loras, spec)
+    return _check_loras(model, loras, spec)
 
 
 def _lora_key(spec) -> str:
@@ -114,21 +114,40 @@ def _lora_key(spec) -> str:
     return canonical_loras([lora.model_dump() for lora in spec.model.loras])
 
 
-def _check_loras(model, sets: set[str], spec) -> None:
-    """Each LoRA the job uses must match the model (unmatched keys are an error naming them)."""
+def _check_loras(model, sets: set[str], spec) -> dict[str, str]:
+    """Each LoRA the job uses must match the model (unmatched keys are an error naming them).
+    Returns {uri: sha256 of the file}."""
     import json
 
-    from .checkpoints.lora import check_lora, lora_components
+    from .checkpoints.lora import check_lora, lora_components, read_lora
 
     uris = sorted({item["uri"] for text in sets for item in json.loads(text)})
     if not uris:
-        return
+        return {}
     modules = lora_components(model.pipeline.family.parts)
+    hashes = {}
     for uri in uris:
         try:
-            check_lora(uri, modules, model.storage_config)
+            lora = read_lora(uri, model.storage_config)
+            check_lora(lora, modules, model.storage_config)
         except (CheckpointError, StorageError) as exc:
             raise CheckpointError(f"LoRA {uri}: {exc}") from None
+        hashes[uri] = lora.sha256
+    return hashes
+
+
+def check_lora_files(out, previous: dict | None, hashes: dict[str, str]) -> None:
+    """A resumed job must fuse the same LoRA bytes as the run that started it: a LoRA file
+    replaced under the same URI would mix images of the old and the new file in one output
+    (the digest holds only URIs and scales). Refused, naming the file."""
+    recorded = (previous or {}).get("lora_sha256") or {}
+    changed = [uri for uri, sha in hashes.items() if uri in recorded and recorded[uri] != sha]
+    if changed:
+        uri = changed[0]
+        raise InputError(
+            f"output {out.uri}: LoRA {uri} changed since this job started (sha256 {recorded[uri][:12]} -> "
+            f"{hashes[uri][:12]}{f'; {len(changed) - 1} more changed' if len(changed) > 1 else ''}); resuming would "
+            f"mix images of both versions: restore the file, write to another output.uri, or --overwrite")
 
 
 def input_root(uri: str, cfg):
@@ -351,7 +370,7 @@ def _describe(loc) -> str:
 
 
 def prepare_output(out, spec, scan, previous: dict | None, remove: list[str], hooks: dict,
-                   resolved: dict | None = None) -> list[str]:
+                   resolved: dict | None = None, lora_sha256: dict[str, str] | None = None) -> list[str]:
     """Remove what ``--overwrite`` replaces (only our entries, never through links), write
     job.json, and return what was removed, described."""
     removed = []
@@ -372,6 +391,7 @@ def prepare_output(out, spec, scan, previous: dict | None, remove: list[str], ho
         "render_env": (keep or {}).get("render_env", []),
         "torch_threads": spec.compute.torch_threads,
         "resolved": resolved,
+        "lora_sha256": {**((keep or {}).get("lora_sha256") or {}), **(lora_sha256 or {})},
         "passthrough": scan.settings.get("passthrough", {}),
         "total_items": scan.total_rows,
         "inputs": merge_inputs(keep, scan.identities),

@@ -135,8 +135,10 @@ def prepare(spec, *, overwrite: bool = False, max_failures: int | None = None, h
         resolved = jobstate.resolve(spec, model)
         scan = scan_inputs(spec, cfg, committed, resolved, model.check_prompt if model is not None else None)
         inputs = jobstate.check_inputs(out, spec, previous if resume else None, scan, committed)
-        jobstate.check_sampling(spec, model, scan, resolved)
-        removed = jobstate.prepare_output(out, spec, scan, previous if resume else None, remove, hooks, resolved)
+        loras = jobstate.check_sampling(spec, model, scan, resolved)
+        jobstate.check_lora_files(out, previous if resume else None, loras)
+        removed = jobstate.prepare_output(out, spec, scan, previous if resume else None, remove, hooks, resolved,
+                                          loras)
     except BaseException:
         lease.release()
         if created:

@@ -205,6 +205,31 @@ def test_preflight_errors_name_the_row_and_column(tmp_path, builtin_tiny, sdxl_l
     assert not (out / "job.json").exists()
 
 
+def test_a_lora_file_changed_under_its_uri_is_refused_on_resume(tmp_path, sdxl_lora):
+    """The digest holds LoRA URIs and scales; job.json also records each file's sha256, so a
+    resume with other bytes under the same URI (which would mix images of both) is refused."""
+    import shutil
+
+    from batchgen.runner import prepare
+
+    lora = tmp_path / "style.safetensors"
+    shutil.copy(sdxl_lora, lora)
+    inp, out = write_prompts(tmp_path / "p.parquet", 2), tmp_path / "out"
+    spec = spec_from_dict(job_dict(inp, out, model={"uri": "builtin:tiny-sdxl", "loras": [{"uri": str(lora)}]},
+                                   sampling={"guidance_scale": None}))
+    prepare(spec).lease.release()
+    recorded = json.loads((out / "job.json").read_text())["lora_sha256"]
+    assert list(recorded) == [str(lora)] and len(recorded[str(lora)]) == 64
+    prepare(spec).lease.release()  # same bytes: resumes
+    data = bytearray(lora.read_bytes())
+    data[-1] ^= 1  # one weight bit flipped: still a valid file with the same keys
+    lora.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=rf"LoRA {lora} changed since this job started .*--overwrite"):
+        prepare(spec)
+    prepare(spec, overwrite=True).lease.release()
+    assert json.loads((out / "job.json").read_text())["lora_sha256"][str(lora)] != recorded[str(lora)]
+
+
 def test_dit_unknown_class_lists_close_matches(tmp_path):
     inp, out = tmp_path / "p.parquet", tmp_path / "out"
     write_prompts(inp, 1, prompt=["golden retreiver"])
