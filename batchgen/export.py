@@ -56,7 +56,7 @@ import re
 import tarfile
 import time
 
-from .errors import InputError
+from .errors import InputError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -339,12 +339,28 @@ def _parquet_bytes(table, row_group_size: int | None = None) -> bytes:
 
 
 def _prepare_destination(dest, overwrite: bool) -> list:
-    """Existing files at ``dest``: refuse a non-empty destination unless ``overwrite``."""
+    """Existing files at ``dest``: refuse a non-empty destination unless ``overwrite``, and even
+    then unless its ``export.json`` proves it is an earlier export (``--overwrite`` replaces our
+    shards; it never writes over, or deletes from, a folder of other files)."""
     dest.require_folder()
     existing = dest.list(recursive=True) if dest.is_dir_like() else []
     if existing and not overwrite:
         raise InputError(f"{dest.uri} is not empty ({len(existing)} files); pass --overwrite to replace an export")
+    if existing and not _is_export(dest):
+        raise InputError(f"{dest.uri} holds {len(existing)} files but no batchgen export.json: --overwrite only "
+                         f"replaces an earlier export; choose an empty or new --to")
     return existing
+
+
+def _is_export(dest) -> bool:
+    marker = dest.join("export.json")
+    if not marker.exists():
+        return False
+    try:
+        counts = json.loads(marker.read_bytes())
+    except (ValueError, StorageError):
+        return False
+    return isinstance(counts, dict) and counts.get("format") in FORMATS
 
 
 def _remove_stale(dest, existing: list, written: set[str]) -> None:

@@ -15,9 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-# Table settings that are generate()'s own arguments (the rest go in **settings); the CLI gives
-# seed and init_image their own meaning (first seed of the run, a local image file).
-OWN_ARGUMENTS = ("negative_prompt", "seed", "width", "height", "steps", "guidance_scale", "strength", "init_image")
+# The CLI gives seed and init_image their own meaning (first seed of the run, a local image file).
 CLI_HELP = {
     "seed": "seed of the first image; image i uses seed+i (default 0)",
     "init_image": "img2img: an image file used for every prompt",
@@ -114,10 +112,10 @@ def progress_bar(total: int, file=None):
 def family_options(args) -> dict:
     """The family settings given on the command line (``generate()``'s ``**settings``); an option
     left out is not passed, so the pipeline applies the family's default."""
-    from .settings import SETTINGS
+    from .settings import GENERATE_ARGUMENTS, SETTINGS
 
     return {s.name: getattr(args, s.name) for s in SETTINGS
-            if s.name not in OWN_ARGUMENTS and getattr(args, s.name, None) is not None}
+            if s.name not in GENERATE_ARGUMENTS and getattr(args, s.name, None) is not None}
 
 
 def run(args) -> int:
@@ -173,11 +171,11 @@ def image_rows(pipe, request, args) -> list[dict]:
     guidance and sampler, the family's settings (given, else the table default), the micro-batch,
     the model's fingerprint and family, and the DiT class name."""
     from .manifest import image_parameters
-    from .settings import family_settings
+    from .settings import GENERATE_ARGUMENTS, family_settings
 
     family = pipe.family.name
     given = family_options(args)
-    common = {s.name: given.get(s.name, s.default) for s in family_settings(family) if s.name not in OWN_ARGUMENTS}
+    common = {s.name: given.get(s.name, s.default) for s in family_settings(family) if s.name not in GENERATE_ARGUMENTS}
     common.update({k: request.settings[k] for k in ("width", "height", "steps", "guidance_scale")})
     if request.init_images is not None:
         common.update(init_image=args.init_image, strength=request.settings["strength"])

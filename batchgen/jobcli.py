@@ -246,9 +246,10 @@ def rerender_item(output: str, item_id: str, endpoint_url: str | None = None) ->
     recorded = json.loads(row.get("render_env") or "null") or {}
     threads = recorded.get("torch_threads") or spec.get("compute", {}).get("torch_threads") or 1
     device, dtype = None, spec["model"]["dtype"]
-    if recorded.get("device") in ("cpu", "cuda"):
-        device = recorded["device"] if recorded["device"] == "cpu" or torch.cuda.is_available() else "cpu"
-        dtype = recorded.get("dtype") or dtype
+    if recorded.get("device") == "cpu" or (recorded.get("device") == "cuda" and torch.cuda.is_available()):
+        device, dtype = recorded["device"], recorded.get("dtype") or dtype
+    elif recorded.get("device") == "cuda":  # a GPU job re-rendered without a GPU: float32 on the CPU
+        device, dtype = "cpu", "float32"  # (named below as differences; the bytes will differ)
     saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
              torch.get_float32_matmul_precision())
     try:

@@ -23,14 +23,12 @@ from .checkpoints import open_source, resolve_model_uri
 from .families import family_for
 from .families.base import Batch, Conditioning, Family
 from .noise import check_seeds, item_generators, randn_items
-from .settings import BY_NAME, GROUP_SETTINGS, check_family, per_item_values
+from .settings import BY_NAME, GENERATE_ARGUMENTS, GROUP_SETTINGS, check_family, per_item_values
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# Settings generate() takes as named arguments; the rest of the table comes in **settings.
-_NAMED = ("negative_prompt", "seed", "width", "height", "steps", "guidance_scale", "strength", "init_image")
 
 
 def default_device_dtype(device=None, dtype=None, cuda_dtype: torch.dtype = torch.float16) -> tuple[torch.device, torch.dtype]:
@@ -218,7 +216,7 @@ class Pipeline:
 
         check_family(fam.name, [k for k, v in extra.items() if v is not None])
         for name in extra:
-            if name in _NAMED:
+            if name in GENERATE_ARGUMENTS:
                 raise ValueError(f"{name}: pass it as generate()'s own argument")
         defaults = fam.defaults()
         default_w, default_h = fam.default_size()

@@ -129,6 +129,10 @@ BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
 SPEC_SETTINGS: tuple[Setting, ...] = tuple(s for s in SETTINGS if s.spec)
 ROW_SETTINGS: tuple[Setting, ...] = tuple(s for s in SETTINGS if s.row)
 GROUP_SETTINGS: tuple[str, ...] = tuple(s.name for s in SETTINGS if s.group)
+# Settings Pipeline.generate() takes as its own named arguments (prompts/seeds aside, in their
+# plural forms or as themselves); every other entry of the table goes in its ``**settings``.
+GENERATE_ARGUMENTS: tuple[str, ...] = ("negative_prompt", "seed", "width", "height", "steps", "guidance_scale",
+                                       "strength", "init_image")
 
 
 def family_settings(family: str) -> tuple[Setting, ...]:

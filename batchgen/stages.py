@@ -117,15 +117,13 @@ def set_deterministic() -> None:
     torch.set_float32_matmul_precision("highest")
 
 
-# Settings generate() takes as its own arguments (the rest go in **settings).
-_NAMED = ("negative_prompt", "seed", "width", "height", "steps", "guidance_scale", "strength", "init_image")
 
 
 def generate_kwargs(rows: list[dict], family: str | None) -> dict[str, Any]:
     """The generate() arguments for one settings group's rows (normalized input rows): group
     settings from the first row, per-item settings as lists, settings the rows leave null (family
     defaults) left out. The pre-flight validates every group with exactly this."""
-    from .settings import ROW_SETTINGS
+    from .settings import GENERATE_ARGUMENTS, ROW_SETTINGS
 
     first = rows[0]
     kwargs: dict[str, Any] = {
@@ -136,7 +134,7 @@ def generate_kwargs(rows: list[dict], family: str | None) -> dict[str, Any]:
     if first.get("strength") is not None:
         kwargs["strength"] = first["strength"]
     for setting in ROW_SETTINGS:
-        if setting.name in _NAMED:
+        if setting.name in GENERATE_ARGUMENTS:
             continue
         if setting.families is not None and (family is None or family not in setting.families):
             continue

@@ -66,6 +66,14 @@ def test_webdataset_shards_read_back_with_tarfile(tmp_path, capsys):
     # Fewer, larger shards: the stale shards of the earlier export are removed.
     export_output(str(out), "webdataset", str(dest), shard_size=10, overwrite=True)
     assert sorted(p.name for p in dest.iterdir()) == ["000000.parquet", "000000.tar", "export.json", "sizes.json"]
+    # --overwrite never writes over, or deletes from, a folder that is not an earlier export.
+    other = tmp_path / "someone-elses"
+    other.mkdir()
+    (other / "000000.tar").write_bytes(b"not ours")
+    (other / "000007.tar").write_bytes(b"not ours either")
+    with pytest.raises(InputError, match="no batchgen export.json: --overwrite only replaces an earlier export"):
+        export_output(str(out), "webdataset", str(other), shard_size=10, overwrite=True)
+    assert sorted(p.read_bytes() for p in other.iterdir()) == [b"not ours", b"not ours either"]
 
 
 def test_webdataset_key_collision_and_bad_arguments(tmp_path):

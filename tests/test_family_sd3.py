@@ -146,10 +146,12 @@ def test_dynamic_shifting_mu_matches_diffusers(models, sampler):
         ours.generate(["x"], [0], sampler="flow_heun", steps=2, width=SIZE, height=SIZE)
 
 
-@pytest.mark.parametrize("img2img", [False, True], ids=["txt2img", "img2img"])
-def test_batch_invariance(models, img2img):
-    """At micro_batch=4 an item's bytes do not depend on its batch-mates or its position."""
-    pipe = models("sd3")[0]
+@pytest.mark.parametrize("variant, img2img", [("sd3", False), ("sd3", True), ("sd35", False)],
+                         ids=["sd3-txt2img", "sd3-img2img", "sd35-txt2img"])
+def test_batch_invariance(models, variant, img2img):
+    """At micro_batch=4 an item's bytes do not depend on its batch-mates or its position (SD3.5:
+    QK-norm and dual attention too)."""
+    pipe = models(variant)[0]
     target, seed = "a lighthouse at dawn", 99
     others = [f"filler prompt {i}" for i in range(5)]
     kwargs = dict(steps=3, width=SIZE, height=SIZE, micro_batch=4, max_sequence_length=MSL, negative_prompts="fog")

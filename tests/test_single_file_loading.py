@@ -94,6 +94,15 @@ def test_flux_single_file_renders_like_the_folder(tmp_path):
     assert same(render(got, **kwargs), render(load(folder), **kwargs))
 
 
+def test_flux_schnell_single_file_renders_like_the_folder(tmp_path):
+    folder = make_tiny_model(tmp_path / "flux", variant="flux-schnell", seed=0)
+    single = write_single_file(folder, tmp_path / "flux.safetensors")
+    got = load(single)
+    assert (got.model_info["family"], got.model_info["variant"]) == ("flux", "flux-schnell")
+    kwargs = dict(negative_prompts=None, guidance_scale=None, steps=None)
+    assert same(render(got, **kwargs), render(load(folder), **kwargs))
+
+
 def test_sd2_prediction_type_override(tiny, tmp_path):
     folder, _ = tiny("sd2")  # the tiny SD2 scheduler is v-prediction
     eps = shutil.copytree(folder, tmp_path / "eps")
