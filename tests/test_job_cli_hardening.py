@@ -169,3 +169,27 @@ def test_bad_model_exits_2_before_ray_starts(tmp_path, ray_tmpdir, builtin_tiny)
     assert not (Path(ray_tmpdir) / "ray").exists()  # Ray was never started
     assert not (tmp_path / "out").exists()
     assert time.monotonic() - start < 60
+
+
+def test_s3_run_prints_no_library_chatter(tmp_path, ray_tmpdir, s3_bucket, s3_server, builtin_tiny):
+    """Item 17 with S3 on both sides: botocore's credential lines and the other libraries' logs
+    stay out of a run's output (they appear with -v)."""
+    import boto3
+
+    local = write_prompts(tmp_path / "in.parquet", 4)
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    s3.upload_file(str(local), s3_bucket, "in/p.parquet")
+    data = job_dict(f"s3://{s3_bucket}/in/p.parquet", f"s3://{s3_bucket}/out")
+    spec = tmp_path / "job.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    env = subprocess_env(ray_tmpdir, AWS_ENDPOINT_URL=s3_server)
+    proc = subprocess.run(_cli("run", str(spec), "--num-cpus", "2"), env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "4/4 items ok" in proc.stdout
+    for noise in NOISE + ("Found credentials",):
+        assert noise not in proc.stderr, noise
+    # The same S3 reads with -v show botocore's own lines: what the quiet run leaves out is there.
+    loud = subprocess.run(_cli("status", f"s3://{s3_bucket}/out", "-v"), env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert loud.returncode == 0 and "botocore" in loud.stderr, loud.stderr[-2000:]
