@@ -257,7 +257,7 @@ def rerender_item(output: str, item_id: str, endpoint_url: str | None = None) ->
         model = {**spec["model"], "uri": row["model_uri"]}
         model["loras"] = [{"uri": x["uri"], "scale": x["scale"]} for x in json.loads(row.get("loras") or "[]")]
         compute = spec.get("compute", {})
-        renderer = load_renderer(model, dtype, cfg, hooks, threads, device=device,
+        renderer = load_renderer(model, dtype, cfg, threads, hooks=hooks, device=device,
                                  compile=compute.get("compile", "none"),
                                  deterministic=bool(compute.get("deterministic")))
         differences = env_differences(recorded, render_env(renderer)) if recorded else {}

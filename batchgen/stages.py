@@ -73,8 +73,9 @@ class NullRenderer:
         return [np.random.default_rng(int(s)).integers(0, 256, (height, width, 3), dtype=np.uint8) for s in seeds]
 
 
-def load_renderer(model: dict | str, dtype: str | None, storage_cfg, hooks: dict, torch_threads: int = 1,
-                  device: str | None = None, compile: str = "none", deterministic: bool = False):
+def load_renderer(model: dict | str, dtype: str | None = None, storage_cfg=None, torch_threads: int = 1, *,
+                  device: str | None = None, compile: str = "none", deterministic: bool = False,
+                  hooks: dict | None = None):
     """The job's renderer: the pipeline of the spec's ``model`` block (a dict; a bare URI also
     works), with ``torch_threads`` intra-op threads (CPU bytes depend on the thread count, so the
     job fixes it and records it per item) and the deterministic switches when asked.
@@ -83,8 +84,9 @@ def load_renderer(model: dict | str, dtype: str | None, storage_cfg, hooks: dict
     item re-rendered alone gets exactly the pipeline its job used. ``dtype`` None takes the
     block's; ``device`` None picks as :func:`batchgen.load_pipeline` does. Note that it sets
     torch's process-wide thread count (and the deterministic switches): callers outside a worker
-    restore them (see :func:`batchgen.jobcli.rerender_item`)."""
-    if hooks.get("renderer") == "null":
+    restore them (see :func:`batchgen.jobcli.rerender_item`). ``hooks``: the job's internal test
+    hooks (``{"renderer": "null"}``: seeded noise, no model)."""
+    if (hooks or {}).get("renderer") == "null":
         return NullRenderer()
     import torch
 
@@ -317,7 +319,7 @@ class GeneratorActor:
         self.compile = compile
         if quiet:
             _quiet_libraries()
-        self.renderer = load_renderer(model, None, storage_cfg, self.hooks, torch_threads, compile=compile,
+        self.renderer = load_renderer(model, None, storage_cfg, torch_threads, hooks=self.hooks, compile=compile,
                                       deterministic=deterministic)
         self.family = getattr(getattr(self.renderer, "family", None), "name", None)
         self.job_loras = json.dumps([{"uri": x["uri"], "scale": float(x.get("scale", 1.0))}
