@@ -266,7 +266,7 @@ class Pipeline:
         generators = item_generators([req.seeds[i] for i in indices] + [0] * pad)
         sampler = get_sampler(req.sampler, fam.scheduler_config, settings["steps"], strength=settings.get("strength"),
                               options=req.options, **fam.schedule(settings, req.sampler))
-        cond = texts.conditioning(indices, batch)
+        cond = texts.conditioning(indices)
         shape = fam.noise_shape(settings["width"], settings["height"])
         # Each generator's draw order is diffusers': img2img's VAE posterior sample, then the noise.
         if req.init_images is not None:
@@ -326,12 +326,13 @@ class _TextCache:
         self.done: dict[tuple, Conditioning] = {}  # key -> the conditioning of that one item
         self.batches = 0
 
-    def conditioning(self, indices: list[int], batch: Batch) -> Conditioning:
+    def conditioning(self, indices: list[int]) -> Conditioning:
+        """The conditioning of the micro-batch ``indices``, padded to the micro-batch size."""
         keys = [self.keys[i] for i in indices]
         if any(k not in self.done for k in keys):
             self._encode()
         pieces = [self.done[k] for k in keys]
-        pieces += pieces[:1] * (batch.size - len(pieces))  # padding rows repeat the first item
+        pieces += pieces[:1] * (self.size - len(pieces))  # padding rows repeat the first item
         for k in set(keys):
             if self.last[k] == self.batches:
                 del self.done[k]
