@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional
 
@@ -263,11 +264,7 @@ class StorageSpec(_Section):
 
         if value is None:
             return value
-        if "@" in value:  # anywhere: a secret key may hold '/', which ends what urlsplit calls the netloc
-            raise ValueError("must not contain user:password@ (it would be written to job.json and "
-                             "logs); credentials come only from the AWS chain (AWS_ACCESS_KEY_ID / "
-                             "AWS_SECRET_ACCESS_KEY, profiles, roles)")
-        try:
+        try:  # any '@' is refused there, never echoed (it would be written to job.json and logs)
             check_endpoint_url(value, "endpoint_url")
         except ValueError as exc:
             raise ValueError(str(exc).removeprefix("endpoint_url ")) from None
@@ -514,7 +511,8 @@ def _format_errors(exc: ValidationError, source: str, origins: dict[str, str] | 
             what = f"missing key {key!r}"
         else:
             msg = err["msg"].removeprefix("Value error, ")
-            got = "" if " got " in f" {msg}" else f" (got {_safe_repr(err.get('input'))})"
+            says_value = re.search(r"(^|[\s(])got\s", msg) is not None  # the message names the value already
+            got = "" if says_value else f" (got {_safe_repr(err.get('input'))})"
             what = f"key {key!r}: {msg}{got}"
         origin = _origin(key, origins or {})
         lines.append(f"--set {_show_set(origin)!r}: {what}" if origin else f"{source}: {what}")

@@ -214,3 +214,11 @@ def test_output_of_an_older_batchgen_is_refused_with_the_reason(tmp_path):
         check_previous(out, spec, old, overwrite=False)
     same = {"digest_fields": spec.digest_fields(), "versions": {"batchgen": "0.1.0"}}
     assert check_previous(out, spec, same, overwrite=False) == []
+
+
+def test_endpoint_error_names_the_redacted_value_once():
+    with pytest.raises(InputError) as err:
+        spec_from_dict({"input": {"uri": "x"}, "output": {"uri": "o"},
+                        "storage": {"endpoint_url": "http://AK:se/cret@h:9"}})
+    message = str(err.value)
+    assert message.count("(got 'http://***@h:9')") == 1 and "cret" not in message
