@@ -24,4 +24,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-.PHONY: install demo test
+# The user guide (docs/, mkdocs.yml) as a static site in out/site/; a broken link or anchor fails it.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d out/site
+
+.PHONY: install demo test docs

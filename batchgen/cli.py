@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import re
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -26,6 +27,21 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse echoes the offending value in its errors ("unrecognized arguments: --endpoint
+    http://user:password@host"): the message is printed with any URL user-info (and a bare
+    ``user:password@``) replaced by ``***@``, as every other batchgen message is."""
+
+    def error(self, message: str):
+        from .storage import redact_text
+
+        message = redact_text(_BARE_USERINFO.sub("***@", message))
+        super().error(message)
+
+
+_BARE_USERINFO = re.compile(r"(?<![\w/.*-])[^\s'\"/:@]+:(?!//)[^\s'\"@]*@")
+
+
 def _chosen_command(argv: list[str]) -> str | None:
     for arg in argv:
         if not arg.startswith("-"):
@@ -34,7 +50,7 @@ def _chosen_command(argv: list[str]) -> str | None:
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="batchgen",
         description="Distributed, reproducible batch image generation for Stable-Diffusion-family models.",
     )
@@ -78,6 +94,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"batchgen {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        finalize_s3()
+
+
+def finalize_s3() -> None:
+    """Shut pyarrow's S3 support down now, while the interpreter is whole: left to interpreter
+    teardown, an S3 filesystem still referenced from a module could be destroyed after the AWS
+    SDK and abort the process (SIGABRT, "terminate called without an active exception") after
+    the command had succeeded: the exit code is what CI reads. Unreferenced filesystems are
+    collected first; a no-op when nothing imported pyarrow's S3 module."""
+    if "pyarrow._s3fs" not in sys.modules:
+        return
+    import gc
+
+    gc.collect()
+    from pyarrow.fs import ensure_s3_finalized
+
+    ensure_s3_finalized()
 
 
 def quiet_libraries() -> None:

@@ -12,6 +12,9 @@ manifests). Each item lands in one class:
 
 For every joined item the manifest columns whose values differ are listed as its differing
 settings (timings, worker, attempt, image_uri and batchgen_version are ignored unless asked).
+The two job.json files are compared too: every output-affecting spec setting that differs is
+named, with how many input rows override it (``overridden_by_input``), even when no image
+changed; a pass then says so instead of a plain PASS.
 Images are read two at a time per worker and dropped after scoring, so memory does not grow with
 the job; the report re-reads only the worst items it shows. Exit code 0 only when every item is
 identical or within tolerance and none is missing.
@@ -40,6 +43,9 @@ DEFAULT_IGNORED_SETTINGS = ("render_ms", "encode_ms", "worker", "attempt", "imag
                             "source_file", "source_row")
 # Columns that are results rather than settings; compared through the image itself.
 RESULT_COLUMNS = ("item_id", "image_sha256", "image_bytes", "status", "error")
+# job.json spec settings (digest_fields) that differ between two outputs of one job by nature:
+# where the input lives (a nightly run reads it from another checkout or bucket).
+IGNORED_JOB_SETTINGS = ("input.uri",)
 
 
 @dataclasses.dataclass
@@ -104,6 +110,8 @@ class CompareResult:
     counts: dict
     items: list
     settings_differ: dict
+    # spec settings that differ between the two job.json files: {key: {baseline, candidate, overridden_by_input}}
+    job_settings_differ: dict = dataclasses.field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -117,6 +125,7 @@ class CompareResult:
             "passed": self.passed,
             "counts": dict(self.counts),
             "settings_differ": dict(self.settings_differ),
+            "job_settings_differ": dict(self.job_settings_differ),
             "items": [dataclasses.asdict(i) for i in self.items],
         }
 
@@ -153,6 +162,58 @@ def differing_settings(b: dict, c: dict, ignore) -> dict:
     return out
 
 
+def _job_settings(out) -> dict | None:
+    """An output's recorded spec settings (job.json ``digest_fields``), or None when it has none."""
+    try:
+        job = out.job if out.has_job() else None
+    except (InputError, StorageError):
+        return None
+    fields = job.get("digest_fields") if isinstance(job, dict) else None
+    return fields if isinstance(fields, dict) else None
+
+
+def _overrides(out) -> dict:
+    try:
+        value = out.job.get("overridden_by_input")
+    except (InputError, StorageError, AttributeError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def job_differences(bout, cout, ignore=()) -> dict:
+    """Spec settings that differ between the two outputs' job.json files (those that decide the
+    images, ``input.uri`` and ``ignore`` aside): ``{key: {"baseline": value, "candidate": value,
+    "overridden_by_input": {"baseline": {...} | None, "candidate": ...}}}``, where the override
+    records say in how many input rows an input column replaced the setting."""
+    b, c = _job_settings(bout), _job_settings(cout)
+    if b is None or c is None:
+        return {}
+    skip = set(IGNORED_JOB_SETTINGS) | set(ignore)
+    bo, co = _overrides(bout), _overrides(cout)
+    out = {}
+    for key in sorted(set(b) | set(c)):
+        if key in skip or b.get(key) == c.get(key):
+            continue
+        parent = ".".join(key.split(".")[:2])  # overrides are recorded per setting: "sampling.steps"
+        out[key] = {"baseline": b.get(key), "candidate": c.get(key),
+                    "overridden_by_input": {"baseline": bo.get(parent), "candidate": co.get(parent)}}
+    return out
+
+
+def override_note(entry: dict) -> str:
+    """How the inputs override a differing job setting, in words ("" when they do not)."""
+    o = entry.get("overridden_by_input") or {}
+    b, c = o.get("baseline"), o.get("candidate")
+
+    def says(r):
+        return f"input column {r.get('column')!r} overrides it in {r.get('rows')} of {r.get('of')} rows"
+
+    if b and c and b.get("rows") == b.get("of") and c.get("rows") == c.get("of") and b.get("column") == c.get("column"):
+        return f"{says(b)} of both outputs: the spec's value is used by no item"
+    parts = [f"{name}: {says(r)}" for name, r in (("baseline", b), ("candidate", c)) if r]
+    return "; ".join(parts)
+
+
 def _score_pair(job) -> ItemResult:
     """Read both images of a byte-different item and classify it (runs in a worker thread)."""
     from .metrics import image_metrics
@@ -179,6 +240,8 @@ def _score_pair(job) -> ItemResult:
         fails = thresholds.failures(m)
         res.status = "changed" if fails or notes else "within_tolerance"
         notes.extend(fails)
+        if m["max_abs_diff"] == 0 and not notes:
+            notes.append("metadata only: every pixel is identical, the image files' embedded metadata differs")
     res.note = "; ".join(notes)
     return res
 
@@ -260,7 +323,8 @@ def compare_outputs(
         flush()
     items.sort(key=ItemResult.badness)
     log.info("compare: done, %d items in %.1f s: %s", seen, time.monotonic() - t0, _counts_line(counts))
-    return CompareResult(bout.uri, cout.uri, thresholds, counts, items, settings_differ)
+    return CompareResult(bout.uri, cout.uri, thresholds, counts, items, settings_differ,
+                         job_differences(bout, cout, ignore_settings))
 
 
 def _counts_line(counts: dict) -> str:
@@ -270,8 +334,18 @@ def _counts_line(counts: dict) -> str:
 def format_summary(result: CompareResult, limit: int = 20) -> str:
     """Human-readable summary: counts, verdict and the worst ``limit`` items."""
     total = sum(result.counts.values())
+    verdict = "PASS" if result.passed else "FAIL"
+    job = result.job_settings_differ
+    if job and result.passed:
+        verdict += (f", but the job settings differ ({', '.join(job)}; see below): the images match although "
+                    f"the specs do not")
     lines = [f"compare {result.baseline} -> {result.candidate}",
-             f"{total} items: {_counts_line(result.counts)} -> {'PASS' if result.passed else 'FAIL'}"]
+             f"{total} items: {_counts_line(result.counts)} -> {verdict}"]
+    if job:
+        lines.append("job settings that differ (job.json):")
+        for key, entry in job.items():
+            note = override_note(entry)
+            lines.append(f"  {key}: {entry['baseline']!r} -> {entry['candidate']!r}" + (f" [{note}]" if note else ""))
     if result.settings_differ:
         lines.append("settings that differ: " + ", ".join(
             f"{k} ({n} items)" for k, n in sorted(result.settings_differ.items())))

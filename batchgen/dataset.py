@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import logging
 import os
 import re
 import tempfile
@@ -25,6 +26,8 @@ import pyarrow.compute as pc
 
 from .errors import InputError, StorageError
 from .noise import SEED_LIMIT, derive_seed
+
+log = logging.getLogger(__name__)
 
 ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
@@ -85,6 +88,9 @@ class ScanResult:
     # settings group key -> (file uri, row, the row): each group's first row, checked in pre-flight
     group_cases: dict[str, tuple[str, int, dict]] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)  # the row settings the scan used (for the readers)
+    input_rows: int = 0  # rows of the input files (before images per prompt)
+    # spec setting -> {"column", "rows", "of"}: the input rows whose own value replaces the spec's
+    overridden_by_input: dict[str, dict] = field(default_factory=dict)
 
 
 def row_settings(spec, resolved: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -237,7 +243,9 @@ def _column(table: pa.Table, name: str, family: str, file_uri: str, first_row: i
         "int": pa.types.is_integer(col.type),
         "float": pa.types.is_integer(col.type) or pa.types.is_floating(col.type),
     }
-    if not family_ok[family]:
+    if family == "int" and pa.types.is_floating(col.type):
+        col = _integral(col, name, file_uri, first_row)  # pandas' nullable integers, written as floats
+    elif not family_ok[family]:
         raise InputError(
             f"input file {file_uri}, column {name!r}: expected {family} values, got {col.type}"
         )
@@ -248,6 +256,44 @@ def _column(table: pa.Table, name: str, family: str, file_uri: str, first_row: i
             raise _fail(file_uri, first_row + i, name,
                         f"{col[i].as_py()} is outside {allowed or '[0, 2**63)'}")
     return col.cast(target)
+
+
+FLOAT_EXACT_LIMIT = 2**53  # float64 holds every integer up to here exactly
+INT64_HINT = "df[{name!r}].astype(\"Int64\")"
+
+
+def _integral(col, name: str, file_uri: str, first_row: int) -> pa.Array:
+    """A float column of an integer setting as int64: pandas writes a nullable integer column (one
+    with a missing value) as float64. NaN is a missing value (null: the spec's or the derived
+    value); a value that is not a whole number, or too large for a float to hold exactly, is an
+    error naming file, row and column and how to write the column."""
+    col = col.cast(pa.float64())
+    nan = pc.is_nan(col).fill_null(False)
+    if pc.any(nan).as_py():
+        col = pc.if_else(nan, pa.scalar(None, pa.float64()), col)
+    hint = INT64_HINT.format(name=name)
+    not_whole = pc.or_(pc.invert(pc.is_finite(col)), pc.not_equal(pc.floor(col), col)).fill_null(False)
+    if pc.any(not_whole).as_py():
+        i = _first_true(not_whole)
+        raise _fail(file_uri, first_row + i, name,
+                    f"{col[i].as_py()!r} is not a whole number (the column holds {col.type} values; {name} takes "
+                    f"integers). Round the values, or, when pandas turned an integer column with missing values "
+                    f"into floats, write it as {hint} before to_parquet")
+    too_big = pc.greater(pc.abs(col), pa.scalar(float(FLOAT_EXACT_LIMIT))).fill_null(False)
+    if pc.any(too_big).as_py():
+        i = _first_true(too_big)
+        raise _fail(file_uri, first_row + i, name,
+                    f"{col[i].as_py()!r} is a float beyond 2**53, where a float cannot hold every integer "
+                    f"exactly (the value may already be rounded): keep the column integral, e.g. {hint} "
+                    f"before the values become floats")
+    return col.cast(pa.int64())
+
+
+def int_columns() -> list[str]:
+    """The input columns read as integers: integer settings and ``n``."""
+    from .settings import ROW_SETTINGS
+
+    return [s.name for s in ROW_SETTINGS if s.type == "int"] + ["n"]
 
 
 def normalize_batch(
@@ -334,7 +380,12 @@ def _ids(table: pa.Table, file_uri: str, rel: str, first_row: int, settings: dic
         ids = ids.dictionary_decode()
     if not (pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type)
             or pa.types.is_integer(ids.type)):
-        raise InputError(f"input file {file_uri}, column {idcol!r}: ids must be strings or integers, got {ids.type}")
+        hint = ""
+        if pa.types.is_floating(ids.type):
+            hint = (f" (pandas writes an integer column with missing values as floats: give every row an id and "
+                    f"write the column as {INT64_HINT.format(name=idcol)})")
+        raise InputError(f"input file {file_uri}, column {idcol!r}: ids must be strings or integers, "
+                         f"got {ids.type}{hint}")
     ids = ids.cast(pa.string())
     bad = pc.invert(pc.match_substring_regex(ids, ID_PATTERN).fill_null(False))
     bad = pc.or_(bad, pc.match_substring_regex(ids, r"^\.+$").fill_null(False))
@@ -414,15 +465,28 @@ def _passthrough(table: pa.Table, name: str, typ: pa.DataType, file_uri: str) ->
                          f"{typ} in the first input file ({exc})") from None
 
 
+def check_passthrough_names(names) -> None:
+    """input.passthrough may not name a column batchgen uses itself (manifest columns, stage and
+    export fields: :data:`batchgen.manifest.RESERVED_NAMES`), nor one column twice."""
+    from .manifest import reserved_name_error
+
+    seen = set()
+    for name in names:
+        message = reserved_name_error(name)
+        if message:
+            raise InputError(f"input.passthrough: {message}")
+        if name in seen:
+            raise InputError(f"input.passthrough: {name!r} is listed twice")
+        seen.add(name)
+
+
 def passthrough_types(table_schema: pa.Schema, names: list[str], file_uri: str) -> dict[str, pa.DataType]:
     """The Arrow types of the passthrough columns, from the first input file: plain values only."""
-    from .manifest import LABEL_COLUMNS, MANIFEST_SCHEMA
+    from .manifest import LABEL_COLUMNS
 
-    reserved = (set(MANIFEST_SCHEMA.names) - set(LABEL_COLUMNS)) | {"group", "n"}
+    check_passthrough_names(names)
     out = {}
     for name in names:
-        if name in reserved:
-            raise InputError(f"input.passthrough: {name!r} is already a manifest column; list only other columns")
         if name not in table_schema.names:
             raise InputError(f"input file {file_uri}: no column {name!r} named in input.passthrough "
                              f"(columns: {table_schema.names})")
@@ -439,8 +503,11 @@ def passthrough_types(table_schema: pa.Schema, names: list[str], file_uri: str) 
             want = LABEL_COLUMNS[name]
             if (pa.types.is_integer(want) and not pa.types.is_integer(typ)) or (
                     pa.types.is_string(want) and not pa.types.is_string(typ)):
+                hint = (f" (pandas writes an integer column with missing values as floats: write it as "
+                        f"{INT64_HINT.format(name=name)})" if pa.types.is_integer(want) and pa.types.is_floating(typ)
+                        else "")
                 raise InputError(f"input file {file_uri}, column {name!r}: a passed-through {name} must hold "
-                                 f"{'integers' if pa.types.is_integer(want) else 'strings'}, not {typ}")
+                                 f"{'integers' if pa.types.is_integer(want) else 'strings'}, not {typ}{hint}")
             typ = want
         out[name] = typ
     return out
@@ -513,34 +580,76 @@ def read_row_group(file: InputFile, index: int, first_row: int, settings, storag
 
 
 class _DuplicateFinder:
-    """Bounded-memory duplicate id check: spill (id, file, row) to hash buckets, check each."""
+    """Bounded-memory duplicate id check over the final item ids (after ``-<k>`` image numbers and
+    positional ids) and over the input ids they come from: entries are spilled to hash buckets on
+    local disk and each bucket is checked on its own.
+
+    An entry is ``key  kind  file  row  base  k  n``: kind ``b`` is a row's id that is also its
+    item's id (one image), ``i`` an item id ``<base>-<k>`` of a row with ``n`` images, ``r`` the
+    input id of such a row. Two entries collide when both are items (``b``/``i``) or both are
+    input ids (``b``/``r``) with the same key.
+    """
 
     def __init__(self, buckets: int = 64):
         self.dir = tempfile.mkdtemp(prefix="batchgen-ids-")
         self.buckets = buckets
         self.handles = [open(os.path.join(self.dir, f"{b}.tsv"), "w") for b in range(buckets)]
+        self.expanded = False  # some rows were numbered <id>-<k>
 
-    def add(self, ids: list[str], file_index: int, first_row: int) -> None:
-        for offset, item_id in enumerate(ids):
-            b = zlib.crc32(item_id.encode()) % self.buckets
-            self.handles[b].write(f"{item_id}\t{file_index}\t{first_row + offset}\n")
+    def _spill(self, keys: list[str], lines: list[str]) -> None:
+        """Append ``lines`` to their keys' buckets (one write per bucket)."""
+        per: list[list[str]] = [[] for _ in range(self.buckets)]
+        crc, buckets = zlib.crc32, self.buckets
+        for key, line in zip(keys, lines):
+            per[crc(key.encode()) % buckets].append(line)
+        for handle, chunk in zip(self.handles, per):
+            if chunk:
+                handle.write("".join(chunk))
 
-    def check(self, files: list[InputFile], id_column: str) -> None:
+    def add_rows(self, rows: pa.Table, file_index: int, expanded: bool) -> None:
+        """Normalized rows of one file (``expanded``: its rows were numbered ``<id>-<k>``)."""
+        ids = rows.column("item_id").to_pylist()
+        src = rows.column("source_row").to_pylist()
+        if not expanded:
+            self._spill(ids, [f"{i}\tb\t{file_index}\t{row}\t\t\t\n" for i, row in zip(ids, src)])
+            return
+        self.expanded = True
+        ks = rows.column("image_index").to_pylist()
+        counts: dict[int, int] = {}
+        for row in src:
+            counts[row] = counts.get(row, 0) + 1
+        keys, lines = [], []
+        for item_id, row, k in zip(ids, src, ks):
+            base = item_id[: -len(f"-{k}")]
+            n = counts[row]
+            keys.append(item_id)
+            lines.append(f"{item_id}\ti\t{file_index}\t{row}\t{base}\t{k}\t{n}\n")
+            if k == 0:
+                keys.append(base)
+                lines.append(f"{base}\tr\t{file_index}\t{row}\t\t\t{n}\n")
+        self._spill(keys, lines)
+
+    def check(self, files: list[InputFile], id_column: str | None) -> None:
         try:
             for h in self.handles:
                 h.close()
             for b in range(self.buckets):
-                seen: dict[str, tuple[int, int]] = {}
+                items: dict[str, str] = {}
+                inputs: dict[str, str] = {}
+                mixed = self.expanded  # without numbered rows every input id is its item's id
                 with open(os.path.join(self.dir, f"{b}.tsv")) as fh:
                     for line in fh:
-                        item_id, fi, row = line.rstrip("\n").split("\t")
-                        if item_id in seen:
-                            pf, prow = seen[item_id]
-                            raise InputError(
-                                f"input file {files[int(fi)].uri}, row {row}, column {id_column!r}: "
-                                f"duplicate item id {item_id!r} (first seen in {files[pf].uri}, row {prow})"
-                            )
-                        seen[item_id] = (int(fi), int(row))
+                        key, kind, entry = line.rstrip("\n").split("\t", 2)
+                        if kind != "r":
+                            first = items.get(key)
+                            if first is not None:
+                                raise InputError(_duplicate_message(key, first, entry, files, id_column, False))
+                            items[key] = entry
+                        if mixed and kind != "i":
+                            first = inputs.get(key)
+                            if first is not None:
+                                raise InputError(_duplicate_message(key, first, entry, files, id_column, True))
+                            inputs[key] = entry
         finally:
             self.close()
 
@@ -552,20 +661,49 @@ class _DuplicateFinder:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def scan_inputs(spec, storage_cfg, committed=None, resolved: dict | None = None, check_prompt=None) -> ScanResult:
-    """Streaming pre-flight pass: every file readable, every row valid, ids unique.
+def _duplicate_message(key: str, first: str, second: str, files: list[InputFile],
+                       id_column: str | None, input_id: bool) -> str:
+    """The duplicate-id error: the id, and both rows with how each made it."""
+
+    def where(entry: str) -> str:
+        fi, row, base, k, n = entry.split("\t")
+        text = f"input file {files[int(fi)].uri}, row {row}"
+        if id_column is None:
+            text += f" (no input.id_column: ids come from the file path {files[int(fi)].rel!r} and the row number)"
+        if k and not input_id:
+            text += f" (id {base!r}, {n} images per prompt: image {k})"
+        return text
+
+    column = f", column {id_column!r}" if id_column else ""
+    what = "input id" if input_id else "item id"
+    return (f"{where(second)}{column}: duplicate {what} {key!r} (first seen in {where(first)}); item ids must be "
+            f"unique across all input files, also after the image number '-<k>' of a row with several images "
+            f"per prompt is added: give one of the rows another id")
+
+
+def scan_inputs(spec, storage_cfg, committed=None, resolved: dict | None = None, check_prompt=None,
+                notes: bool = True) -> ScanResult:
+    """Streaming pre-flight pass: every file readable, every row valid, item ids unique (the final
+    ids: after ``-<k>`` image numbers and positional ids, across files), integer columns written as
+    floats named once, the spec settings the input overrides named and counted.
 
     Memory stays flat: one batch of one file at a time, ids spilled to disk buckets. With
     ``committed`` (a :class:`~batchgen.manifest.CommittedState`) it also counts how many items of
     this input are already done or failed. ``resolved`` carries the pre-flight's model facts
     (family, family defaults); ``check_prompt(prompt) -> message | None`` vets every prompt
-    (a DiT model: class names).
+    (a DiT model: class names). ``notes=False``: no log lines about the input (a first pass that
+    another pass repeats: the notes come once, with that pass).
     """
     from .storage import Location
 
     settings = row_settings(spec, resolved)
+    check_passthrough_names(spec.input.passthrough)  # before any file is listed or read
     files = list_input_files(spec.input.uri, storage_cfg)
-    dupes = _DuplicateFinder() if settings["id_column"] else None
+    dupes = _DuplicateFinder()
+    overrides = _override_columns(spec, settings)
+    overridden: dict[str, int] = {}
+    float_ints: dict[str, list[str]] = {}  # column -> files where an integer column is float
+    input_rows = 0
     groups: dict[str, int] = {}
     cases: dict[str, tuple[str, int, dict]] = {}
     too_many = False
@@ -581,6 +719,11 @@ def scan_inputs(spec, storage_cfg, committed=None, resolved: dict | None = None,
             if fi == 0 and spec.input.passthrough:
                 settings["passthrough"] = {k: str(v) for k, v in passthrough_types(
                     pf.schema_arrow, list(spec.input.passthrough), f.uri).items()}
+            schema = pf.schema_arrow
+            for name in int_columns():
+                if name in schema.names and pa.types.is_floating(_value_type(schema.field(name).type)):
+                    float_ints.setdefault(name, []).append(f.uri)
+            expanded = "n" in schema.names or int(settings.get("images_per_prompt") or 1) > 1
             row_groups = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
             planned.append(InputFile(f.uri, f.rel, row_groups))
             identities.append({"uri": f.uri, "rel": f.rel, "rows": meta.num_rows,
@@ -591,8 +734,11 @@ def scan_inputs(spec, storage_cfg, committed=None, resolved: dict | None = None,
                     if check_prompt is not None:
                         _check_prompts(rows, check_prompt, f.uri, settings["prompt_column"])
                     ids = rows.column("item_id")
-                    if dupes is not None:
-                        dupes.add(_base_ids(rows), fi, first)
+                    dupes.add_rows(rows, fi, expanded)
+                    input_rows += table.num_rows
+                    for column in overrides:
+                        if column in table.column_names:
+                            overridden[column] = overridden.get(column, 0) + _given(table.column(column))
                     if not too_many:
                         for g, c in zip(*_value_counts(rows.column("group"))):
                             groups[g] = groups.get(g, 0) + c
@@ -606,23 +752,80 @@ def scan_inputs(spec, storage_cfg, committed=None, resolved: dict | None = None,
                     total += rows.num_rows
             except (OSError, pa.ArrowException) as exc:
                 raise InputError(f"input file {f.uri}: cannot read as Parquet: {exc}") from None
-        if dupes is not None:
-            dupes.check(planned, settings["id_column"])
-            dupes = None
+        dupes.check(planned, settings["id_column"])
+        dupes = None
     finally:
         if dupes is not None:
             dupes.close()
     if total == 0:
         raise InputError(f"input.uri {spec.input.uri!r}: the input has no rows")
-    return ScanResult(planned, total, {} if too_many else groups, too_many, identities, done, failed, cases, settings)
+    named = {overrides[c]: {"column": c, "rows": k, "of": input_rows} for c, k in overridden.items() if k}
+    if notes:
+        _warn_float_ints(float_ints)
+        _log_overrides(spec, named)
+    return ScanResult(planned, total, {} if too_many else groups, too_many, identities, done, failed, cases, settings,
+                      input_rows, dict(sorted(named.items())))
 
 
-def _base_ids(rows: pa.Table) -> list[str]:
-    """Input-row ids (one per source row) for the duplicate check: expanded items share their row's."""
-    if not pc.any(pc.greater(rows.column("image_index"), 0)).as_py():
-        return rows.column("item_id").to_pylist()
-    first = rows.filter(pc.equal(rows.column("image_index"), 0)).column("item_id").to_pylist()
-    return [item.rsplit("-", 1)[0] for item in first]
+def _value_type(typ: pa.DataType) -> pa.DataType:
+    return typ.value_type if pa.types.is_dictionary(typ) else typ
+
+
+def _override_columns(spec, settings: dict) -> dict[str, str]:
+    """{input column: the spec setting a value in it replaces} for this job."""
+    from .settings import ROW_SETTINGS
+
+    out = {}
+    family = settings.get("family")
+    for s in ROW_SETTINGS:
+        if family is not None and s.families is not None and family not in s.families:
+            continue  # a value there is an error, found by the row check
+        if s.spec:
+            out[s.name] = f"sampling.{s.name}"
+        elif s.name == "seed":
+            out[s.name] = "sampling.seed"  # a row's seed replaces the one derived from the job's seed
+    out["n"] = "sampling.images_per_prompt"
+    out["loras"] = "model.loras"
+    return out
+
+
+def _given(col: pa.ChunkedArray) -> int:
+    """Rows with a value in ``col`` (null, and NaN in a float column, are no value: the spec's applies)."""
+    given = len(col) - col.null_count
+    if given and pa.types.is_floating(col.type):
+        given -= int(pc.sum(pc.cast(pc.is_nan(col).fill_null(False), pa.int64())).as_py() or 0)
+    return given
+
+
+def _log_overrides(spec, named: dict[str, dict]) -> None:
+    """One line per spec setting the input replaces, in how many rows; a warning when the spec sets
+    it explicitly and no row uses the spec's value."""
+    for key, o in sorted(named.items()):
+        section, name = key.split(".", 1)
+        block = getattr(spec, section)
+        line = f"{key}: input column {o['column']!r} overrides it in {o['rows']} of {o['of']} rows"
+        if name in block.model_fields_set and o["rows"] == o["of"]:
+            value = getattr(block, name)
+            if name == "loras":
+                value = [lora.model_dump(mode="json") for lora in value]
+            log.warning("%s: the spec's value %r is used by no row", line, value)
+        else:
+            log.info("%s", line)
+
+
+def _warn_float_ints(float_ints: dict[str, list[str]]) -> None:
+    """One warning for every integer column an input holds as floats (pandas' nullable integers)."""
+    if not float_ints:
+        return
+    parts = []
+    for name, uris in float_ints.items():
+        more = f" and {len(uris) - 1} more files" if len(uris) > 1 else ""
+        parts.append(f"{name!r} in {uris[0]}{more}")
+    fix = (INT64_HINT.format(name=next(iter(float_ints))) if len(float_ints) == 1
+           else "df[col].astype(\"Int64\") for each")
+    log.warning("input columns of integers hold floats: %s; their whole-number values are used as integers and "
+                "NaN/null as no value (pandas writes an integer column with missing values as float64; write it "
+                "as %s to keep integers)", "; ".join(parts), fix)
 
 
 def _check_prompts(rows: pa.Table, check_prompt, file_uri: str, column: str) -> None:

@@ -146,10 +146,29 @@ def _prepare(output, shard_size, storage_config, provenance, where, min_score, l
     """What both formats start from: the selection, its labels (checked on every exported row)
     and, for ``provenance="relative"``, the job's input roots."""
     sel = _select(output, shard_size, storage_config, provenance, where, min_score)
+    _check_export_fields(sel)
     labels = resolve_labels(sel.output.manifest, label_column, label_names_column, sel.output.uri)
     _check_labelled(sel, labels)
     inputs = _input_roots(sel.output) if provenance == "relative" else {}
     return sel, labels, inputs
+
+
+def export_fields() -> tuple[str, ...]:
+    """The fields an export adds beside the manifest columns (the reserved-name list of
+    :mod:`batchgen.manifest`, which input.passthrough columns may not take)."""
+    from .manifest import EXPORT_FIELDS
+
+    return tuple(name for names in EXPORT_FIELDS.values() for name in names)
+
+
+def _check_export_fields(sel: Selection) -> None:
+    """A manifest column named like an export field (an output written before passthrough names
+    were checked) would be replaced in one format and kept in the other: refuse it in both."""
+    clash = [name for name in export_fields() if name in sel.rows.column_names]
+    if clash:
+        raise InputError(f"{sel.output.uri}: the manifest has column(s) {', '.join(map(repr, clash))}, which the "
+                         f"exports use themselves ({', '.join(export_fields())}); rename the input column and "
+                         f"render the job again")
 
 
 def _is_number(arrow_type) -> bool:
@@ -342,18 +361,14 @@ def _prepare_destination(dest, overwrite: bool) -> list:
     """Existing files at ``dest``: refuse a non-empty destination unless ``overwrite``, and even
     then unless its ``export.json`` proves it is an earlier export (``--overwrite`` replaces our
     shards; it never writes over, or deletes from, a folder of other files)."""
-    dest.require_folder()
-    existing = dest.list(recursive=True) if dest.is_dir_like() else []
-    if existing and not overwrite:
-        raise InputError(f"{dest.uri} is not empty ({len(existing)} files); pass --overwrite to replace an export")
-    if existing and not _is_export(dest):
-        raise InputError(f"{dest.uri} holds {len(existing)} files but no batchgen export.json: --overwrite only "
-                         f"replaces an earlier export; choose an empty or new --to")
-    return existing
+    from .storage import destination_files
+
+    return destination_files(dest, "export.json", _is_export, overwrite=overwrite,
+                             refuse="--overwrite only replaces an earlier export; choose an empty or new --to",
+                             not_empty="pass --overwrite to replace an export")
 
 
-def _is_export(dest) -> bool:
-    marker = dest.join("export.json")
+def _is_export(marker) -> bool:
     if not marker.exists():
         return False
     try:
@@ -365,13 +380,9 @@ def _is_export(dest) -> bool:
 
 def _remove_stale(dest, existing: list, written: set[str]) -> None:
     """After an overwrite, delete our own file names that this export did not write again."""
-    prefix = dest.uri.rstrip("/") + "/"
-    for loc in existing:
-        rel = loc.uri[len(prefix):] if loc.uri.startswith(prefix) else None
-        if rel and rel not in written and _OUR_FILES.match(rel):
-            loc.delete()
+    from .storage import remove_stale
 
-
+    remove_stale(dest, existing, written, _OUR_FILES)
 
 
 def _counts(fmt: str, sel: Selection, provenance: str, labels: Labels | None, shard_size: int, **extra) -> dict:
@@ -394,12 +405,14 @@ def export_webdataset(output: str, to: str, shard_size: int = 1000, storage_conf
     """Write WebDataset shards of a job output's selected ok items; returns the counts."""
     import pyarrow as pa
 
+    from .manifest import EXPORT_FIELDS
     from .storage import Location
 
     sel, labels, inputs = _prepare(output, shard_size, storage_config, provenance, where, min_score,
                                    label_column, label_names_column)
     ok = sel.rows
-    schema = pa.schema([("key", pa.string())] + [f for f in ok.schema if provenance != "drop"
+    (key_field,) = EXPORT_FIELDS["webdataset"]
+    schema = pa.schema([(key_field, pa.string())] + [f for f in ok.schema if provenance != "drop"
                                                   or f.name not in PROVENANCE_COLUMNS])
     keys: dict[str, str] = {}
     for item_id in ok.column("item_id").to_pylist():
@@ -429,7 +442,7 @@ def export_webdataset(output: str, to: str, shard_size: int = 1000, storage_conf
                 _tar_add(tar, f"{key}.json", _json_row(public_row(r, provenance, sel.root.uri, inputs)))
         dest.join(f"{name}.tar").write_bytes(buf.getvalue())
         shard_rows = pa.Table.from_pylist(
-            [{"key": sample_key(r["item_id"]), **public_row(r, provenance, sel.root.uri, inputs)} for r in chunk],
+            [{key_field: sample_key(r["item_id"]), **public_row(r, provenance, sel.root.uri, inputs)} for r in chunk],
             schema=schema)
         dest.join(f"{name}.parquet").write_bytes(_parquet_bytes(shard_rows))
         sizes[f"{name}.tar"] = len(chunk)
@@ -474,6 +487,7 @@ def export_parquet(output: str, to: str, shard_size: int = 1000, storage_config=
     """Write Hugging Face datasets Parquet files of a job output's selected ok items; returns the counts."""
     import pyarrow as pa
 
+    from .manifest import EXPORT_FIELDS
     from .storage import Location
 
     sel, labels, inputs = _prepare(output, shard_size, storage_config, provenance, where, min_score,
@@ -483,7 +497,7 @@ def export_parquet(output: str, to: str, shard_size: int = 1000, storage_config=
     existing = _prepare_destination(dest, overwrite)
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     fields = [pa.field("image", image_type), pa.field("text", pa.string())]
-    ours = {"image", "text"}
+    ours = set(EXPORT_FIELDS["parquet"])
     if labels is not None:  # HF's convention: the class is the column "label"
         fields.append(pa.field("label", pa.int64()))
         ours.add("label")

@@ -64,6 +64,8 @@ def configure(parser) -> None:
     parser.add_argument("--out", default="out/generate", help="output folder (default out/generate)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the images of an earlier `generate` in --out (else a non-empty --out is refused)")
+    parser.add_argument("--endpoint-url", default=None,
+                        help="S3-compatible endpoint for an s3:// --model (default: AWS_ENDPOINT_URL)")
     parser.add_argument("--max-init-image-pixels", type=int, default=None, metavar="N",
                         help="refuse a larger --init-image (width x height) before decoding it (default 40 Mpx)")
 
@@ -137,7 +139,10 @@ def run(args) -> int:
             raise ValueError(f"--init-image: no such file {args.init_image}")
         init = [read_init_image(args.init_image, None, args.max_init_image_pixels)] * len(prompts)
     started = time.perf_counter()
-    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+    from .storage import StorageConfig
+
+    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype,
+                         storage_config=StorageConfig(endpoint_url=args.endpoint_url))
     loaded = time.perf_counter()
     kwargs = dict(negative_prompts=args.negative_prompt, sampler=sampler, steps=args.steps,
                   guidance_scale=args.guidance_scale, width=args.width, height=args.height, init_images=init,
@@ -155,10 +160,12 @@ def run(args) -> int:
     if remove:
         print(f"--overwrite: removed {len(remove)} earlier image(s) from {out}", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
+    from .storage import Location
+
     rows = image_rows(pipe, request, args)
     for i, (seed, image, row) in enumerate(zip(seeds, images, rows)):
         path = out / f"{i:04d}-seed{seed}.png"
-        path.write_bytes(encode_image(image, "png", parameters=row))
+        Location.parse(path).write_bytes(encode_image(image, "png", parameters=row))  # never half a file
         print(path)
     elapsed = time.perf_counter() - loaded
     print(f"{len(images)} image(s) in {elapsed:.1f}s (+{loaded - started:.1f}s load) -> {out}", file=sys.stderr)

@@ -44,12 +44,14 @@ def skeleton(local_path, *, vae=None, text_encoders=None, tokenizers=None, predi
     for a local model path (folder or single file, with overrides). Nothing is loaded, yet every
     key and shape is checked, and the pipeline validates requests exactly as the real one does:
     the job's pre-flight checks each settings group with it."""
+    from .builtin import resolve_model_uri
     from .checkpoints import open_source
     from .families import family_for
     from .pipeline import Pipeline
 
     source = open_source(local_path, vae=vae, text_encoders=text_encoders, tokenizers=tokenizers,
-                         prediction_type=prediction_type, allow_pickle=allow_pickle, storage_config=storage_config)
+                         prediction_type=prediction_type, allow_pickle=allow_pickle, storage_config=storage_config,
+                         resolve=lambda uri: resolve_model_uri(uri, storage_config))
     family = family_for(source).load(_MetaSource(source), variant, allow_pickle)
     return Pipeline(family, {"fingerprint": None, **family.info()}), source
 
@@ -68,7 +70,8 @@ def inspect_model(uri, loras=(), *, vae=None, text_encoders=None, tokenizers=Non
     ``fingerprint=False`` skips hashing the files (a pre-flight that only validates: everything
     else reads headers and configs only, so it also works on header-only copies of remote files).
     """
-    from .checkpoints import inspect_lora, resolve_model_uri
+    from .builtin import resolve_model_uri
+    from .checkpoints import inspect_lora
     from .checkpoints.lora import lora_components
 
     local = resolve_model_uri(uri, storage_config)
@@ -130,6 +133,7 @@ def configure(parser) -> None:
                         help="for checkpoints that do not say (SD 2.x 768-v, v-prediction SDXL finetunes)")
     parser.add_argument("--allow-pickle", action="store_true", help="read .ckpt / pickle files (can run code)")
     parser.add_argument("--json", action="store_true", help="print the description as JSON")
+    parser.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (default: AWS_ENDPOINT_URL)")
 
 
 def _pairs(values: list[str], what: str) -> dict[str, str]:
@@ -177,14 +181,22 @@ def format_text(info: dict[str, Any]) -> str:
                      f"{lora['ranks']}, components {', '.join(lora['components'])}")
         lines.append(f"  matched {lora['matched']} of {lora['modules']} modules ({lora['matched_parameters']} "
                      f"parameters); unmatched {len(lora['unmatched'])}"
-                     + (f": {lora['unmatched'][:5]}" if lora["unmatched"] else ""))
+                     + (f": {lora['unmatched'][:5]}" if lora["unmatched"] else "")
+                     + f"; wrong shape {len(lora.get('mismatched', []))}")
+        for wrong in lora.get("mismatched", [])[:5]:
+            got = "x".join(map(str, wrong["got"])) if wrong["got"] else wrong.get("error", "?")
+            lines.append(f"    {wrong['key']} -> {wrong['parameter']}: expected "
+                         f"{'x'.join(map(str, wrong['expected']))}, got {got}")
     return "\n".join(lines)
 
 
 def run(args) -> int:
+    from .storage import StorageConfig
+
     info = inspect_model(args.model, args.lora, vae=args.vae,
                          text_encoders=_pairs(args.text_encoder, "--text-encoder") or None,
                          tokenizers=_pairs(args.tokenizer, "--tokenizer") or None,
-                         prediction_type=args.prediction_type, allow_pickle=args.allow_pickle)
+                         prediction_type=args.prediction_type, allow_pickle=args.allow_pickle,
+                         storage_config=StorageConfig(endpoint_url=args.endpoint_url))
     print(json.dumps(info, indent=2, sort_keys=False, default=str) if args.json else format_text(info))
     return 0

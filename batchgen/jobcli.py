@@ -19,6 +19,18 @@ def configure_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-failures", type=int, default=None, metavar="N",
                    help="abort after more than N failed items (default: 1%% of the items, at least 1)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--verify", action="store_true",
+                   help="resuming, also check every finished image's size and sha256 against the manifest and "
+                        "render again what differs (without it only missing images are rendered again)")
+    p.add_argument("--endpoint-url", default=None,
+                   help="S3-compatible endpoint (default: the spec's storage.endpoint_url, else AWS_ENDPOINT_URL)")
+
+
+def spec_overrides(args) -> list[str]:
+    """``--set`` overrides plus the ones common flags stand for (``--endpoint-url``: storage.endpoint_url,
+    checked like the spec's own: a URL with user:password@ is refused)."""
+    extra = [f"storage.endpoint_url={args.endpoint_url}"] if getattr(args, "endpoint_url", None) else []
+    return list(args.overrides) + extra
 
 
 def _hooks() -> dict | None:
@@ -34,15 +46,14 @@ def run_run(args) -> int:
     verbose = bool(getattr(args, "verbose", False))
     if args.max_failures is not None and args.max_failures < 0:
         raise ValueError(f"--max-failures: expected N >= 0, got {args.max_failures}")
-    spec = load_spec(args.spec, args.overrides)
+    spec = load_spec(args.spec, spec_overrides(args))
     address = args.address or os.environ.get("RAY_ADDRESS") or None
     if address:
         check_address(address)  # an unreachable cluster fails now, not after a long retry
-    plan = prepare(spec, overwrite=args.overwrite, max_failures=args.max_failures, hooks=_hooks())
+    plan = prepare(spec, overwrite=args.overwrite, max_failures=args.max_failures, hooks=_hooks(),
+                   verify=args.verify)  # what --overwrite removed is logged there, once
     started = False
     try:
-        for line in plan.removed:
-            print(f"--overwrite removed {plan.out.uri}/{line}", file=sys.stderr)
         if plan.todo > 0:
             started = ensure_ray(address, args.num_cpus, verbose=verbose)
         result = execute(plan, progress_bar=None if not verbose else False, verbose=verbose)
@@ -80,13 +91,16 @@ def _print_failures(failures: dict, failed: int, out=None) -> None:
 def configure_status(p: argparse.ArgumentParser) -> None:
     p.add_argument("output", metavar="OUTPUT|JOB_ID",
                    help="a job's output folder or s3:// prefix, or a submission id (with --address)")
-    p.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL)")
+    p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (default: AWS_ENDPOINT_URL)")
     p.add_argument("--json", action="store_true", help="print the counts as JSON")
     p.add_argument("--address", default=None,
                    help="Ray dashboard URL (http://HEAD:8265): show the state of a submitted job id")
+    p.add_argument("--verify", action="store_true",
+                   help="check every finished item's image: present, and its size and sha256 as the manifest "
+                        "records (exit 1 when any is missing or wrong; `batchgen run --verify` renders them again)")
 
 
-def job_status(output: str, endpoint_url: str | None = None) -> dict:
+def job_status(output: str, endpoint_url: str | None = None, verify: bool = False) -> dict:
     """Counts for an output, from job.json and the manifest parts: total, done, failed, remaining
     (items of the current input only, never more than the total), items the manifest holds that
     are no longer in the input, the input files that are gone, the failures by kind with the
@@ -96,7 +110,8 @@ def job_status(output: str, endpoint_url: str | None = None) -> dict:
     run, which runs' parts existed and how many of the input's items they hold as done / failed
     (``counted_at_start``); every part written since comes from that input. An older job.json
     without that record is counted by source file, capped at the total. The failure listing
-    covers the recorded input files that are still there."""
+    covers the recorded input files that are still there. With ``verify``, ``images`` says how
+    many finished items' images are missing or differ from the manifest (size, sha256)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -144,10 +159,18 @@ def job_status(output: str, endpoint_url: str | None = None) -> dict:
             latest = bad.sort_by([("item_id", "ascending"), ("attempt", "descending")])
             ids = latest.column("item_id").to_pylist()
             failures.add(latest.filter(pa.array([i == 0 or ids[i] != ids[i - 1] for i in range(len(ids))])))
-    return {"output": out.uri, "name": job.get("name"), "total": total, "done": done,
-            "failed": failed, "remaining": max(0, total - done - failed), "not_in_input": outside,
-            "removed_inputs": removed, "failures": failures.as_dict(), "manifest_parts": parts,
-            "consolidated": out.join("manifest.parquet").exists()}
+    status = {"output": out.uri, "name": job.get("name"), "total": total, "done": done,
+              "failed": failed, "remaining": max(0, total - done - failed), "not_in_input": outside,
+              "removed_inputs": removed, "failures": failures.as_dict(), "manifest_parts": parts,
+              "consolidated": out.join("manifest.parquet").exists()}
+    if verify:
+        from .images import EXTENSIONS
+        from .manifest import check_images
+
+        fmt = ((job.get("spec") or {}).get("output") or {}).get("format") or "png"
+        ok_ids = _ids(table, True) if table.num_rows else pa.array([], pa.string())
+        status["images"] = check_images(out, ok_ids, EXTENSIONS.get(fmt, fmt), verify=True).as_dict()
+    return status
 
 
 def _ids(table, ok: bool | None = None):
@@ -201,7 +224,7 @@ def run_status(args) -> int:
         from .submit import status_submission
 
         return status_submission(args.output, address)
-    status = job_status(args.output, args.endpoint_url)
+    status = job_status(args.output, args.endpoint_url, verify=args.verify)
     if args.json:
         print(json.dumps(status, indent=2))
     else:
@@ -213,14 +236,21 @@ def run_status(args) -> int:
             print("removed input files (their items stay in the manifest, not counted): "
                   + ", ".join(str(uri) for uri in status["removed_inputs"]))
         _print_failures(status["failures"], status["failed"])
-    return 0 if status["done"] == status["total"] else 1
+        images = status.get("images")
+        if images is not None:
+            print(f"images: {images['missing']} missing, {images['wrong']} not as the manifest records"
+                  + "".join(f"\n  {line}" for line in images["first"])
+                  + ("\n  (`batchgen run --verify` with the job's spec renders them again)"
+                     if images["missing"] or images["wrong"] else ""))
+    bad_images = bool(status.get("images") and (status["images"]["missing"] or status["images"]["wrong"]))
+    return 0 if status["done"] == status["total"] and not bad_images else 1
 
 
 def configure_rerender(p: argparse.ArgumentParser) -> None:
     p.add_argument("output", metavar="OUTPUT", help="a job's output folder or s3:// prefix")
     p.add_argument("item_id", metavar="ITEM_ID", help="the item to re-render")
     p.add_argument("--out", required=True, metavar="FILE", help="where to write the re-rendered image")
-    p.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL)")
+    p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (default: AWS_ENDPOINT_URL)")
 
 
 def rerender_item(output: str, item_id: str, endpoint_url: str | None = None) -> tuple[bytes, dict]:

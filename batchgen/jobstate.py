@@ -4,6 +4,7 @@ resources for the stages, read-task planning, progress, and the final consolidat
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -130,8 +131,8 @@ def _check_loras(model, sets: set[str], spec) -> dict[str, str]:
         try:
             lora = read_lora(uri, model.storage_config)
             check_lora(lora, modules, model.storage_config)
-        except (CheckpointError, StorageError) as exc:
-            raise CheckpointError(f"LoRA {uri}: {exc}") from None
+        except (CheckpointError, StorageError) as exc:  # name the file once: read_lora's errors already do
+            raise CheckpointError(str(exc) if str(exc).startswith(f"LoRA {uri}") else f"LoRA {uri}: {exc}") from None
         hashes[uri] = lora.sha256
     return hashes
 
@@ -234,7 +235,19 @@ def read_previous(out) -> dict | None:
         raise InputError(f"output {out.uri} holds {', '.join(present)} but no job.json, so it is not a batchgen "
                          "job output; batchgen never deletes or mixes files it did not write: choose an empty "
                          "or new output.uri")
+    others = _entries(out, limit=4)
+    if others:
+        listed = ", ".join(others[:3]) + (" ..." if len(others) > 3 else "")
+        raise InputError(f"output {out.uri} is not empty ({listed}) and holds no job.json: a job writes only into "
+                         "a new or empty folder, or resumes / replaces its own output; choose another output.uri")
     return None
+
+
+def _entries(out, limit: int) -> list[str]:
+    """Up to ``limit`` names in the output other than its lease (and a lease set aside)."""
+    from .lease import LEASE_FILE
+
+    return [n for n in out.first_names(limit + 2) if not n.startswith(LEASE_FILE)][:limit]
 
 
 def check_previous(out, spec, previous: dict | None, overwrite: bool) -> list[str]:
@@ -257,6 +270,19 @@ def check_previous(out, spec, previous: dict | None, overwrite: bool) -> list[st
     if overwrite:
         return [name for name in OUR_ENTRIES if out.join(name).exists()]
     return []
+
+
+def check_images(out, spec, committed, verify: bool):
+    """The committed items a resume renders again because their image is gone (or, with
+    ``verify``, differs from what the manifest recorded); see :func:`batchgen.manifest.check_images`."""
+    from .images import EXTENSIONS
+    from .manifest import check_images as _check
+
+    check = _check(out, committed.done, EXTENSIONS[spec.output.format], verify)
+    if len(check.ids):
+        log.warning("%s: %d finished items will be rendered again: %d images missing, %d not as recorded (%s)",
+                    out.uri, len(check.ids), check.missing, check.wrong, "; ".join(check.first[:3]))
+    return check
 
 
 def _identity_changes(old: dict, new: dict) -> list[str]:
@@ -330,15 +356,17 @@ def merge_inputs(previous: dict | None, identities: list[dict]) -> list[dict]:
     return [merged[rel] for rel in sorted(merged)]
 
 
-def counted_at_start(out, scan) -> dict[str, Any]:
+def counted_at_start(out, scan, images=None) -> dict[str, Any]:
     """What ``status`` needs to count the items of the current input exactly while this run
     writes: the runs whose manifest parts exist now (part files are named ``part-RUN-SEQ``) and
     how many of the current input's items those parts hold as done / failed. Every part written
-    later comes from this input, so status adds them without having to read the input."""
+    later comes from this input, so status adds them without having to read the input. Items
+    rendered again for a lost image (``images``) count as the parts say: done."""
     from .manifest import part_locations
 
     runs = sorted({part_run(loc.name) for loc in part_locations(out)})
-    return {"runs": runs, "done": scan.done_in_input, "failed": scan.failed_in_input}
+    again = images.in_files([i["uri"] for i in scan.identities]) if images is not None else 0
+    return {"runs": runs, "done": scan.done_in_input + again, "failed": max(0, scan.failed_in_input - again)}
 
 
 def part_run(name: str) -> str:
@@ -360,26 +388,71 @@ def versions() -> dict[str, str]:
     return out
 
 
-def _describe(loc) -> str:
-    if loc.scheme == "local" and os.path.isdir(loc.path):
-        n = sum(len(files) for _, _, files in os.walk(loc.path))
-        return f"{loc.name}/ ({n} files)"
-    if loc.scheme == "s3" and loc.is_dir_like():
-        return f"{loc.name}/ ({len(loc.list(recursive=True))} objects)"
-    return loc.name
+def _remove_ours(out, remove: list[str]) -> tuple[list[str], list[str]]:
+    """``--overwrite``: delete what the earlier job wrote and nothing else. ``manifest.parquet``
+    and ``summary.json`` are ours by name (job.json proved the folder is a batchgen output); in
+    ``manifest/`` the part files; in ``images/`` the images of items its manifest names
+    (``<item_id>.<ext>``); in both, temp files of an interrupted write. Returns (what was removed,
+    described; the files left because the job did not write them)."""
+    import re
+
+    from .images import EXTENSIONS
+    from .storage import is_temp_name
+
+    ids = _written_ids(out) if "images" in remove else None
+    exts = set(EXTENSIONS.values())
+    part = re.compile(r"^part-.+\.parquet$")
+    removed, kept = [], []
+    for name in remove:
+        loc = out.join(name)
+        if name not in ("images", PARTS_DIR):
+            removed.append(name)
+            loc.delete()
+            continue
+        prefix = loc.uri.rstrip("/") + "/"
+        rels = [f.uri[len(prefix):] for f in loc.list(recursive=True)]
+        if name == "images":
+            stems = pa.array([r.rsplit(".", 1)[0] for r in rels], pa.string())
+            known = pc.is_in(stems, value_set=ids).to_pylist() if len(ids) else [False] * len(rels)
+            ours = [r for r, k in zip(rels, known) if "/" not in r and (
+                is_temp_name(r) or (k and r.rsplit(".", 1)[-1] in exts))]
+        else:
+            ours = [r for r in rels if "/" not in r and (part.match(r) or is_temp_name(r))]
+        loc.delete_files(ours)
+        kept += [f"{name}/{r}" for r in rels if r not in set(ours)]
+        if ours:
+            removed.append(f"{name}/ ({len(ours)} files)")
+        if loc.scheme == "local" and not [r for r in rels if r not in set(ours)]:
+            with contextlib.suppress(OSError):
+                os.rmdir(loc.path)
+    return removed, kept
+
+
+def _written_ids(out) -> pa.Array:
+    """Every item id the output's manifest parts and consolidated manifest hold."""
+    from .manifest import iter_parts, read_manifest
+
+    chunks = [t.column("item_id").combine_chunks() for _, t in iter_parts(out, ["item_id"])]
+    try:
+        manifest = read_manifest(out)
+    except Exception:  # noqa: BLE001 - an unreadable manifest names no items; the parts still do
+        manifest = None
+    if manifest is not None and "item_id" in manifest.column_names:
+        chunks.append(manifest.column("item_id").combine_chunks().cast(pa.string()))
+    return pc.unique(pa.concat_arrays(chunks)) if chunks else pa.array([], pa.string())
 
 
 def prepare_output(out, spec, scan, previous: dict | None, remove: list[str], hooks: dict,
-                   resolved: dict | None = None, lora_sha256: dict[str, str] | None = None) -> list[str]:
-    """Remove what ``--overwrite`` replaces (only our entries, never through links), write
-    job.json, and return what was removed, described."""
-    removed = []
-    for name in remove:
-        loc = out.join(name)
-        removed.append(_describe(loc))
-        loc.delete()
-    if removed:
-        log.warning("--overwrite: removed from %s: %s", out.uri, ", ".join(removed))
+                   resolved: dict | None = None, lora_sha256: dict[str, str] | None = None,
+                   images=None) -> list[str]:
+    """Remove what ``--overwrite`` replaces (only what the earlier job wrote, never through links;
+    anything else is left and named, in one warning), write job.json, and return what was
+    removed, described. ``images``: the resume's :class:`~batchgen.manifest.ImageCheck`."""
+    removed, kept = _remove_ours(out, remove)
+    if removed or kept:
+        left = (f"; left {len(kept)} files it did not write: {', '.join(kept[:5])}"
+                f"{' ...' if len(kept) > 5 else ''}") if kept else ""
+        log.warning("--overwrite: removed from %s: %s%s", out.uri, ", ".join(removed) or "nothing", left)
     keep = previous if previous is not None and not remove else None
     job = {
         "name": spec.name,
@@ -393,9 +466,11 @@ def prepare_output(out, spec, scan, previous: dict | None, remove: list[str], ho
         "resolved": resolved,
         "lora_sha256": {**((keep or {}).get("lora_sha256") or {}), **(lora_sha256 or {})},
         "passthrough": scan.settings.get("passthrough", {}),
+        # spec settings the input's own columns replace: {"sampling.steps": {"column", "rows", "of"}}
+        "overridden_by_input": getattr(scan, "overridden_by_input", {}),
         "total_items": scan.total_rows,
         "inputs": merge_inputs(keep, scan.identities),
-        "counted_at_start": counted_at_start(out, scan),
+        "counted_at_start": counted_at_start(out, scan, images),
         "created": (keep or {}).get("created") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if hooks.get("renderer") == "null":
@@ -624,8 +699,29 @@ def finish(out, spec, fingerprint: str | None, envs: list[str], failures=None) -
     return counts
 
 
-def write_summary(out, summary: dict) -> None:
-    write_json(out.join(SUMMARY_FILE), summary)
+RUN_FIGURES = ("finished", "rendered_this_run", "failed_this_run", "skipped_already_done", "aborted", "ok", "failed",
+               "remaining", "images_per_s", "steady_images_per_s", "timings_s", "manifest_parts_written",
+               "rendered_again")
+
+
+def write_summary(out, summary: dict) -> dict:
+    """Write summary.json: the top level is this run's figures and the job's totals (as before),
+    ``runs`` lists every run's own figures, oldest first, so a resume keeps the first run's.
+    A summary of an older batchgen (no ``runs``) becomes the first entry. Returns what was written."""
+    loc = out.join(SUMMARY_FILE)
+    runs: list = []
+    if loc.exists():
+        try:
+            earlier = read_json(loc)
+        except (ValueError, StorageError):
+            earlier = {}
+        if isinstance(earlier, dict):
+            runs = earlier.get("runs") if isinstance(earlier.get("runs"), list) else \
+                [{k: earlier[k] for k in RUN_FIGURES if k in earlier}] if earlier else []
+    summary = {**summary, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    summary["runs"] = runs + [{k: summary[k] for k in RUN_FIGURES if k in summary}]
+    write_json(loc, summary)
+    return summary
 
 
 def max_failures_for(total: int, max_failures: int | None) -> int:

@@ -69,6 +69,37 @@ def manifest_schema(passthrough: pa.Schema | list | None = None) -> pa.Schema:
 MANIFEST_SCHEMA = manifest_schema()
 # Label columns an input may fill through input.passthrough (a DiT model fills them itself).
 LABEL_COLUMNS = {"class_id": pa.int64(), "class_name": pa.string()}
+
+# The one list of names batchgen uses beside an input's own columns: an input.passthrough column
+# may take none of them (the label columns above aside). The manifest's columns; what the stages
+# carry between them (the rendered pixels, the applied LoRA set, compile warm-up time, the
+# settings-group key, images per row) and what consolidation adds (the part file path and rank
+# columns); and the fields the exports add beside the manifest columns (export.py uses this list).
+STAGE_COLUMNS = ("image", "applied_loras", "warmup_ms", "group", "n", "path", "_ok", "_part")
+EXPORT_FIELDS = {"webdataset": ("key",), "parquet": ("image", "text")}
+
+
+def reserved_names() -> dict[str, str]:
+    """{name: what batchgen uses it for} of every reserved name (see STAGE_COLUMNS)."""
+    out = {name: "a manifest column" for name in MANIFEST_SCHEMA.names if name not in LABEL_COLUMNS}
+    for name in STAGE_COLUMNS:
+        out.setdefault(name, "a column of the render stages")
+    for fmt, names in EXPORT_FIELDS.items():
+        for name in names:
+            out.setdefault(name, f"a field of the {fmt} export")
+    return out
+
+
+RESERVED_NAMES: frozenset[str] = frozenset(reserved_names())
+
+
+def reserved_name_error(name: str) -> str | None:
+    """Why ``name`` cannot be a passthrough column (it names the reserved list), or None."""
+    use = reserved_names().get(name)
+    if use is None:
+        return None
+    return (f"{name!r} is {use}; list only other columns (reserved names: {', '.join(sorted(RESERVED_NAMES))}; "
+            f"rename the input column)")
 # render_env: JSON of what else decides an item's bytes (device kind and name, dtype, torch
 # intra-op threads, torch/CUDA/cuDNN versions, deterministic flags); see stages.render_env().
 
@@ -215,6 +246,15 @@ class CommittedState:
     def failed_ids(self) -> pa.Array:
         return pa.array(list(self.attempts), pa.string())
 
+    def render_again(self, check: "ImageCheck") -> "CommittedState":
+        """This state with the items of ``check`` (ok rows whose image is gone or wrong) no longer
+        done: the run renders them again, at their next attempt number."""
+        if not len(check.ids):
+            return self
+        done = self.done.filter(pc.invert(pc.is_in(self.done, value_set=check.ids)))
+        attempts = {**self.attempts, **check.attempts}
+        return CommittedState(done, attempts, len(attempts), self.parts)
+
 
 def empty_state() -> CommittedState:
     return CommittedState(pa.array([], pa.string()), {}, 0, 0)
@@ -239,6 +279,96 @@ def committed_state(out_loc) -> CommittedState:
         for item_id, attempt in zip(failed.column("item_id").to_pylist(), failed.column("attempt").to_pylist()):
             attempts[item_id] = max(attempts.get(item_id, 0), attempt or 1)
     return CommittedState(done, attempts, len(attempts), parts)
+
+
+class ImageCheck:
+    """Committed ok items whose stored image is missing (or, verified, wrong): their ids, the
+    attempt of their ok row, how many per source file, and the first few problems in words."""
+
+    def __init__(self, ids: pa.Array, attempts: dict[str, int], by_file: dict[str, int], missing: int,
+                 wrong: int, first: list[str]):
+        self.ids, self.attempts, self.by_file = ids, attempts, by_file
+        self.missing, self.wrong, self.first = missing, wrong, first
+
+    def in_files(self, uris) -> int:
+        """How many of the items came from the input files ``uris``."""
+        return sum(n for uri, n in self.by_file.items() if uri in set(uris))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"missing": self.missing, "wrong": self.wrong, "first": self.first}
+
+
+def check_images(out_loc, done: pa.Array, ext: str, verify: bool = False, workers: int = 8) -> ImageCheck:
+    """Which committed ok items (ids ``done``) lack their image ``images/<id>.<ext>``.
+
+    Always one listing of ``images/`` (names and sizes), never a request per item. With
+    ``verify`` the newest ok row of each item is also checked against the stored file: its
+    ``image_bytes`` against the listed size, then its ``image_sha256`` against the file's bytes
+    (read with ``workers`` threads). Rows written before sizes and digests were recorded are
+    checked for existence only."""
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    images = out_loc.join("images")
+    sizes = images.file_sizes() if len(done) else {}
+    names = pa.array(list(sizes), pa.string())
+    expected = pc.binary_join_element_wise(done, ext, ".")
+    bad = done.filter(pc.invert(pc.is_in(expected, value_set=names))) if len(done) else done
+    missing, wrong, first = len(bad), 0, [f"{i}: images/{i}.{ext} is missing" for i in bad.slice(0, 5).to_pylist()]
+    if verify and len(done):
+        rows = _newest_ok_rows(out_loc, ["item_id", "status", "attempt", "image_bytes", "image_sha256"])
+        rows = rows.filter(pc.is_in(rows.column("item_id"), value_set=done))
+        rows = rows.filter(pc.is_in(pc.binary_join_element_wise(rows.column("item_id"), ext, "."), value_set=names))
+        suspects: list[tuple[str, str | None, str]] = []
+        for item_id, size, sha in zip(rows.column("item_id").to_pylist(), rows.column("image_bytes").to_pylist(),
+                                      rows.column("image_sha256").to_pylist()):
+            listed = sizes[f"{item_id}.{ext}"]
+            if size is not None and size != listed:
+                suspects.append((item_id, None, f"{item_id}: images/{item_id}.{ext} has {listed} bytes, the "
+                                                f"manifest says {size}"))
+            elif sha:
+                suspects.append((item_id, sha, ""))
+
+        def judge(case: tuple[str, str | None, str]) -> str | None:
+            item_id, sha, why = case
+            if sha is None:
+                return why
+            try:
+                data = images.join(f"{item_id}.{ext}").read_bytes()
+            except Exception as exc:  # noqa: BLE001 - gone since the listing: render it again
+                return f"{item_id}: {exc}"
+            if hashlib.sha256(data).hexdigest() != sha:
+                return f"{item_id}: images/{item_id}.{ext} does not match the manifest sha256"
+            return None
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            verdicts = list(pool.map(judge, suspects))
+        wrong_ids = [case[0] for case, why in zip(suspects, verdicts) if why]
+        wrong = len(wrong_ids)
+        first += [why for why in verdicts if why][:max(0, 5 - len(first))]
+        bad = pa.concat_arrays([bad, pa.array(wrong_ids, pa.string())])
+    if not len(bad):
+        return ImageCheck(bad, {}, {}, 0, 0, [])
+    attempts: dict[str, int] = {}
+    by_file: dict[str, int] = {}
+    for _, table in iter_parts(out_loc, ["item_id", "status", "attempt", "source_file"]):
+        table = table.filter(pc.and_(pc.equal(table.column("status"), "ok"),
+                                     pc.is_in(table.column("item_id"), value_set=bad)))
+        for item_id, attempt, source in zip(table.column("item_id").to_pylist(), table.column("attempt").to_pylist(),
+                                            table.column("source_file").to_pylist()):
+            if item_id not in attempts:
+                by_file[source] = by_file.get(source, 0) + 1
+            attempts[item_id] = max(attempts.get(item_id, 0), attempt or 1)
+    return ImageCheck(bad, attempts, by_file, missing, wrong, first)
+
+
+def _newest_ok_rows(out_loc, columns: list[str]) -> pa.Table:
+    """The ok row of each item that consolidation would keep (highest attempt, then newest part)."""
+    tables = [_with_rank(t.filter(pc.equal(t.column("status"), "ok")), i) for i, t in iter_parts(out_loc, columns)]
+    if not tables:
+        return conform(MANIFEST_SCHEMA.empty_table(), columns)
+    table, _ = _first_per_item(pa.concat_tables(tables).sort_by(_ORDER), None)
+    return table.drop_columns(["_ok", "_part"])
 
 
 # ----------------------------------------------------------------------------- consolidation
@@ -366,13 +496,11 @@ def _sorted_write(ray, out_loc, parts, target, counts, failures=None) -> None:
     ds = ray.data.read_parquet(paths, filesystem=fs, include_paths=True)
     ds = ds.map_batches(rank, batch_format="pyarrow")
     ds = ds.sort(key=_RANK, descending=[False, True, True, True])
-    tfs, tpath = target.pyarrow_fs()
-    # S3 multipart uploads appear atomically on completion; local files go through a temp + move
-    tmp = tpath if target.scheme == "s3" else tpath + f".tmp-{uuid.uuid4().hex[:8]}"
     first = next((t for _, t in iter_parts(out_loc)), None)
     schema = first.schema if first is not None else MANIFEST_SCHEMA  # the job's columns, extras included
     carry = None
-    with tfs.open_output_stream(tmp) as stream, pq.ParquetWriter(stream, schema, compression="zstd") as writer:
+    # published only when complete (storage's atomic writer: temp + rename, or a completed multipart)
+    with target.open_atomic() as stream, pq.ParquetWriter(stream, schema, compression="zstd") as writer:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=16384, prefetch_batches=0):
             batch, carry = _first_per_item(batch, carry)
             batch = batch.drop_columns(["_ok", "_part"]).select(schema.names).cast(schema)
@@ -380,8 +508,6 @@ def _sorted_write(ray, out_loc, parts, target, counts, failures=None) -> None:
             _count(batch, counts)
             if failures is not None:
                 failures.add(batch)
-    if tmp != tpath:
-        tfs.move(tmp, tpath)
 
 
 def read_manifest(out_loc) -> pa.Table | None:

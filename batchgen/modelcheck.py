@@ -80,15 +80,13 @@ def validate_model(model, storage_cfg=None) -> ModelCheck:
 def _local_view(uri: str, storage_cfg, allow_pickle: bool) -> Iterator[tuple[Path, dict, str | None]]:
     """(a local path to build the model from, its weight files, the name to show instead of the
     local path): the model itself for local ones; header-only copies for S3."""
-    from .checkpoints import resolve_model_uri
+    from .builtin import BUILTINS, resolve_model_uri
 
     if uri.startswith("s3://"):
         with _s3_view(uri, storage_cfg, allow_pickle) as view:
             yield view
         return
     if uri.startswith("builtin:"):
-        from .tiny import BUILTINS
-
         name = uri[len("builtin:"):]
         if name not in BUILTINS:
             raise CheckpointError(f"model.uri {uri!r}: unknown built-in model; known: "

@@ -11,9 +11,10 @@ their own.
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
-import torch
+if TYPE_CHECKING:
+    import torch  # imported where noise is drawn: the pre-flight's seed helpers must not pay for it
 
 SEED_LIMIT = 2**63  # seeds are unsigned 63-bit integers: 0 <= seed < 2**63
 
@@ -45,6 +46,8 @@ def derive_seed(job_seed: int, item_id: str) -> int:
 
 def item_generators(seeds: Iterable[int]) -> list[torch.Generator]:
     """One CPU generator per item, seeded with the item's seed."""
+    import torch
+
     return [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
 
 
@@ -52,13 +55,16 @@ def randn_items(
     generators: Sequence[torch.Generator],
     item_shape: Sequence[int],
     device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Draw ``(len(generators), *item_shape)`` standard normal noise, one item per generator.
 
     Each item is drawn on the CPU in float32 as ``(1, *item_shape)`` from its own generator (the
-    diffusers per-item order), then the batch is moved to ``device`` and cast to ``dtype``.
+    diffusers per-item order), then the batch is moved to ``device`` and cast to ``dtype`` (None: float32).
     """
+    import torch
+
+    dtype = torch.float32 if dtype is None else dtype
     shape = (1, *tuple(int(d) for d in item_shape))
     draws = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators], dim=0)
     if torch.device(device).type == "cuda":  # pinned + non_blocking: the copy does not stall the host

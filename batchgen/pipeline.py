@@ -19,7 +19,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .checkpoints import open_source, resolve_model_uri
+from .builtin import resolve_model_uri
+from .checkpoints import open_source
 from .families import family_for
 from .families.base import Batch, Conditioning, Family
 from .noise import check_seeds, item_generators, randn_items
@@ -431,7 +432,8 @@ def load_pipeline(path, device=None, dtype=None, variant: str | None = None, all
         raise ValueError(f"compile: expected one of {', '.join(COMPILE_MODES)}, got {compile!r}")
     local = resolve_model_uri(path, storage_config)
     source = open_source(local, vae=vae, text_encoders=text_encoders, tokenizers=tokenizers,
-                         prediction_type=prediction_type, allow_pickle=allow_pickle, storage_config=storage_config)
+                         prediction_type=prediction_type, allow_pickle=allow_pickle, storage_config=storage_config,
+                         resolve=lambda uri: resolve_model_uri(uri, storage_config))
     family_cls = family_for(source)
     device, dtype = default_device_dtype(device, dtype, family_cls.cuda_dtype)
     family = family_cls.load(source, variant, allow_pickle, dtype=dtype)

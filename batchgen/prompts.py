@@ -16,7 +16,8 @@ Template format (YAML; every key but ``templates`` is optional)::
     limit: 100000                 # keep only the first `limit` rows (either mode); --limit overrides
     wildcards: wildcards          # folder(s) of __name__.txt files, relative to this file
                                   #   (default: this file's folder, then its `wildcards/` subfolder)
-    max_depth: 8                  # how deep wildcards may nest (a wildcard line using a wildcard)
+    max_depth: 8                  # how deep wildcards may nest (a wildcard line using a wildcard;
+                                  #   at most 32)
     negative_prompt: "blurry"     # default negative prompt of every template
     id_column: id                 # name of the id column (default `id`)
     version: 1                    # the template format version (1)
@@ -40,6 +41,8 @@ Prompt syntax:
 
 - ``{a|b|c}``: an inline choice; options may nest (``{a {big|small} dog|a cat}``), be empty
   (``{|very }``) and carry sampled-mode weights ``{3::a|b}`` (sd-dynamic-prompts' ``N::``).
+  Choices nest at most 32 deep in one text and 160 levels in all (through wildcards); weights
+  (here, in wildcard lines and in ``variables``) are finite and add up to a finite number.
 - ``__style__``: one line of the wildcard file ``style.txt`` (``__people/kids__`` ->
   ``people/kids.txt``). Blank lines and lines starting with ``#`` are skipped; each line is itself
   a template (choices, variables, other wildcards, ``N::`` weights).
@@ -88,7 +91,6 @@ import os
 import re
 import struct
 import sys
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -111,6 +113,9 @@ _REF_RE = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)(?:\.([A-Za-z_][A-Za-z0-9_]*))
 _WILDCARD_RE = re.compile(r"__([A-Za-z0-9_-]+(?:/[A-Za-z0-9_-]+)*?)__")
 _WEIGHT_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)::")
 _SPECIAL_RE = re.compile(r"[\\{}|_]")
+MAX_BRACE_NESTING = 32  # {..{..}..} inside one piece of text
+MAX_WILDCARD_DEPTH = 32  # the highest max_depth a template may set
+MAX_NESTING = 160  # choice levels in all, through wildcards: expansion recurses once per level
 _ESCAPABLE = "{}|_"
 
 
@@ -219,6 +224,11 @@ def _count(node) -> int:
     return 1 if node.__class__ is str else node.count
 
 
+def _height(node) -> int:
+    """Levels of nodes below and including ``node`` (``at`` / ``draw`` recurse once per level)."""
+    return 0 if node.__class__ is str else node.height
+
+
 def _resolve(node):
     """A wildcard reference stands for its file's choice node (saves a call per draw)."""
     return node.target if isinstance(node, _Wild) else node
@@ -227,11 +237,12 @@ def _resolve(node):
 class _Seq:
     """Concatenation; combination k is mixed radix over the parts (first slowest)."""
 
-    __slots__ = ("parts", "count", "_template", "_dyn", "_rev")
+    __slots__ = ("parts", "count", "height", "_template", "_dyn", "_rev")
 
     def __init__(self, parts: list):
         self.parts = parts
         self.count = 1
+        self.height = 1
         self._template: list = []
         self._dyn: list = []
         self._rev: list = []
@@ -239,6 +250,7 @@ class _Seq:
     def finish(self) -> None:
         self.parts = [_resolve(p) for p in self.parts]
         self.count = math.prod(_count(p) for p in self.parts)
+        self.height = 1 + max((_height(p) for p in self.parts), default=0)
         self._template = [p if p.__class__ is str else "" for p in self.parts]
         self._dyn = [(i, p) for i, p in enumerate(self.parts) if p.__class__ is not str]
         self._rev = [(i, p, _count(p)) for i, p in reversed(self._dyn)]
@@ -263,12 +275,13 @@ class _Seq:
 class _Choice:
     """One of several options: ``{a|b}`` or the lines of a wildcard file."""
 
-    __slots__ = ("options", "weights", "count", "_cum_counts", "_cum_weights", "_total", "_uniform", "_n")
+    __slots__ = ("options", "weights", "count", "height", "_cum_counts", "_cum_weights", "_total", "_uniform", "_n")
 
     def __init__(self, options: list, weights: list[float]):
         self.options = options
         self.weights = weights
         self.count = 0
+        self.height = 1
         self._cum_counts: list[int] = []
         self._cum_weights: list[float] = []
         self._total = 0.0
@@ -282,6 +295,7 @@ class _Choice:
             cum.append(acc)
             acc += _count(o)
         self._cum_counts, self.count = cum, acc
+        self.height = 1 + max((_height(o) for o in self.options), default=0)
         cw, tot = [], 0.0
         for w in self.weights:
             tot += w
@@ -329,6 +343,7 @@ class _Var:
 
     __slots__ = ("name", "field", "strings")
     count = 1
+    height = 0
 
     def __init__(self, name: str, field: str | None):
         self.name = name
@@ -360,6 +375,7 @@ class _Parser:
         self.pos = 0
         self.where = where
         self.refs = refs
+        self.depth = 0
 
     def fail(self, pos: int, message: str) -> TemplateError:
         return TemplateError(f"{self.where.at(self.text, pos)}: {message}")
@@ -430,6 +446,15 @@ class _Parser:
     def _group(self):
         text, n = self.text, len(self.text)
         open_pos = self.pos
+        if self.depth >= MAX_BRACE_NESTING:
+            raise self.fail(open_pos, f"choices nest more than {MAX_BRACE_NESTING} deep ({{ inside {{)")
+        self.depth += 1
+        try:
+            return self._group_body(text, n, open_pos)
+        finally:
+            self.depth -= 1
+
+    def _group_body(self, text: str, n: int, open_pos: int):
         self.pos += 1
         options: list = []
         weights: list[float] = []
@@ -439,6 +464,8 @@ class _Parser:
             if wm is not None:
                 weighted = True
                 weights.append(float(wm.group(1)))
+                if not math.isfinite(weights[-1]):
+                    raise self.fail(self.pos, _too_large(wm.group(1)))
                 self.pos = wm.end()
             else:
                 weights.append(1.0)
@@ -465,7 +492,14 @@ class _Parser:
             return node
         if sum(weights) <= 0:
             raise self.fail(open_pos, "every option of this choice has weight 0")
+        if not math.isfinite(sum(weights)):
+            raise self.fail(open_pos, f"the weights of this choice add up to more than {sys.float_info.max:g}")
         return _Choice(options, weights)
+
+
+def _too_large(weight: str) -> str:
+    """The message for a weight that overflows float64 (it would become inf and change the sampling)."""
+    return f"weight {weight[:20]}{'...' if len(weight) > 20 else ''} is too large (at most {sys.float_info.max:g})"
 
 
 def _finish_all(node, seen: set[int]) -> None:
@@ -484,12 +518,21 @@ def _finish_all(node, seen: set[int]) -> None:
     # a _Wild's target was finished when its file was loaded
 
 
-def _as_node(node):
+def _as_node(node, where: str):
     """A finished top-level node (a bare string or wildcard becomes a node with count/at/draw)."""
     if node.__class__ is str:
         node = _Seq([node])
     _finish_all(node, set())
-    return _resolve(node)
+    node = _resolve(node)
+    _check_height(node, where)
+    return node
+
+
+def _check_height(node, where: str) -> None:
+    """Expansion recurses once per level of choices (through wildcards too): bound it, so a deep
+    template is an error naming it, not a RecursionError."""
+    if node.height > MAX_NESTING:
+        raise TemplateError(f"{where}: choices and wildcards nest {node.height} levels deep (at most {MAX_NESTING})")
 
 
 # ----------------------------------------------------------------------------- variables
@@ -632,6 +675,8 @@ def _load_variable(name: str, spec, base: Path, where_of) -> Variable:
             raise TemplateError(f"{where}: {len(weights)} weights for {rows} values")
         if sum(weights) <= 0:
             raise TemplateError(f"{where}: every weight is 0")
+        if not math.isfinite(sum(weights)):  # inf (.inf in YAML, a huge CSV value) or a sum that overflows
+            raise TemplateError(f"{where}: weights must be finite and add up to at most {sys.float_info.max:g}")
     if names is not None:
         bad = [n for n in names if not COLUMN_RE.match(n)]
         if bad:
@@ -694,6 +739,8 @@ class PromptTemplate:
             raise self._err(("version",), f"unsupported template version {data['version']!r} (this is version 1)")
         self.limit = self._int(data, "limit", None, 1) if limit is None else int(limit)
         self.max_depth = self._int(data, "max_depth", 8, 1)
+        if self.max_depth > MAX_WILDCARD_DEPTH:
+            raise self._err(("max_depth",), f"max_depth must be <= {MAX_WILDCARD_DEPTH}, got {self.max_depth}")
         self.id_column = data.get("id_column", "id")
         if not isinstance(self.id_column, str) or not COLUMN_RE.match(self.id_column) \
                 or self.id_column in RESERVED_COLUMNS:
@@ -823,8 +870,8 @@ class PromptTemplate:
             if self.per is not None:
                 used.add(self.per)
             variables = [v for v in self.variables if v in used]
-            prompt = _as_node(prompt)
-            negative = _as_node(negative) if negative is not None else None
+            prompt = _as_node(prompt, self._where(prompt_key).at())
+            negative = _as_node(negative, self._where(key).at()) if negative is not None else None
             out.append(_Template(name, i, prompt, negative, variables, count, self._where(prompt_key).at()))
         return out
 
@@ -885,6 +932,8 @@ class PromptTemplate:
             lw = _Where(str(path), None, lineno)
             wm = _WEIGHT_RE.match(stripped)
             weights.append(float(wm.group(1)) if wm else 1.0)
+            if not math.isfinite(weights[-1]):
+                raise TemplateError(f"{lw.at()}: {_too_large(wm.group(1))}")
             body = stripped[wm.end():] if wm else stripped
             parser = _Parser(body, lw, refs)
             options.append(parser.parse())
@@ -893,9 +942,12 @@ class PromptTemplate:
                                 "(blank lines and # comments are skipped)")
         if sum(weights) <= 0:
             raise TemplateError(f"{path}: every line has weight 0")
+        if not math.isfinite(sum(weights)):
+            raise TemplateError(f"{path}: the line weights add up to more than {sys.float_info.max:g}")
         self._link(refs, chain + [name])
         node = _Choice(options, weights)
         _finish_all(node, set())
+        _check_height(node, where)
         self._wildcard_cache[path] = node
         self._wildcard_vars[id(node)] = self._used_variables(refs)
         return node
@@ -1126,57 +1178,47 @@ def expand_to_parquet(template: PromptTemplate | str | os.PathLike, out: str | o
                       progress=None) -> int:
     """Write the expansion of ``template`` to the Parquet file ``out`` (local or s3://); the row count.
 
-    Row groups are written as they fill, so memory stays bounded whatever the row count. A local
-    file is written next to ``out`` and renamed into place, so a reader never sees half a file.
+    Row groups are written as they fill, so memory stays bounded whatever the row count (an S3
+    object goes up as a multipart upload). The file appears only when complete
+    (:meth:`batchgen.storage.Location.open_atomic`), so a reader never sees half a file.
     """
     import pyarrow.parquet as pq
 
     tpl = template if isinstance(template, PromptTemplate) else load_template(template)
     if row_group_rows < 1:
         raise ValueError(f"row_group_rows must be >= 1, got {row_group_rows}")
-    out = os.fspath(out)
+    from .storage import Location
+
+    loc = Location.parse(os.fspath(out), storage_config)
+    if not overwrite and loc.exists():
+        raise InputError(f"--out {loc.uri} exists; pass --overwrite to replace it")
     schema = tpl.schema()
     written = 0
-    if "://" not in out or out.startswith("file://"):  # local: no storage layer needed
-        final = Path(out[len("file://"):] if out.startswith("file://") else out).absolute()
-        if not overwrite and final.exists():
-            raise InputError(f"--out {final} exists; pass --overwrite to replace it")
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp: Path | None = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
-        sink: Any = str(tmp)
-    else:
-        from .storage import Location
-
-        loc = Location.parse(out, storage_config)
-        if not overwrite and loc.exists():
-            raise InputError(f"--out {loc.uri} exists; pass --overwrite to replace it")
-        fs, fpath = loc.pyarrow_fs()
-        sink = fs.open_output_stream(fpath)
-        tmp = None
-    try:
-        with pq.ParquetWriter(sink, schema) as writer:
-            for batch in tpl.iter_batches(row_group_rows):
-                writer.write_batch(batch, row_group_size=row_group_rows)
-                written += batch.num_rows
-                if progress is not None:
-                    progress(written, tpl.row_count())
-        if tmp is not None:
-            os.replace(tmp, final)
-    except BaseException:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
-        raise
-    finally:
-        if tmp is None:
-            sink.close()
+    # Published only when complete: interrupted, nothing (no truncated Parquet, no temp file) is left.
+    with loc.open_atomic() as sink, pq.ParquetWriter(sink, schema) as writer:
+        for batch in tpl.iter_batches(row_group_rows):
+            writer.write_batch(batch, row_group_size=row_group_rows)
+            written += batch.num_rows
+            if progress is not None:
+                progress(written, tpl.row_count())
     return written
 
 
 # ----------------------------------------------------------------------------- CLI
 
 
+def help_epilog() -> str:
+    """The template format, prompt syntax, modes and output columns for ``prompts --help``: the
+    module docstring's reference part (one text, so the help and the docstring cannot differ)."""
+    doc = __doc__ or ""
+    text = doc[doc.index("Template format"):doc.index("Rows are written")]
+    return text.replace("``", "").replace("::\n", ":\n").rstrip() + "\n"
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("template", help="template YAML file (see `batchgen.prompts` for the format)")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = help_epilog()
+    parser.add_argument("template", help="template YAML file (format below)")
     parser.add_argument("--out", help="output Parquet file (local path or s3://...)")
     parser.add_argument("--seed", type=int, default=None, help="override the template's seed")
     parser.add_argument("--count", type=int, default=None,

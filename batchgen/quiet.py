@@ -9,6 +9,12 @@
   actor constructor arguments in the object store that every Ray Data actor pool triggers. It
   swaps file descriptor 2 for a pipe only while the job streams, after Ray has started (so no
   Ray process inherits the pipe) and forwards every other byte unchanged.
+- :class:`RayMessageFilter` drops the raylet's messages ("(raylet) Task ... submit failed. There
+  are infinite retries remaining, so the task will be retried", "(raylet) A worker died ..."):
+  Ray's driver prints them with ``print()`` to ``sys.stdout`` from a thread of its own, whatever
+  ``log_to_driver`` says, each time an actor restarts and again after Ctrl-C. Ray retries by
+  itself; what it cannot recover from ends the stream with an error the runner reports, and
+  ``-v`` shows every message.
 """
 
 from __future__ import annotations
@@ -94,3 +100,32 @@ class StderrFilter:
             self.console.close()
         os.close(self.saved)
         self.saved = None
+
+
+class RayMessageFilter:
+    """``with RayMessageFilter(): ...`` drops the raylet's messages from ``sys.stdout`` meanwhile.
+
+    Ray prints each message with ``print(text, file=sys.stdout)``: one ``write`` of the whole
+    (possibly multi-line) message, then one of the line end, which is dropped with it."""
+
+    def __init__(self):
+        self.saved = None
+        self.dropping = False
+
+    def __enter__(self) -> "RayMessageFilter":
+        self.saved, sys.stdout = sys.stdout, self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if sys.stdout is self:
+            sys.stdout = self.saved
+
+    def write(self, text: str) -> int:
+        if self.dropping and text == "\n":
+            self.dropping = False
+            return len(text)
+        self.dropping = text.startswith(("(raylet)", "(raylet,"))
+        return len(text) if self.dropping else self.saved.write(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self.saved, name)

@@ -1,8 +1,9 @@
 """Self-contained HTML report of a compare: ``index.html``, ``images/*.png`` and ``summary.json``.
 
 The page has a summary table (counts per class, thresholds, settings that differ) and, for each
-changed item worst first, baseline | candidate | amplified difference heatmap side by side with the
-metrics, the prompt and the differing settings. Images are files next to the page (relative
+changed item worst first, baseline | candidate | difference heatmap (scaled to the item's largest
+difference, so that even a 1-level difference is visible) side by side with the metrics, the
+prompt and the differing settings. Images are files next to the page (relative
 links), so the folder can be copied or served as it is; no external resources are loaded. A
 small script marks every ``<img>`` with ``data-loaded="1"`` (or ``data-failed="1"``) and sets
 ``data-images-loaded`` / ``data-images-total`` on ``<body>``, so a headless browser's
@@ -14,11 +15,17 @@ from __future__ import annotations
 import html
 import json
 import math
+import re
 
 import numpy as np
 
 THUMB = 256  # longest side of the images shown in the report
-HEAT_GAIN = 8  # the heatmap shows min(255, 8 * |diff|), max over channels
+# The heatmap scales |diff| (max over channels) to the image's largest difference, which is white;
+# any difference at all is at least HEAT_FLOOR (purple), so a 1-level change is plainly visible.
+HEAT_FLOOR = 64
+MARKER = ".batchgen-report.json"  # marks a folder as a compare report (rewritable by the next one)
+_OUR_FILES = re.compile(r"^(index\.html|summary\.json|\.batchgen-report\.json"
+                        r"|images/\d{5}-(baseline|candidate|diff)\.png)$")
 # Colour stops of the heatmap (value 0..1 -> RGB): black, purple, red, orange, white.
 _STOPS = [(0.0, (0, 0, 0)), (0.25, (90, 0, 140)), (0.5, (220, 40, 40)), (0.75, (255, 190, 0)),
           (1.0, (255, 255, 255))]
@@ -34,13 +41,24 @@ def _colormap() -> np.ndarray:
 COLORMAP = _colormap()
 
 
-def diff_heatmap(a: np.ndarray, b: np.ndarray, gain: int = HEAT_GAIN) -> np.ndarray:
-    """HxWx3 uint8 heatmap of ``min(255, gain * max_channel |a - b|)`` through :data:`COLORMAP`."""
+def heat_levels(d: np.ndarray) -> np.ndarray:
+    """Colormap indices of absolute differences ``d`` (0..255): 0 stays black, the largest
+    difference in ``d`` is 255 (white) and every other difference lies in HEAT_FLOOR..255, so
+    small differences stay visible next to large ones and on their own."""
+    d = d.astype(np.int32)
+    top = int(d.max()) if d.size else 0
+    if top == 0:
+        return np.zeros(d.shape, np.uint8)
+    scaled = HEAT_FLOOR + -(-(255 - HEAT_FLOOR) * d // top)  # ceil: the top maps to exactly 255
+    return np.where(d > 0, scaled, 0).astype(np.uint8)
+
+
+def diff_heatmap(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """HxWx3 uint8 heatmap of ``max_channel |a - b|`` through :func:`heat_levels` and :data:`COLORMAP`."""
     d = np.abs(a.astype(np.int16) - b.astype(np.int16))
     if d.ndim == 3:
         d = d.max(axis=2)
-    level = np.minimum(255, d.astype(np.int32) * int(gain)).astype(np.uint8)
-    return COLORMAP[level]
+    return COLORMAP[heat_levels(d)]
 
 
 def _max_pool_to(img: np.ndarray, size: int) -> np.ndarray:
@@ -101,7 +119,7 @@ def _settings_html(settings: dict) -> str:
     return f"<table class='settings'><tr><th>setting</th><th>baseline</th><th>candidate</th></tr>{rows}</table>"
 
 
-def _item_images(item, out, storage_config, n: int) -> str:
+def _item_images(item, out, storage_config, n: int, written: set[str]) -> str:
     """Write baseline/candidate/heatmap PNGs of one item; return the <figure>s (or a note)."""
     from .outputs import load_image
 
@@ -112,11 +130,15 @@ def _item_images(item, out, storage_config, n: int) -> str:
         return f"<p>images unavailable: {html.escape(str(exc))}</p>"
     pics = [("baseline", a, True), ("candidate", b, True)]
     if a.shape == b.shape:
-        pics.append((f"|diff| x{HEAT_GAIN}", _max_pool_to(diff_heatmap(a, b), THUMB), False))
+        top = int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+        label = (f"|diff|, scaled: {top} = white, any difference >= purple" if top else
+                 "no pixel differs (metadata only)")
+        pics.append((label, _max_pool_to(diff_heatmap(a, b), THUMB), False))
     figs = []
     for (label, arr, shrink), kind in zip(pics, ("baseline", "candidate", "diff")):
         name = f"images/{n:05d}-{kind}.png"
         out.join(*name.split("/")).write_bytes(_png(arr, shrink))
+        written.add(name)
         figs.append(f"<figure><img src='{name}' alt='{kind} of {html.escape(item.item_id)}' "
                     f"class='{kind}'><figcaption>{html.escape(label)}</figcaption></figure>")
     return "<div class='pics'>" + "".join(figs) + "</div>"
@@ -160,18 +182,24 @@ def write_report(result, report_uri: str, storage_config=None, limit: int = 200)
     """Write the report folder (local or s3://); return the URI of ``index.html``.
 
     Only the ``limit`` worst changed items get images (their files are re-read now); every item
-    is in ``summary.json``.
+    is in ``summary.json``. The folder must be new, empty or an earlier report (its marker file
+    ``.batchgen-report.json``, written first): a report never writes into a job output or a folder
+    of someone's files. Over an earlier report, its images this report does not write are removed.
     """
-    from .storage import Location
+    from .storage import Location, destination_files, remove_stale
 
     if limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
     out = Location.parse(str(report_uri), storage_config)
-    out.require_folder()
+    existing = destination_files(out, MARKER, _is_report, refuse="--report writes only into a new or empty "
+                                 "folder, or over an earlier report; choose another --report folder")
+    out.join(MARKER).write_bytes(json.dumps({"kind": "batchgen-compare-report", "baseline": result.baseline,
+                                             "candidate": result.candidate}, indent=2).encode("utf-8"))
+    written = {MARKER, "summary.json", "index.html"}
     blocks = []
     changed = [i for i in result.items if i.status == "changed"]
     for n, item in enumerate(changed[:limit]):
-        pics = (_item_images(item, out, storage_config, n)
+        pics = (_item_images(item, out, storage_config, n, written)
                 if item.baseline_image and item.candidate_image else "")
         metrics = (f"max pixel diff <b>{_fmt(item.max_abs_diff, 'd')}</b>, PSNR <b>{_fmt(item.psnr, '.2f')}</b> dB, "
                    f"SSIM <b>{_fmt(item.ssim, '.5f')}</b>")
@@ -185,4 +213,18 @@ def write_report(result, report_uri: str, storage_config=None, limit: int = 200)
         json.dumps(result.to_json(), indent=2, sort_keys=True, default=str).encode("utf-8"))
     index = out.join("index.html")
     index.write_bytes(page.encode("utf-8"))
+    remove_stale(out, existing, written, _OUR_FILES)  # an earlier report's images this one did not write
     return index.uri
+
+
+def _is_report(marker) -> bool:
+    """True when ``marker`` is the marker file of a compare report."""
+    from .errors import StorageError
+
+    if not marker.exists():
+        return False
+    try:
+        data = json.loads(marker.read_bytes())
+    except (ValueError, StorageError):
+        return False
+    return isinstance(data, dict) and data.get("kind") == "batchgen-compare-report"

@@ -3,11 +3,13 @@ manifest parts -> consolidated manifest and summary.
 
 A run has two halves:
 
-- :func:`prepare` needs no Ray. It validates the spec's output location, the sampler, the model
-  (metadata and weight headers), takes the output's lease (one run per output), compares with
-  the previous run's job.json, scans every input row, builds every sampler schedule the rows need,
-  and only then writes job.json (after removing what ``--overwrite`` replaces). Every mistake
-  fails here in seconds, before Ray starts and before anything else is written.
+- :func:`prepare` needs no Ray. Cheapest first, one log line per phase: it validates the spec's
+  output location, takes the output's lease (one run per output), compares with the previous
+  run's job.json, scans every input row (no model needed: a bad row fails before torch is even
+  imported), then checks the model (metadata and weight headers), scans the rows again with the
+  model family's defaults, builds every sampler schedule the rows need, and only then writes
+  job.json (after removing what ``--overwrite`` replaces). Every mistake fails here in seconds,
+  before Ray starts and before anything else is written.
 - :func:`execute` starts (or joins) Ray and streams the job. The driver commits manifest parts as
   results arrive: every ``part_max_rows`` rows or every few seconds, also while nothing arrives.
   SIGINT/SIGTERM commit what has arrived and end the run with :class:`JobInterrupted` (exit 130).
@@ -22,6 +24,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from contextlib import nullcontext
@@ -93,6 +96,8 @@ class Plan:
     inputs: dict
     timings: dict[str, float]
     resolved: dict = field(default_factory=dict)  # family defaults filled in (jobstate.resolve)
+    rendered_again: dict = field(default_factory=dict)  # finished items whose image was missing / wrong
+    lora_sha256: dict = field(default_factory=dict)  # uri -> sha256 the pre-flight read; workers verify theirs
 
     @property
     def todo(self) -> int:
@@ -105,8 +110,11 @@ class Plan:
 # ----------------------------------------------------------------------------- prepare (no Ray)
 
 
-def prepare(spec, *, overwrite: bool = False, max_failures: int | None = None, hooks: dict | None = None) -> Plan:
-    """Validate everything and write job.json; no Ray. Raises before writing on any bad input."""
+def prepare(spec, *, overwrite: bool = False, max_failures: int | None = None, hooks: dict | None = None,
+            verify: bool = False) -> Plan:
+    """Validate everything and write job.json; no Ray. Raises before writing on any bad input.
+    A resume renders again the committed items whose image is missing (one listing of images/);
+    with ``verify`` also those whose stored bytes differ from the manifest's size or sha256."""
     from . import jobstate
     from .dataset import scan_inputs
     from .lease import Lease
@@ -115,6 +123,7 @@ def prepare(spec, *, overwrite: bool = False, max_failures: int | None = None, h
 
     hooks = dict(hooks or {})
     t0 = time.perf_counter()
+    log.info("pre-flight: job %s (spec ok)", spec.name)
     try:
         cfg = StorageConfig(endpoint_url=spec.storage.endpoint_url).resolved()
     except ValueError as exc:
@@ -122,9 +131,6 @@ def prepare(spec, *, overwrite: bool = False, max_failures: int | None = None, h
     out = Location.parse(spec.output.uri, cfg)
     out.require_folder()
     jobstate.check_output_location(out, spec, cfg)
-    jobstate.check_sampler(spec)
-    model = jobstate.check_model(spec, cfg, hooks)
-    t_model = time.perf_counter()
     created = out.scheme == "local" and not os.path.exists(out.path)
     lease = Lease(out).acquire()
     try:
@@ -132,22 +138,42 @@ def prepare(spec, *, overwrite: bool = False, max_failures: int | None = None, h
         remove = jobstate.check_previous(out, spec, previous, overwrite)
         resume = previous is not None and not overwrite
         committed = committed_state(out) if resume else empty_state()
+        images = jobstate.check_images(out, spec, committed, verify)
+        committed = committed.render_again(images)
+        t_output = _phase(t0, f"output {out.uri} ok ({'resume' if resume else 'new job'})")
+        # Cheapest first: every row of the input, before the model (seconds of imports and a
+        # skeleton build). This pass knows no model family, so it checks what holds for any
+        # model; the pass below, with the family's defaults, adds what depends on the model.
+        first = scan_inputs(spec, cfg, committed, notes=False)  # the notes (overridden settings): second pass
+        t_inputs = _phase(t_output, f"inputs: {len(first.files)} files, {first.total_rows} items")
+        jobstate.check_sampler(spec)
+        model = jobstate.check_model(spec, cfg, hooks)
+        t_model = _phase(t_inputs, f"model {spec.model.uri}: " + (model.family if model is not None else "test renderer"))
         resolved = jobstate.resolve(spec, model)
         scan = scan_inputs(spec, cfg, committed, resolved, model.check_prompt if model is not None else None)
         inputs = jobstate.check_inputs(out, spec, previous if resume else None, scan, committed)
         loras = jobstate.check_sampling(spec, model, scan, resolved)
         jobstate.check_lora_files(out, previous if resume else None, loras)
         removed = jobstate.prepare_output(out, spec, scan, previous if resume else None, remove, hooks, resolved,
-                                          loras)
+                                          loras, images)
     except BaseException:
         lease.release()
         if created:
             _remove_if_empty(out.path)
         raise
     limit = jobstate.max_failures_for(scan.total_rows, max_failures)
-    timings = {"preflight_model": round(t_model - t0, 3), "preflight_scan": round(time.perf_counter() - t_model, 3)}
+    _phase(t_model, f"settings and LoRAs checked, job.json written; {scan.total_rows - scan.done_in_input} items to render")
+    timings = {"preflight_output": round(t_output - t0, 3), "preflight_inputs": round(t_inputs - t_output, 3),
+               "preflight_model": round(t_model - t_inputs, 3), "preflight_scan": round(time.perf_counter() - t_model, 3)}
     return Plan(spec, cfg, out, scan, committed, lease, hooks, limit, previous if resume else None, removed,
-                inputs, timings, resolved)
+                inputs, timings, resolved, images.as_dict(), lora_sha256=loras)
+
+
+def _phase(since: float, what: str) -> float:
+    """Log one finished pre-flight phase with its duration; returns now (the next phase's start)."""
+    now = time.perf_counter()
+    log.info("pre-flight: %s (%.1f s)", what, now - since)
+    return now
 
 
 def _remove_if_empty(path: str) -> None:
@@ -168,7 +194,7 @@ def execute(plan: Plan, *, progress_every_s: float = 10.0, progress_bar: bool | 
     from . import jobstate
     from .cluster import release_worker_nodes, request_worker_nodes
     from .manifest import PartWriter
-    from .quiet import StderrFilter, quiet_libraries
+    from .quiet import RayMessageFilter, StderrFilter, quiet_libraries
     from .stages import EncodeAndStore, GeneratorActor, ReadRows
 
     spec, out, scan, committed, hooks = plan.spec, plan.out, plan.scan, plan.committed, plan.hooks
@@ -210,7 +236,8 @@ def execute(plan: Plan, *, progress_every_s: float = 10.0, progress_bar: bool | 
                         sampler_options=spec.sampling.sampler_options, hooks=hooks,
                         torch_threads=c.torch_threads, max_init_pixels=spec.input.max_init_image_pixels,
                         quiet=not verbose, compile=c.compile, deterministic=c.deterministic,
-                        scoring=spec.scoring.clip.model_dump() if spec.scoring.clip else None),
+                        scoring=spec.scoring.clip.model_dump() if spec.scoring.clip else None,
+                        lora_sha256=plan.lora_sha256),
                     batch_size=rows_per_call, batch_format="pyarrow",
                     compute=ray.data.ActorPoolStrategy(min_size=actors.min_workers, max_size=actors.max_workers),
                     **actors.resources,
@@ -227,7 +254,8 @@ def execute(plan: Plan, *, progress_every_s: float = 10.0, progress_bar: bool | 
             if not _PRIVATE_RAY:  # a private local Ray has no autoscaler to ask
                 request_worker_nodes(spec)  # GPU nodes up front (the pool alone scales late)
             try:
-                with (StderrFilter() if not verbose else nullcontext()) as err:
+                with (StderrFilter() if not verbose else nullcontext()) as err, \
+                        (RayMessageFilter() if not verbose else nullcontext()):
                     progress = jobstate.Progress(todo, progress_every_s, bar=progress_bar,
                                                  file=getattr(err, "console", None))
                     try:
@@ -509,8 +537,9 @@ def _finish(plan: Plan, parts, progress, state: _StreamState, aborted: bool, t0:
             "encode_store_sum_over_items": round(state.encode_ms / 1000, 3),
         },
         "manifest_parts_written": parts.parts_written,
+        "rendered_again": plan.rendered_again,
     }
-    jobstate.write_summary(out, summary)
+    summary = jobstate.write_summary(out, summary)  # adds this run to the summary's "runs"
     result = JobResult(out.uri, scan.total_rows, ok, failed, rendered, scan.done_in_input, aborted, summary,
                        plan.removed)
     log.info("job %s: %d ok, %d failed of %d (%.2f img/s this run) -> %s/manifest.parquet",
@@ -541,10 +570,10 @@ def _sum(batch, column: str) -> float:
 
 def run_job(spec, *, overwrite: bool = False, max_failures: int | None = None,
             hooks: dict | None = None, progress_every_s: float = 10.0, progress_bar: bool | None = False,
-            verbose: bool = True) -> JobResult:
+            verbose: bool = True, verify: bool = False) -> JobResult:
     """Validate and prepare ``spec`` (no Ray), then run it on the current Ray, starting a private
     local one (shut down at the end) when Ray is not initialized."""
-    plan = prepare(spec, overwrite=overwrite, max_failures=max_failures, hooks=hooks)
+    plan = prepare(spec, overwrite=overwrite, max_failures=max_failures, hooks=hooks, verify=verify)
     try:
         return execute(plan, progress_every_s=progress_every_s, progress_bar=progress_bar, verbose=verbose)
     finally:
@@ -567,7 +596,9 @@ def _host_port(address: str) -> tuple[str, int] | None:
 
 
 def check_address(address: str, timeout_s: float = 5.0) -> str:
-    """Fail fast and clearly when the Ray cluster at ``address`` cannot be reached."""
+    """Fail fast and clearly when the Ray cluster at ``address`` cannot be reached; returns the
+    HOST:PORT it checked (``auto`` resolved as Ray resolves it). Join with the address as given,
+    not with this result: Ray treats ``auto`` differently from an explicit address (token auth)."""
     where = f"Ray address {address!r}" + (" (from RAY_ADDRESS)" if address == os.environ.get("RAY_ADDRESS") else "")
     if address.startswith(("http://", "https://")):
         raise RayUnreachable(f"{where} is a dashboard (Jobs API) URL: use `batchgen submit --address {address}` "
@@ -596,19 +627,30 @@ def check_address(address: str, timeout_s: float = 5.0) -> str:
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, verbose: bool = True) -> bool:
     """Connect to Ray: keep an existing session; join ``address`` / RAY_ADDRESS (checked first:
-    an unreachable cluster fails at once); else start a private local Ray that never attaches to
-    a cluster found through /tmp/ray. Returns True when this call started (and so should shut
-    down) Ray."""
+    an unreachable cluster fails at once; then joined exactly as ``ray.init(address)`` would,
+    ``auto`` included, with Ray's token when the cluster needs one); else start a private local Ray
+    that never attaches to a cluster found through /tmp/ray. The workers' log lines reach this
+    process without colour codes unless stderr is a terminal. Returns
+    True when this call started (and so should shut down) Ray."""
     global _PRIVATE_RAY
     import ray
+
+    from .jobstate import _isatty
 
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    if not _isatty(sys.stderr):
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # Ray's "(Actor pid=...)" prefixes: no ANSI colours in logs
     address = address or os.environ.get("RAY_ADDRESS") or None
     level = logging.INFO if verbose else logging.WARNING
+    # The workers' lines ("(GeneratorActor pid=...) ...") come through: batchgen's own warnings on the
+    # workers (a truncated prompt) travel that way; the libraries there are quiet unless -v.
     if address and address != "local":
-        address = check_address(address)
+        # Checked (fails fast), but given to ray.init as written: "auto" must stay "auto", which is
+        # what makes Ray join a local cluster with its token (~/.ray/auth_token) when it has one;
+        # a resolved HOST:PORT is an explicit address, for which Ray never turns token auth on.
+        check_address(address)
         ray.init(address=address, log_to_driver=True, logging_level=level)
         _PRIVATE_RAY = False
     else:

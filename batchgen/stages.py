@@ -23,6 +23,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .errors import InputError
+
 log = logging.getLogger(__name__)
 
 _REF_CACHE: dict[str, Any] = {}
@@ -309,8 +311,10 @@ class GeneratorActor:
 
     def __init__(self, model: dict, storage_cfg, batch_size: int, sampler: str, sampler_options: dict,
                  hooks: dict | None = None, torch_threads: int = 1, max_init_pixels: int | None = None,
-                 quiet: bool = False, compile: str = "none", deterministic: bool = False, scoring: dict | None = None):
+                 quiet: bool = False, compile: str = "none", deterministic: bool = False, scoring: dict | None = None,
+                 lora_sha256: dict[str, str] | None = None):
         self.hooks = hooks or {}
+        self.lora_sha256 = dict(lora_sha256 or {})  # the pre-flight's digests (job.json's lora_sha256)
         self.batch_size = batch_size
         self.sampler = sampler
         self.sampler_options = sampler_options
@@ -422,6 +426,7 @@ class GeneratorActor:
             return loras
         wanted = json.loads(loras)
         info = self.renderer.set_loras(wanted) if wanted or self.renderer.model_info.get("loras") else []
+        check_lora_digests(info, self.lora_sha256)
         return json.dumps([{"uri": x["uri"], "scale": x["scale"], "sha256": x["sha256"]} for x in info],
                           separators=(",", ":"))
 
@@ -436,6 +441,23 @@ class GeneratorActor:
         if kwargs.get("init_images"):
             options["init_images"] = kwargs["init_images"][:1] * self.batch_size
         return self.renderer.warmup(self.batch_size, **options) * 1000.0
+
+
+class FileChanged(InputError):
+    """A file the job uses holds other bytes on a worker than the pre-flight digested."""
+
+
+def check_lora_digests(applied: list[dict], expected: dict[str, str]) -> None:
+    """Every LoRA a worker fused must be the bytes the pre-flight read (``expected``: uri -> sha256,
+    as job.json records it): a file replaced while the job runs would otherwise mix versions in
+    one output. Raised before anything is rendered with it: the group's items fail, naming the file."""
+    for item in applied:
+        want = expected.get(item["uri"])
+        if want is not None and item.get("sha256") != want:
+            raise FileChanged(
+                f"LoRA {item['uri']} changed since the pre-flight (sha256 {want[:12]} in job.json, the worker read "
+                f"{str(item.get('sha256'))[:12]}); restore the file and run the same command again to resume, or "
+                "start over with --overwrite")
 
 
 class EncodeAndStore:

@@ -333,32 +333,32 @@ class Location:
             raise self._error(exc, "read") from None
 
     def write_bytes(self, data: bytes) -> None:
-        """Write the whole file/object. Local writes are atomic (temp file + os.replace)."""
+        """Write the whole file/object atomically (see :meth:`open_atomic`)."""
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise ValueError(f"data must be bytes, got {type(data).__name__}")
-        if self.scheme == "local":
-            self._write_local(bytes(data))
-            return
-        self._need_key("write")
-        try:
-            self._client().put_object(Bucket=self.bucket, Key=self.key, Body=bytes(data))
-        except Exception as exc:  # noqa: BLE001
-            raise self._error(exc, "write") from None
+        with self.open_atomic() as fh:
+            fh.write(bytes(data))
 
-    def _write_local(self, data: bytes) -> None:
-        target = Path(self.path)
-        if target.is_dir():
-            raise StorageError(f"cannot write {self.uri}: it is an existing folder")
-        _make_local_dirs(target.parent, self.uri)
-        tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:12]}"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, target)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise StorageError(f"cannot write {self.uri}: {exc.strerror or exc}") from None
+    @contextlib.contextmanager
+    def open_atomic(self):
+        """A binary writer whose bytes appear at this location only when the block ends normally.
+
+        Every batchgen writer goes through here, so no reader ever sees a partial file: a local
+        file is written to a hidden temp file beside the target (``.NAME.tmp-XXXXXXXXXXXX``) and
+        moved into place with ``os.replace``; an S3 object is sent as one PUT, or as a multipart
+        upload that is completed only at the end. On an exception (``KeyboardInterrupt``
+        included) the temp file is removed / the upload aborted; on SIGTERM too, when the main
+        thread has no SIGTERM handler of its own (the default would kill the process before any
+        clean-up ran: the temp files go, then the signal is delivered as before).
+        """
+        writer: _AtomicWriter = _LocalWriter(self) if self.scheme == "local" else _S3Writer(self)
+        with _discard_on_sigterm(writer):
+            try:
+                yield writer
+                writer.publish()
+            except BaseException:
+                writer.discard()
+                raise
 
     def exists(self) -> bool:
         """True for an existing file/object or a folder-like location (bucket root: bucket exists)."""
@@ -462,9 +462,10 @@ class Location:
             except OSError as exc:
                 raise StorageError(f"cannot delete {self.uri}: {exc.strerror or exc}") from None
             return
-        keys = [loc.key for loc in self.list(recursive=True)]
-        if self.key:
-            keys.append(self.key)
+        self._delete_keys([loc.key for loc in self.list(recursive=True)] + ([self.key] if self.key else []))
+
+    def _delete_keys(self, keys: list[str]) -> None:
+        """Delete these keys of this location's bucket, a thousand per request."""
         client = self._client()
         try:
             for start in range(0, len(keys), _DELETE_BATCH):
@@ -480,6 +481,46 @@ class Location:
             raise
         except Exception as exc:  # noqa: BLE001
             raise self._error(exc, "delete") from None
+
+    def delete_files(self, names: list[str]) -> None:
+        """Delete the files ``names`` directly in this folder (batched on S3); missing ones are fine."""
+        if self.scheme == "s3":
+            self._delete_keys([self.join(name).key for name in names])
+            return
+        for name in names:
+            self.join(name).delete()
+
+    def first_names(self, limit: int) -> list[str]:
+        """Up to ``limit`` names below this folder, for messages: a local folder's entries
+        (sorted), an S3 prefix's first keys (one short listing, however many there are)."""
+        if self.scheme == "local":
+            try:
+                return sorted(os.listdir(self.path))[:limit]
+            except (FileNotFoundError, NotADirectoryError):
+                return []
+            except OSError as exc:
+                raise StorageError(f"cannot list {self.uri}: {exc.strerror or exc}") from None
+        prefix = f"{self.key}/" if self.key else ""
+        try:
+            resp = self._client().list_objects_v2(Bucket=self.bucket, Prefix=prefix, MaxKeys=limit)
+        except Exception as exc:  # noqa: BLE001
+            raise self._error(exc, "list") from None
+        return [e["Key"][len(prefix):] for e in resp.get("Contents", []) if e["Key"] != prefix]
+
+    def file_sizes(self) -> dict[str, int]:
+        """``{name: size}`` of the files directly in this folder, from one listing (no request per
+        file); a missing folder gives {}."""
+        if self.scheme == "local":
+            try:
+                with os.scandir(self.path) as entries:
+                    return {e.name: e.stat(follow_symlinks=False).st_size for e in entries
+                            if e.is_file(follow_symlinks=False) or e.is_symlink()}
+            except (FileNotFoundError, NotADirectoryError):
+                return {}
+            except OSError as exc:
+                raise StorageError(f"cannot list {self.uri}: {exc.strerror or exc}") from None
+        prefix = f"{self.key}/" if self.key else ""
+        return {e["Key"][len(prefix):]: int(e.get("Size", 0)) for e in self._list_objects(recursive=False)}
 
     def list(self, recursive: bool = True) -> list["Location"]:
         """Files/objects under this folder/prefix, sorted by uri (immediate children only when
@@ -651,6 +692,223 @@ class Location:
             if _is_not_found(exc):
                 raise StorageError(f"bucket '{self.bucket}' does not exist ({self.uri})") from None
             raise self._error(exc, "access") from None
+
+
+# -- destination folders (export --to, compare --report) ----------------------------------------
+
+
+def few_names(root: "Location", locs: list["Location"], limit: int = 3) -> str:
+    """Up to ``limit`` of ``locs`` by their path below ``root``, then how many more: for messages."""
+    prefix = root.uri.rstrip("/") + "/"
+    names = [loc.uri[len(prefix):] if loc.uri.startswith(prefix) else loc.uri for loc in locs[:limit]]
+    more = f" and {len(locs) - limit} more" if len(locs) > limit else ""
+    return ", ".join(names) + more
+
+
+def destination_files(dest: "Location", marker: str, is_ours, *, refuse: str, overwrite: bool = True,
+                      not_empty: str = "") -> list["Location"]:
+    """The files already at a destination folder that a writer may replace.
+
+    A new or empty folder gives []. A folder whose ``marker`` file passes ``is_ours(location)`` is
+    an earlier output of the same writer: its files are returned (with ``overwrite``; without it,
+    :class:`InputError` ending in ``not_empty``). Any other non-empty folder, a job output or a
+    folder of someone's own files, is refused with :class:`InputError` naming a few of the files
+    and ending in ``refuse``: nothing is written over, or deleted from, what batchgen did not write.
+    """
+    from .errors import InputError
+
+    dest.require_folder()
+    existing = dest.list(recursive=True) if dest.is_dir_like() else []
+    if not existing:
+        return []
+    listed = few_names(dest, existing)
+    if not is_ours(dest.join(marker)):
+        raise InputError(f"{dest.uri} holds {len(existing)} files ({listed}) but no batchgen {marker}: {refuse}")
+    if not overwrite:
+        raise InputError(f"{dest.uri} is not empty ({len(existing)} files: {listed}); {not_empty}")
+    return existing
+
+
+def remove_stale(dest: "Location", existing: list["Location"], written: set[str], ours) -> None:
+    """After replacing an earlier output at ``dest``: delete the files of ``existing`` whose
+    relative path matches ``ours`` (a compiled pattern of the writer's own names) and that this
+    run did not write again. Other files stay."""
+    prefix = dest.uri.rstrip("/") + "/"
+    for loc in existing:
+        rel = loc.uri[len(prefix):] if loc.uri.startswith(prefix) else None
+        if rel and rel not in written and ours.match(rel):
+            loc.delete()
+
+
+# -- atomic writers (Location.open_atomic) ----------------------------------------------------
+
+_MULTIPART_PART = 16 << 20  # bytes per S3 part (S3's minimum is 5 MiB, except for the last part)
+_TEMP_NAME = re.compile(r"^\..+\.tmp-[0-9a-f]{12}$")
+
+
+def is_temp_name(name: str) -> bool:
+    """True for the name of a local temp file :meth:`Location.open_atomic` writes (one left by a
+    process killed with SIGKILL is never read as data and may be deleted by its output's owner)."""
+    return bool(_TEMP_NAME.match(name))
+
+
+class _AtomicWriter:
+    """The file-like object of :meth:`Location.open_atomic`: ``write``, ``tell``, ``flush``."""
+
+    closed = False
+
+    def __init__(self, loc: "Location"):
+        self.loc = loc
+        self.pos = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:  # pyarrow closes the sink it was given; publishing is the block's end
+        pass
+
+    def write(self, data) -> int:
+        raise NotImplementedError
+
+    def publish(self) -> None:
+        raise NotImplementedError
+
+    def discard(self) -> None:
+        raise NotImplementedError
+
+
+class _LocalWriter(_AtomicWriter):
+    def __init__(self, loc: "Location"):
+        super().__init__(loc)
+        target = Path(loc.path)
+        if target.is_dir():
+            raise StorageError(f"cannot write {loc.uri}: it is an existing folder")
+        _make_local_dirs(target.parent, loc.uri)
+        self.target = target
+        self.tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:12]}"
+        try:
+            self.fh = os.fdopen(os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb")
+        except OSError as exc:
+            raise StorageError(f"cannot write {loc.uri}: {exc.strerror or exc}") from None
+
+    def write(self, data) -> int:
+        try:
+            n = self.fh.write(data)
+        except OSError as exc:
+            raise StorageError(f"cannot write {self.loc.uri}: {exc.strerror or exc}") from None
+        self.pos += n
+        return n
+
+    def publish(self) -> None:
+        try:
+            self.fh.close()
+            os.replace(self.tmp, self.target)
+        except OSError as exc:
+            raise StorageError(f"cannot write {self.loc.uri}: {exc.strerror or exc}") from None
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            self.fh.close()
+        with contextlib.suppress(OSError):
+            self.tmp.unlink()
+
+
+class _S3Writer(_AtomicWriter):
+    """One PUT when the whole object fits one part; else a multipart upload, completed last."""
+
+    def __init__(self, loc: "Location"):
+        super().__init__(loc)
+        loc._need_key("write")
+        self.client = loc._client()
+        self.buffer = bytearray()
+        self.upload_id: str | None = None
+        self.parts: list[dict] = []
+
+    def write(self, data) -> int:
+        data = bytes(data)
+        self.buffer += data
+        self.pos += len(data)
+        while len(self.buffer) >= 2 * _MULTIPART_PART:  # keep one part back: the last may be short
+            self._send(bytes(self.buffer[:_MULTIPART_PART]))
+            del self.buffer[:_MULTIPART_PART]
+        return len(data)
+
+    def _send(self, chunk: bytes) -> None:
+        bucket, key = self.loc.bucket, self.loc.key
+        try:
+            if self.upload_id is None:
+                self.upload_id = self.client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+            number = len(self.parts) + 1
+            resp = self.client.upload_part(Bucket=bucket, Key=key, UploadId=self.upload_id, PartNumber=number,
+                                           Body=chunk)
+        except Exception as exc:  # noqa: BLE001
+            raise self.loc._error(exc, "write") from None
+        self.parts.append({"PartNumber": number, "ETag": resp["ETag"]})
+
+    def publish(self) -> None:
+        bucket, key = self.loc.bucket, self.loc.key
+        try:
+            if self.upload_id is None:
+                self.client.put_object(Bucket=bucket, Key=key, Body=bytes(self.buffer))
+                return
+            self._send(bytes(self.buffer))
+            self.client.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=self.upload_id,
+                                                  MultipartUpload={"Parts": self.parts})
+        except StorageError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise self.loc._error(exc, "write") from None
+        finally:
+            self.buffer = bytearray()
+
+    def discard(self) -> None:
+        self.buffer = bytearray()
+        if self.upload_id is not None:
+            upload, self.upload_id = self.upload_id, None
+            with contextlib.suppress(Exception):
+                self.client.abort_multipart_upload(Bucket=self.loc.bucket, Key=self.loc.key, UploadId=upload)
+
+
+_ACTIVE_WRITERS: list[_AtomicWriter] = []
+_SIGTERM_SAVED: list = []
+
+
+@contextlib.contextmanager
+def _discard_on_sigterm(writer: _AtomicWriter):
+    """While atomic writes run in the main thread of a process that leaves SIGTERM to the default
+    action (the CLI), a SIGTERM first discards them, then terminates the process as before."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    if not _ACTIVE_WRITERS:
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+            yield  # someone else handles SIGTERM (the job runner, Ray): it raises through the block
+            return
+        _SIGTERM_SAVED.append(signal.signal(signal.SIGTERM, _on_sigterm))
+    _ACTIVE_WRITERS.append(writer)
+    try:
+        yield
+    finally:
+        _ACTIVE_WRITERS.remove(writer)
+        if not _ACTIVE_WRITERS and _SIGTERM_SAVED:
+            signal.signal(signal.SIGTERM, _SIGTERM_SAVED.pop())
+
+
+def _on_sigterm(signum, frame) -> None:
+    import signal
+
+    for writer in list(_ACTIVE_WRITERS):
+        writer.discard()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _clean_key(path: str, uri: str) -> str:

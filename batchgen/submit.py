@@ -404,8 +404,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a spec field, e.g. --set compute.max_workers=8 (repeatable)")
     parser.add_argument("--overwrite", action="store_true", help="passed to `batchgen run` on the cluster")
-    parser.add_argument("--max-failures", type=int, default=None,
+    parser.add_argument("--max-failures", type=int, default=None, metavar="N",
                         help="passed to `batchgen run` on the cluster")
+    parser.add_argument("--endpoint-url", default=None,
+                        help="S3-compatible endpoint (default: the spec's storage.endpoint_url, else AWS_ENDPOINT_URL)")
     parser.add_argument("--no-ship-inputs", action="store_true",
                         help="do not upload local input files (the path exists on the cluster)")
     parser.add_argument("--ship-code", action="store_true", default=None,
@@ -426,7 +428,9 @@ def run(args: argparse.Namespace) -> int:
         ["--max-failures", str(args.max_failures)] if args.max_failures is not None else [])
     extra_env = _parse_env(args.env)
     ship = args.ship_code
-    sub = prepare_submission(args.spec, args.overrides, ship_inputs=not args.no_ship_inputs,
+    from .jobcli import spec_overrides
+
+    sub = prepare_submission(args.spec, spec_overrides(args), ship_inputs=not args.no_ship_inputs,
                              ship_code=bool(ship), extra_env=extra_env, run_args=run_args)
     if not args.no_check:
         try:

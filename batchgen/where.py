@@ -31,11 +31,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 
 from .errors import InputError
 
 OPS = ("<=", ">=", "==", "!=", "<", ">")
+MAX_NESTING = 64  # parentheses and 'not's inside each other (a deeper expression is refused, not a RecursionError)
 KEYWORDS = ("and", "or", "not", "true", "false")
 # Where a missing column comes from, for the unknown-column message.
 COLUMN_HINTS = {"clip_score": "run the job with scoring.clip to get scores"}
@@ -153,6 +155,7 @@ class _Parser:
         self.text = text
         self.tokens = tokenize(text)
         self.i = 0
+        self.depth = 0
 
     def peek(self) -> Token:
         return self.tokens[self.i]
@@ -190,17 +193,21 @@ class _Parser:
 
     def not_expr(self):
         tok = self.peek()
+        if tok.kind not in ("not", "lparen"):
+            return self.comparison()
+        if self.depth >= MAX_NESTING:
+            raise WhereError(self.text, tok.pos, f"parentheses and 'not' nest more than {MAX_NESTING} deep")
+        self.depth += 1
+        self.take()
         if tok.kind == "not":
-            self.take()
-            return Not(self.not_expr())
-        if tok.kind == "lparen":
-            self.take()
+            node = Not(self.not_expr())
+        else:
             node = self.or_expr()
             if self.peek().kind != "rparen":
                 self.fail(self.peek(), f"')' to close the '(' at position {tok.pos + 1}")
             self.take()
-            return node
-        return self.comparison()
+        self.depth -= 1
+        return node
 
     def comparison(self):
         left = self.take()
@@ -303,7 +310,13 @@ def _evaluate(node, table):
             col = col.cast(col.type.value_type)
         if pa.types.is_null(col.type):
             return pa.nulls(table.num_rows, pa.bool_())
-        return getattr(pc, _FUNCS[node.op])(col, pa.scalar(node.value))
+        value = node.value
+        if not isinstance(value, bool) and isinstance(value, (int, float)):
+            if pa.types.is_integer(col.type):
+                return _compare_integers(col, node.op, value)
+            if pa.types.is_floating(col.type) and isinstance(value, int):
+                return _compare_floats(col, node.op, value)
+        return getattr(pc, _FUNCS[node.op])(col, pa.scalar(value))
     if isinstance(node, Not):
         return pc.invert(_evaluate(node.arg, table))
     fn = pc.and_kleene if isinstance(node, And) else pc.or_kleene
@@ -311,6 +324,62 @@ def _evaluate(node, table):
     for a in node.args[1:]:
         out = fn(out, _evaluate(a, table))
     return out
+
+
+def _compare_integers(col, op: str, value):
+    """``col OP value`` exactly for an integer column and any numeric literal: the literal becomes
+    an integer bound (``seed > 1.5`` is ``seed >= 2``), and a bound outside the column type's range
+    decides the comparison for every non-null row. Arrow would compare in float64 (wrong above
+    2**53, and refused for such values) or fail on a literal beyond int64."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if isinstance(value, float) and not value.is_integer():  # also inf: no integer equals it
+        if op in ("==", "!="):
+            return _constant(col, op == "!=")
+        if math.isinf(value):
+            return _constant(col, (value > 0) == (op in ("<", "<=")))
+        op, value = {"<": ("<=", math.floor(value)), "<=": ("<=", math.floor(value)),
+                     ">": (">=", math.ceil(value)), ">=": (">=", math.ceil(value))}[op]
+    value = int(value)
+    bits = col.type.bit_width
+    signed = pa.types.is_signed_integer(col.type)
+    lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    if value < lo or value > hi:
+        below = value < lo  # every value of the column is above the bound (else below it)
+        return _constant(col, {"==": False, "!=": True, "<": not below, "<=": not below,
+                               ">": below, ">=": below}[op])
+    return getattr(pc, _FUNCS[op])(col, pa.scalar(value, col.type))
+
+
+def _compare_floats(col, op: str, value: int):
+    """``col OP value`` exactly for a float column and an integer literal float64 cannot hold
+    (beyond 2**53, or beyond its range): no double lies strictly between the literal and its
+    nearest double, so the comparison becomes one with that double."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    try:
+        near = float(value)
+    except OverflowError:
+        near = math.inf if value > 0 else -math.inf
+    if near == value:
+        return getattr(pc, _FUNCS[op])(col, pa.scalar(near, pa.float64()))
+    if op in ("==", "!="):  # no double equals it; NaN != anything, as in Arrow
+        return _constant(col, op == "!=")
+    if near < value:  # col > value <=> col > near; col < value <=> col <= near
+        op = {">": ">", ">=": ">", "<": "<=", "<=": "<="}[op]
+    else:
+        op = {">": ">=", ">=": ">=", "<": "<", "<=": "<"}[op]
+    return getattr(pc, _FUNCS[op])(col, pa.scalar(near, pa.float64()))
+
+
+def _constant(col, value: bool):
+    """``value`` where ``col`` is not null, null where it is (SQL: a comparison with null is unknown)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    return pc.if_else(pc.is_null(col), pa.scalar(None, pa.bool_()), pa.scalar(value))
 
 
 def mask(text: str, table):

@@ -50,6 +50,6 @@ def image_digests(out_dir) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def builtin_tiny():
     """Build ``builtin:tiny`` into the test cache once, before any actor needs it."""
-    from batchgen.tiny import builtin_model_path
+    from batchgen.builtin import builtin_model_path
 
     return builtin_model_path("tiny")

@@ -13,7 +13,7 @@ from batchgen.cli import main
 from batchgen.compare import Thresholds, compare_outputs
 from batchgen.errors import InputError
 from batchgen.metrics import max_abs_diff, psnr, ssim
-from batchgen.report import COLORMAP, HEAT_GAIN
+from batchgen.report import COLORMAP, heat_levels
 from tests.fixtures_regression import noise_image, write_job_output
 
 
@@ -84,7 +84,7 @@ def test_changed_items_metrics_settings_and_heatmaps(tmp_path):
     heat = np.asarray(Image.open(report / "images" / "00001-diff.png").convert("RGB"))
     assert heat.shape == (24, 24, 3)
     diff = np.abs(moved.astype(int) - items[1]["image"].astype(int)).max(axis=2)
-    expected = COLORMAP[np.minimum(255, diff * HEAT_GAIN)]
+    expected = COLORMAP[heat_levels(diff)]
     assert np.array_equal(heat, expected)
     assert (heat[4:10, 6:12] > 0).any(axis=2).all() and not heat[:4].any()
     base_thumb = np.asarray(Image.open(report / "images" / "00001-baseline.png").convert("RGB"))

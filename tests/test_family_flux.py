@@ -18,7 +18,8 @@ import torch
 from batchgen import load_pipeline
 from batchgen.models.fp8 import Fp8Linear
 from batchgen.sampling import get_sampler
-from batchgen.tiny import BUILTINS, make_tiny_model
+from batchgen.builtin import BUILTINS
+from batchgen.tiny import make_tiny_model
 
 PROMPTS = ["a red bicycle in the rain", "portrait of an old man, oil painting", ""]
 NEGATIVES = ["blurry", "", "low quality"]
@@ -184,7 +185,7 @@ def test_variants_and_defaults(ours):
     assert dev.model_info["family"] == "flux" and dev.model_info["prediction_type"] == "flow"
     assert schnell.family.defaults() == {"steps": 4, "guidance_scale": 0.0}
     assert dev.family.defaults() == {"steps": 28, "guidance_scale": 3.5}
-    assert schnell.default_size == dev.default_size == (1024, 1024)
+    assert schnell.default_size == dev.default_size == (256, 256)  # the tiny VAE's sample_size
     assert schnell.family.resolve({})["max_sequence_length"] == 256
     assert dev.family.resolve({})["max_sequence_length"] == 512
     assert dev.family.resolve({"max_sequence_length": 77})["max_sequence_length"] == 77

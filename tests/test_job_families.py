@@ -38,7 +38,7 @@ def _rerenders_identically(out: Path, item_id: str) -> None:
 def sdxl_lora(tmp_path_factory):
     """A PEFT LoRA for two attention projections of the tiny SDXL UNet."""
     from batchgen import load_pipeline
-    from batchgen.tiny import builtin_model_path
+    from batchgen.builtin import builtin_model_path
 
     pipe = load_pipeline(builtin_model_path("tiny-sdxl"), device="cpu")
     names = ["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",

@@ -67,7 +67,8 @@ def test_overwrite_refuses_folders_it_cannot_prove_are_ours(tmp_path, monkeypatc
 
 
 def test_overwrite_removes_only_our_entries_and_says_so(tmp_path, ray_local, capsys):
-    """Item 4 (the allowed case) and item 11: links inside images/ are removed, never followed;
+    """Item 4 (the allowed case) and item 11: links inside images/ are never followed (one the job did
+    not write is left in place);
     an images/ that is itself a link is refused before anything is written."""
     inp, out = write_prompts(tmp_path / "p.parquet", 3), tmp_path / "out"
     run_job(spec_from_dict(job_dict(inp, out)), hooks=NULL)
@@ -77,9 +78,10 @@ def test_overwrite_removes_only_our_entries_and_says_so(tmp_path, ray_local, cap
     (out / "images" / "link.png").symlink_to(outside)
     result = run_job(spec_from_dict(job_dict(inp, out, sampling={"steps": 3})), overwrite=True, hooks=NULL)
     assert result.rendered_this_run == 3
-    assert result.removed == ["images/ (4 files)", "manifest/ (1 files)", "manifest.parquet", "summary.json"]
+    # issue 19 item 6: only what the manifest says the job wrote is removed; the link is left (and named)
+    assert result.removed == ["images/ (3 files)", "manifest/ (1 files)", "manifest.parquet", "summary.json"]
     assert outside.read_text() == "keep me" and (out / "notes.txt").read_text() == "mine"
-    assert sorted(p.name for p in (out / "images").iterdir()) == [f"p-{i:08d}.png" for i in range(3)]
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["link.png"] + [f"p-{i:08d}.png" for i in range(3)]
 
     linked = tmp_path / "linked"
     (linked / "elsewhere").mkdir(parents=True)

@@ -161,7 +161,8 @@ def test_fingerprint_is_stable_and_content_sensitive(tiny_sd1, tmp_path, pipe):
 
 
 def test_builtin_tiny_is_built_once_and_deterministic(tmp_path, monkeypatch, tiny_sd1):
-    from batchgen.tiny import builtin_model_path, make_tiny_model
+    from batchgen.builtin import builtin_model_path
+    from batchgen.tiny import make_tiny_model
 
     monkeypatch.setenv("BATCHGEN_CACHE", str(tmp_path / "cache"))
     first = builtin_model_path("tiny")

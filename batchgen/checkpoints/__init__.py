@@ -1,7 +1,8 @@
 """Checkpoints: where weights come from and how they become loaded modules.
 
 - :mod:`.folder`: the diffusers folder layout (model_index.json, weight files, variants, shards,
-  strict key checks, fingerprints, resolving ``builtin:`` / ``s3://`` URIs to a local folder);
+  strict key checks, fingerprints, resolving ``file://`` / ``s3://`` URIs to a local path; ``builtin:``
+  models are built above this package, by :mod:`batchgen.builtin`);
 - :mod:`.components`: component classes named in model_index.json -> our modules / transformers;
 - :mod:`.single_file`: single-file checkpoints (A1111 / ComfyUI layout): detection, key conversion,
   standard configs; :mod:`.sources`: model sources (folder, single file, component overrides) that
@@ -11,12 +12,14 @@
 
 from .components import (
     MODEL_CLASSES,
+    FolderSource,
     TOKENIZER_CLASSES,
     build_model,
     component_class,
     load_model,
     load_scheduler_config,
     load_tokenizer,
+    open_folder,
     register_model_class,
 )
 from .folder import (
@@ -28,9 +31,8 @@ from .folder import (
     fingerprint,
     load_component,
     load_weights_into,
-    open_folder,
+    local_model_path,
     read_state_dict,
-    resolve_model_uri,
     shard_files,
     tied_aliases,
 )
@@ -39,7 +41,8 @@ from .sources import OverrideSource, SingleFileSource, open_source, write_single
 
 __all__ = [
     "BUILTIN_PREFIX", "WEIGHT_BASENAMES", "CheckpointFolder", "WeightFiles", "find_weight_files", "fingerprint",
-    "load_component", "load_weights_into", "open_folder", "read_state_dict", "resolve_model_uri", "shard_files",
+    "load_component", "load_weights_into", "open_folder", "read_state_dict", "local_model_path", "shard_files",
+    "FolderSource",
     "tied_aliases", "MODEL_CLASSES", "TOKENIZER_CLASSES", "component_class", "load_model",
     "load_scheduler_config", "load_tokenizer", "register_model_class",
     "LoraFuser", "inspect_lora", "lora_deltas", "read_lora", "build_model",

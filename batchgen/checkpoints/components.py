@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -62,6 +63,23 @@ class ModelClass:
     build: Callable[[dict], torch.nn.Module]
     convert: Callable[[dict], dict] | None = None
 
+    def checked_build(self, config: dict, where: str, meta: bool = True) -> torch.nn.Module:
+        """``build(config)``, on the meta device unless ``meta`` is False. A config comes from the
+        checkpoint (config.json, or metadata embedded in a single file): one the class cannot be
+        built from (sizes whose storage overflows, wrong types) is a CheckpointError naming
+        ``where``, not a traceback."""
+        try:
+            if not meta:
+                return self.build(config)
+            with torch.device("meta"):
+                return self.build(config)
+        except CheckpointError:
+            raise
+        except (RuntimeError, ValueError, TypeError, KeyError, IndexError, OverflowError, MemoryError,
+                ZeroDivisionError) as exc:
+            raise CheckpointError(f"{where}: cannot build the model from its config "
+                                  f"({type(exc).__name__}: {str(exc)[:300]})") from None
+
 
 # class name (model_index.json) -> builder.
 MODEL_CLASSES: dict[str, ModelClass] = {
@@ -105,8 +123,7 @@ def _meta_model(folder: CheckpointFolder, name: str):
             f"{folder.root}/model_index.json: component '{name}' has class {cls!r}, which batchgen "
             f"cannot build (known: {', '.join(sorted(MODEL_CLASSES))})")
     config = folder.read_json(f"{name}/config.json")
-    with torch.device("meta"):
-        module = spec.build(config)
+    module = spec.checked_build(config, f"{folder.root}/{name}/config.json")
     return library, spec, config, module
 
 
@@ -119,7 +136,7 @@ def load_model(folder: CheckpointFolder, name: str, variant: str | None = None,
     """
     library, spec, config, module = _meta_model(folder, name)
     if next(module.buffers(), None) is not None:
-        module = spec.build(config)  # buffers computed in __init__ and not saved: build them for real
+        module = spec.checked_build(config, f"{folder.root}/{name}/config.json", meta=False)  # buffers: for real
         if dtype is not None:
             module = module.to(dtype)
     else:
@@ -172,3 +189,45 @@ def load_scheduler_config(folder: CheckpointFolder, name: str = "scheduler") -> 
     if not isinstance(config, dict):
         raise CheckpointError(f"{folder.root}/{name}/scheduler_config.json: expected a JSON object")
     return config
+
+
+class FolderSource(CheckpointFolder):
+    """A diffusers folder as a model source (the interface of sources.py): components are built from
+    the classes model_index.json names. Kept apart from :class:`CheckpointFolder` (the layout alone)
+    so that folder.py never imports this module."""
+
+    def load_model(self, name: str, variant: str | None = None, allow_pickle: bool = False, **options):
+        return load_model(self, name, variant, allow_pickle, **options)
+
+    def build_model(self, name: str, variant: str | None = None, allow_pickle: bool = False):
+        """Component ``name`` on the meta device (no weights read); its files count as loaded."""
+        return build_model(self, name, variant, allow_pickle)
+
+    def load_tokenizer(self, name: str):
+        return load_tokenizer(self, name)
+
+    def load_scheduler_config(self, name: str = "scheduler") -> dict:
+        return load_scheduler_config(self, name)
+
+
+def open_folder(path: str | Path) -> "FolderSource":
+    """Open a local diffusers-layout folder; errors name the missing file or folder."""
+    root = Path(path)
+    if not root.exists():
+        raise CheckpointError(f"model path {root} does not exist")
+    if root.is_file():
+        kind = "pickle" if root.suffix in {".ckpt", ".bin", ".pt", ".pth"} else "single-file"
+        raise CheckpointError(
+            f"{root}: is a {kind} checkpoint file; batchgen loads diffusers-layout folders "
+            "(model_index.json + one sub-folder per component)"
+        )
+    index_path = root / "model_index.json"
+    if not index_path.is_file():
+        raise CheckpointError(f"{root}: missing component file 'model_index.json' (not a diffusers-layout folder)")
+    folder = FolderSource(root=root, model_index={})
+    folder.model_index = folder.read_json("model_index.json")
+    if not isinstance(folder.model_index, dict):
+        raise CheckpointError(f"{index_path}: expected a JSON object")
+    for name in folder.components():
+        folder.component_dir(name)
+    return folder

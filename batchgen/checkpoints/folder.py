@@ -82,27 +82,6 @@ class CheckpointFolder:
     def missing_hint(self, name: str) -> str:
         return "it is missing or null"
 
-    def load_model(self, name: str, variant: str | None = None, allow_pickle: bool = False, **options):
-        from .components import load_model
-
-        return load_model(self, name, variant, allow_pickle, **options)
-
-    def build_model(self, name: str, variant: str | None = None, allow_pickle: bool = False):
-        """Component ``name`` on the meta device (no weights read); its files count as loaded."""
-        from .components import build_model
-
-        return build_model(self, name, variant, allow_pickle)
-
-    def load_tokenizer(self, name: str):
-        from .components import load_tokenizer
-
-        return load_tokenizer(self, name)
-
-    def load_scheduler_config(self, name: str = "scheduler") -> dict:
-        from .components import load_scheduler_config
-
-        return load_scheduler_config(self, name)
-
     def component_config(self, name: str) -> dict | None:
         """``<name>/config.json``, or None where the folder has no such component."""
         if name not in self.components() or not (self.root / name / "config.json").is_file():
@@ -134,29 +113,6 @@ class CheckpointFolder:
             raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
         self.loaded_files.append(path)
         return data
-
-
-def open_folder(path: str | Path) -> CheckpointFolder:
-    """Open a local diffusers-layout folder; errors name the missing file or folder."""
-    root = Path(path)
-    if not root.exists():
-        raise CheckpointError(f"model path {root} does not exist")
-    if root.is_file():
-        kind = "pickle" if root.suffix in {".ckpt", ".bin", ".pt", ".pth"} else "single-file"
-        raise CheckpointError(
-            f"{root}: is a {kind} checkpoint file; batchgen loads diffusers-layout folders "
-            "(model_index.json + one sub-folder per component)"
-        )
-    index_path = root / "model_index.json"
-    if not index_path.is_file():
-        raise CheckpointError(f"{root}: missing component file 'model_index.json' (not a diffusers-layout folder)")
-    folder = CheckpointFolder(root=root, model_index={})
-    folder.model_index = folder.read_json("model_index.json")
-    if not isinstance(folder.model_index, dict):
-        raise CheckpointError(f"{index_path}: expected a JSON object")
-    for name in folder.components():
-        folder.component_dir(name)
-    return folder
 
 
 def find_weight_files(component_dir: Path, basename: str, variant: str | None, allow_pickle: bool = False) -> WeightFiles:
@@ -325,13 +281,13 @@ def fingerprint(root: Path, files: Iterable[Path]) -> str:
     return hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()
 
 
-def resolve_model_uri(uri: str | Path, storage_config=None) -> Path:
-    """Turn a model URI into a local folder: builtin:NAME, a local path, file://, or s3:// (cached)."""
+def local_model_path(uri: str | Path, storage_config=None) -> Path:
+    """Turn a model URI into a local path: a local path, file://, or s3:// (cached). ``builtin:``
+    models are built by :mod:`batchgen.builtin` (which depends on this package, never the reverse):
+    callers above checkpoints resolve them with :func:`batchgen.builtin.resolve_model_uri`."""
     text = str(uri)
     if text.startswith(BUILTIN_PREFIX):
-        from ..tiny import builtin_model_path
-
-        return builtin_model_path(text[len(BUILTIN_PREFIX):])
+        raise CheckpointError(f"{text}: a built-in model; resolve it with batchgen.builtin.resolve_model_uri")
     if text.startswith("file://"):
         return Path(text[len("file://"):])
     if "://" in text:

@@ -95,6 +95,7 @@ _PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
 _ORIGINAL_LAYOUT_KINDS = {"UNet2DConditionModel": "unet", "FluxTransformer2DModel": "flux",
                           "SD3Transformer2DModel": "sd3"}
 _CACHE_SIZE = 8  # parsed LoRA files a fuser keeps in memory
+_FINITE_CHECK_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # isfinite works on these
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,17 +218,34 @@ def _classify(key: str) -> tuple[str, str, str, str, str] | None:
 
 def _peft_alphas(metadata: Mapping[str, str], source: str) -> dict[str, dict]:
     """Per component, the LoraConfig fields diffusers saves in the ``lora_adapter_metadata`` header
-    entry (``unet.lora_alpha``, ``unet.alpha_pattern``, ``unet.use_rslora`` ...)."""
+    entry (``unet.lora_alpha``, ``unet.alpha_pattern``, ``unet.use_rslora`` ...). The header is
+    untrusted: the fields read here are type-checked (an error names the file and the key)."""
     raw = metadata.get("lora_adapter_metadata")
     if not raw:
         return {}
     try:
         flat = json.loads(raw)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise CheckpointError(f"LoRA {source}: header entry 'lora_adapter_metadata' is not JSON ({exc})") from None
+    if not isinstance(flat, dict):
+        raise CheckpointError(f"LoRA {source}: header entry 'lora_adapter_metadata' must be a JSON object "
+                              f"('<component>.<field>': value), got {type(flat).__name__}")
     out: dict[str, dict] = {}
     for key, value in flat.items():
         component, _, name = key.partition(".")
+        where = f"LoRA {source}: 'lora_adapter_metadata' key '{key}'"
+        if name == "lora_alpha":
+            value = _finite_number(value, where)
+        elif name == "alpha_pattern":
+            if not isinstance(value, dict):
+                raise CheckpointError(f"{where}: expected an object {{module path: alpha}}, "
+                                      f"got {type(value).__name__}")
+            value = {pattern: _finite_number(alpha, f"{where}, pattern {pattern!r}")
+                     for pattern, alpha in value.items()}
+            for pattern in value:
+                _check_alpha_pattern(pattern, where)
+        elif name in ("use_rslora", "use_dora") and not isinstance(value, bool):
+            raise CheckpointError(f"{where}: expected true or false, got {value!r}")
         out.setdefault(component, {})[name] = value
     for component, config in out.items():
         if config.get("use_dora"):
@@ -236,14 +254,36 @@ def _peft_alphas(metadata: Mapping[str, str], source: str) -> dict[str, dict]:
     return out
 
 
+def _finite_number(value, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise CheckpointError(f"{where}: expected a finite number, got {value!r}")
+    return float(value)
+
+
+# Characters that would make an alpha_pattern key a regular expression rather than a module path.
+_PATTERN_SPECIALS = frozenset("\\^$*+?{}[]()|")
+
+
+def _check_alpha_pattern(pattern: str, where: str) -> None:
+    """``alpha_pattern`` keys are matched as module-path suffixes, never compiled as regular
+    expressions: they come from the file, and a pattern like ``(.*)*x`` would make the matcher run
+    for hours (catastrophic backtracking). diffusers writes module paths there; a key with regex
+    syntax is refused, naming it."""
+    bad = sorted(_PATTERN_SPECIALS & set(pattern))
+    if not pattern or bad:
+        what = f"it contains {' '.join(bad)}" if bad else "it is empty"
+        raise CheckpointError(f"{where}: pattern {pattern!r} is not a module path ({what}); batchgen matches "
+                              "alpha_pattern keys as literal module-path suffixes, not regular expressions: "
+                              "write the module paths out")
+
+
 def _config_alpha(config: Mapping, module: str) -> float | None:
-    """PEFT's alpha for ``module``: the first ``alpha_pattern`` key matching the module path's end,
-    else ``lora_alpha`` (PEFT's ``get_pattern_key``)."""
+    """PEFT's alpha for ``module``: the first ``alpha_pattern`` key that is the module path or a
+    dotted suffix of it (PEFT's ``get_pattern_key`` on a literal key), else ``lora_alpha``."""
     for pattern, value in (config.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            return float(value)
-    alpha = config.get("lora_alpha")
-    return None if alpha is None else float(alpha)
+        if module == pattern or module.endswith("." + pattern):
+            return value
+    return config.get("lora_alpha")
 
 
 def parse_lora_state(state: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
@@ -292,6 +332,8 @@ def parse_lora_state(state: Mapping[str, torch.Tensor], metadata: Mapping[str, s
                 raise CheckpointError(f"LoRA {source}: '{stem}.alpha' has shape {tuple(parts['alpha'].shape)}; "
                                       "expected a scalar")
             alpha = float(parts["alpha"].float().item())
+            if not math.isfinite(alpha):
+                raise CheckpointError(f"LoRA {source}: '{stem}.alpha' is {alpha}; expected a finite number")
         elif not kohya and side in peft_configs:
             alpha = _config_alpha(peft_configs[side], module)
             rslora = bool(peft_configs[side].get("use_rslora", False))
@@ -307,6 +349,13 @@ def _check_pair(stem: str, down: torch.Tensor, up: torch.Tensor, source: str) ->
                               "expected down (rank, in[, kh, kw]) and up (out, rank[, 1, 1])")
     if not (down.is_floating_point() and up.is_floating_point()):
         raise CheckpointError(f"LoRA {source}: '{stem}' is not floating point ({down.dtype}, {up.dtype})")
+    if down.shape[0] == 0 or 0 in down.shape or 0 in up.shape:
+        raise CheckpointError(f"LoRA {source}: '{stem}' has down {tuple(down.shape)} and up {tuple(up.shape)}: "
+                              "a rank-0 (empty) update; every module needs rank >= 1")
+    for name, tensor in (("down", down), ("up", up)):  # NaN / inf would be fused into the weights
+        values = tensor if tensor.dtype in _FINITE_CHECK_DTYPES else tensor.float()
+        if not bool(torch.isfinite(values).all()):
+            raise CheckpointError(f"LoRA {source}: '{stem}' {name} matrix holds NaN or infinite values")
 
 
 # --------------------------------------------------------------------------------------------
@@ -464,14 +513,31 @@ def _delta_shape(pair: LoraPair, target: _Target) -> tuple[int, ...]:
 
 
 def _check_shape(lora: LoraFile, pair: LoraPair, target: _Target, component: str, param: torch.Tensor) -> None:
-    try:
-        shape = _delta_shape(pair, target)
-    except CheckpointError as exc:
-        raise CheckpointError(f"LoRA {lora.uri}: '{pair.key}': {exc}") from None
-    if shape != tuple(param.shape) and not _same_up_to_unit_kernel(shape, tuple(param.shape)):
-        raise CheckpointError(
-            f"LoRA {lora.uri}: '{pair.key}' makes a {shape} update for {component} parameter '{target.param}' of "
-            f"shape {tuple(param.shape)}; the LoRA was trained for a model of another size")
+    wrong = _shape_mismatch(pair, [target], {target.param: param}, component)
+    if wrong is None:
+        return
+    if wrong["got"] is None:
+        raise CheckpointError(f"LoRA {lora.uri}: '{pair.key}': {wrong['error']}")
+    raise CheckpointError(
+        f"LoRA {lora.uri}: '{pair.key}' makes a {tuple(wrong['got'])} update for {component} parameter "
+        f"'{target.param}' of shape {tuple(wrong['expected'])}; the LoRA was trained for a model of another size")
+
+
+def _shape_mismatch(pair: LoraPair, targets: Sequence[_Target], params: Mapping[str, torch.Tensor],
+                    component: str) -> dict | None:
+    """{key, parameter, expected, got} for the first target ``pair`` does not fit (``got`` None
+    and an ``error`` when no update shape can be made), else None."""
+    for target in targets:
+        expected = tuple(params[target.param].shape)
+        try:
+            got = _delta_shape(pair, target)
+        except CheckpointError as exc:
+            return {"key": pair.key, "parameter": f"{component}.{target.param}", "expected": list(expected),
+                    "got": None, "error": str(exc)}
+        if got != expected and not _same_up_to_unit_kernel(got, expected):
+            return {"key": pair.key, "parameter": f"{component}.{target.param}", "expected": list(expected),
+                    "got": list(got)}
+    return None
 
 
 def _same_up_to_unit_kernel(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
@@ -491,12 +557,18 @@ def _delta(pair: LoraPair, target: _Target, factor: float, device: torch.device)
     return torch.nn.functional.conv2d(down.transpose(0, 1), up).transpose(0, 1) * factor
 
 
-def _fused(original: torch.Tensor, updates: Sequence[_Update], device: torch.device) -> torch.Tensor:
-    """``original + delta_1 + delta_2 ...`` (LoRA order, float32), reshaped to the parameter."""
+def _fused(original: torch.Tensor, updates: Sequence[_Update], device: torch.device,
+           uris: Sequence[str]) -> torch.Tensor:
+    """``original + delta_1 + delta_2 ...`` (LoRA order, float32), reshaped to the parameter.
+    ``uris[u.lora]`` names an update's file when finite factors still overflow float32."""
     acc = original.to(device=device, dtype=torch.float32, copy=True)
     for update in updates:
         delta = _delta(update.pair, update.target, update.factor, device)
         acc += delta.reshape(acc.shape)
+    if not bool(torch.isfinite(acc).all()):
+        names = ", ".join(dict.fromkeys(f"{uris[u.lora]} '{u.pair.key}'" for u in updates))
+        raise CheckpointError(f"LoRA {names}: fusing it into '{updates[0].target.param}' gives NaN or infinite "
+                              "weights (alpha / scale too large for float32?)")
     return acc
 
 
@@ -512,7 +584,7 @@ def lora_deltas(lora: LoraFile | str | Path, modules: Mapping[str, torch.nn.Modu
     for (component, name), ups in updates.items():
         param = indexes[component].params[name]
         zero = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
-        out.setdefault(component, {})[name] = _fused(zero, ups, param.device)
+        out.setdefault(component, {})[name] = _fused(zero, ups, param.device, [lora.uri])
     return out
 
 
@@ -640,7 +712,8 @@ class LoraFuser:
                     param = self._param(target)
                     if target not in self._originals:
                         self._originals[target] = param.detach().to("cpu", copy=True)
-                    param.copy_(_fused(self._originals[target], ups, param.device).reshape(param.shape))
+                    param.copy_(_fused(self._originals[target], ups, param.device,
+                                       [f.uri for f in files]).reshape(param.shape))
                     self._applied[target] = signatures[target]
         except BaseException:
             self._restore_all()
@@ -721,7 +794,7 @@ def inspect_lora(uri, model=None, storage_config=None) -> dict[str, Any]:
         modules = lora_components(model.family.parts) if hasattr(model, "family") else dict(model)
         info["components"] = sorted({_component_for(p.side, modules) for p in lora.pairs})
         indexes: dict[str, _Index] = {}
-        matched, unmatched, params = 0, [], 0
+        matched, unmatched, mismatched, params = 0, [], [], 0
         for pair in lora.pairs:
             component = _component_for(pair.side, modules)
             if component in modules:
@@ -731,8 +804,13 @@ def inspect_lora(uri, model=None, storage_config=None) -> dict[str, Any]:
                 targets = None
             if targets is None:
                 unmatched.append(pair.key)
+                continue
+            wrong = _shape_mismatch(pair, targets, indexes[component].params, component)
+            if wrong:  # the name matches, the shape does not: the job's pre-flight refuses it
+                mismatched.append(wrong)
             else:
                 matched += 1
                 params += len(targets)
-        info.update(matched=matched, matched_parameters=params, unmatched=sorted(unmatched))
+        info.update(matched=matched, matched_parameters=params, unmatched=sorted(unmatched),
+                    mismatched=sorted(mismatched, key=lambda m: m["key"]))
     return info

@@ -41,6 +41,7 @@ import copy
 import functools
 import json
 import logging
+import math
 import re
 import struct
 from dataclasses import dataclass, field
@@ -112,18 +113,56 @@ _MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit
 
 def read_header(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """key -> (safetensors dtype string, e.g. ``"F16"``, ``"BF16"``, ``"F8_E4M3"``; shape) from the
-    header of a ``.safetensors`` file, without reading tensor data. Errors name the file."""
+    header of a ``.safetensors`` file, without reading tensor data. Errors name the file.
+
+    The header is untrusted input: every entry must have a dtype of the format, a shape of
+    non-negative integers and data offsets that hold exactly that many bytes, and the file must be
+    long enough for them (a truncated download or copy is an error here, not a crash later). A
+    file that ends right after its header (no data section at all) is a header-only copy: enough
+    to read the layout, so accepted."""
     path = Path(path)
-    header = _raw_header(path)
+    header, length, size = _raw_header_sized(path)
     out: dict[str, tuple[str, tuple[int, ...]]] = {}
+    end = 0
     for key, entry in header.items():
         if key == "__metadata__":
             continue
-        try:
-            out[key] = (str(entry["dtype"]), tuple(int(d) for d in entry["shape"]))
-        except (TypeError, KeyError, ValueError):
-            raise CheckpointError(f"{path}: header entry for key '{key}' has no valid dtype/shape") from None
+        out[key], stop = _header_entry(path, key, entry)
+        end = max(end, stop)
+    if size != 8 + length and 8 + length + end > size:
+        raise CheckpointError(f"{path}: truncated safetensors file: its tensors need {8 + length + end} bytes, "
+                              f"the file has {size} (an interrupted download or copy?)")
     return out
+
+
+_MAX_ELEMENTS = 2**46  # per tensor: far above any model's, far below what overflows torch's size arithmetic
+# The safetensors format's dtypes -> bits per element.
+_DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "I16": 16, "U16": 16,
+               "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64,
+               "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
+
+
+def _header_entry(path: Path, key: str, entry) -> tuple[tuple[str, tuple[int, ...]], int]:
+    """((dtype, shape), end offset) of one header entry, checked; CheckpointError names the key."""
+    where = f"{path}: header entry for key '{key}'"
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+        raise CheckpointError(f"{where} has no valid dtype/shape/data_offsets")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in _DTYPE_BITS:
+        raise CheckpointError(f"{where}: unknown dtype {str(dtype)[:40]!r} (safetensors dtypes: "
+                              f"{', '.join(_DTYPE_BITS)})")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise CheckpointError(f"{where}: shape {str(shape)[:80]} is not a list of integers >= 0")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)
+            and offsets[0] <= offsets[1]):
+        raise CheckpointError(f"{where}: data_offsets {str(offsets)[:80]} is not [begin, end] with 0 <= begin <= end")
+    elements = math.prod(shape)
+    if elements >= _MAX_ELEMENTS:
+        raise CheckpointError(f"{where}: shape {shape} has {elements} elements, more than any model holds")
+    if elements * _DTYPE_BITS[dtype] != (offsets[1] - offsets[0]) * 8:
+        raise CheckpointError(f"{where}: shape {shape} of {dtype} does not fit its data_offsets {offsets} "
+                              f"({offsets[1] - offsets[0]} bytes)")
+    return (dtype, tuple(shape)), offsets[1]
 
 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -151,6 +190,11 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 
 def _raw_header(path: Path) -> dict:
+    return _raw_header_sized(path)[0]
+
+
+def _raw_header_sized(path: Path) -> tuple[dict, int, int]:
+    """(the parsed header, its length, the file's size)."""
     try:
         with open(path, "rb") as fh:
             size = path.stat().st_size
@@ -167,11 +211,11 @@ def _raw_header(path: Path) -> dict:
         raise CheckpointError(f"{path}: cannot read the checkpoint file ({exc.strerror or exc})") from None
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise CheckpointError(f"{path}: the safetensors header is not valid JSON ({exc})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: the safetensors header is not a JSON object")
-    return header
+    return header, length, size
 
 
 # --------------------------------------------------------------------------------------------

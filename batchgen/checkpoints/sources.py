@@ -45,7 +45,7 @@ import torch
 from ..errors import CheckpointError
 from . import single_file as sf
 from .clip_vocab import EOT, PAD_TOKENS, require_bpe_path, tokenizer_from_files
-from .components import MODEL_CLASSES, TOKENIZER_CLASSES
+from .components import MODEL_CLASSES, TOKENIZER_CLASSES, open_folder
 from .folder import (
     WEIGHT_BASENAMES,
     CheckpointFolder,
@@ -53,8 +53,7 @@ from .folder import (
     fingerprint_entries,
     header_dtypes,
     load_weights_into,
-    open_folder,
-    resolve_model_uri,
+    local_model_path,
 )
 
 log = logging.getLogger(__name__)
@@ -146,11 +145,10 @@ def _build_module(cls: str, config: dict, where: str, meta: bool = False) -> tor
     if spec is None:
         raise CheckpointError(f"{where}: component class {cls!r} cannot be built "
                               f"(known: {', '.join(sorted(MODEL_CLASSES))})")
-    with torch.device("meta"):
-        module = spec.build(copy.deepcopy(config))
+    module = spec.checked_build(copy.deepcopy(config), where)
     if not meta:
-        if next(module.buffers(), None) is not None:
-            module = spec.build(copy.deepcopy(config))  # buffers computed in __init__: build them for real
+        if next(module.buffers(), None) is not None:  # buffers computed in __init__: build them for real
+            module = spec.checked_build(copy.deepcopy(config), where, meta=False)
         else:
             module = module.to_empty(device="cpu")
     return module
@@ -460,8 +458,9 @@ class OverrideSource:
     """``base`` with some components replaced and / or another prediction type."""
 
     def __init__(self, base, vae=None, text_encoders=None, tokenizers=None, prediction_type: str | None = None,
-                 allow_pickle: bool = False, storage_config=None):
+                 allow_pickle: bool = False, storage_config=None, resolve=None):
         self.base = base
+        local = resolve or (lambda value: local_model_path(value, storage_config))
         self.allow_pickle = allow_pickle
         self.prediction_type = prediction_type
         given: dict[str, Any] = {}
@@ -469,10 +468,10 @@ class OverrideSource:
             given["vae"] = vae
         given.update(_named(text_encoders, TEXT_ENCODERS, "text_encoders"))
         self.overrides: dict[str, _Override] = {
-            name: _Override(name, value, _local(value, storage_config), allow_pickle) for name, value in given.items()}
+            name: _Override(name, value, Path(local(value)), allow_pickle) for name, value in given.items()}
         self.tokenizers: dict[str, Path] = {}
         for name, value in _named(tokenizers, ("tokenizer", "tokenizer_2", "tokenizer_3"), "tokenizers").items():
-            path = _local(value, storage_config)
+            path = Path(local(value))
             if path.is_dir() and (path / "model_index.json").is_file():
                 path = path / name
             if not path.is_dir():
@@ -654,19 +653,17 @@ def _named(value, names: tuple[str, ...], what: str) -> dict[str, Any]:
     return {name: path for name, path in value.items() if path is not None}
 
 
-def _local(value, storage_config) -> Path:
-    return Path(resolve_model_uri(value, storage_config))
-
-
 # ------------------------------------------------------------------------------------------------
 # Opening a model
 # ------------------------------------------------------------------------------------------------
 
 
 def open_source(path: str | Path, *, vae=None, text_encoders=None, tokenizers=None, prediction_type: str | None = None,
-                allow_pickle: bool = False, storage_config=None):
+                allow_pickle: bool = False, storage_config=None, resolve=None):
     """The source of a local model path: a diffusers folder or a single file, wrapped in an
-    :class:`OverrideSource` when components are overridden or ``prediction_type`` is given."""
+    :class:`OverrideSource` when components are overridden or ``prediction_type`` is given.
+    ``resolve`` turns an override's URI into a local path (default: :func:`local_model_path`; callers
+    pass :func:`batchgen.builtin.resolve_model_uri` so that overrides may be ``builtin:`` models)."""
     root = Path(path)
     if root.is_file():
         suffix = root.suffix.lower()
@@ -679,7 +676,8 @@ def open_source(path: str | Path, *, vae=None, text_encoders=None, tokenizers=No
     if vae is None and not text_encoders and not tokenizers and prediction_type is None:
         return base
     return OverrideSource(base, vae=vae, text_encoders=text_encoders, tokenizers=tokenizers,
-                          prediction_type=prediction_type, allow_pickle=allow_pickle, storage_config=storage_config)
+                          prediction_type=prediction_type, allow_pickle=allow_pickle, storage_config=storage_config,
+                          resolve=resolve)
 
 
 # ------------------------------------------------------------------------------------------------

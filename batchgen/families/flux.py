@@ -89,8 +89,13 @@ class Flux(Family):
         return {"steps": STEP_DEFAULTS[self.variant()], "guidance_scale": GUIDANCE_DEFAULTS[self.variant()]}
 
     def default_size(self) -> tuple[int, int]:
-        """FluxPipeline's ``default_sample_size`` (128) x the VAE factor: 1024 x 1024."""
+        """FluxPipeline's ``default_sample_size`` (128) x the VAE factor: 1024 x 1024, or the VAE
+        config's smaller ``sample_size`` (1024 for FLUX.1's VAE; a tiny test model's is 256, the
+        same scale as every other family's tiny models, whose default comes from their config)."""
         side = 128 * self.vae_scale_factor
+        vae_side = self.vae.config.get("sample_size")  # diffusers' default when a config omits it is 32: ignored
+        if type(vae_side) is int and 256 <= vae_side < side and vae_side % (2 * self.vae_scale_factor) == 0:
+            side = vae_side
         return side, side
 
     @property

@@ -4,8 +4,8 @@
 component with its config and random weights, tokenizers of our own, the scheduler) for any family:
 one builder per family in this package, listed in :data:`VARIANTS`. Weights are drawn from a
 generator seeded per tensor from (seed, key), so the files are identical for the same seed on any
-machine. The ``builtin:`` models (``builtin:tiny`` is SD 1.x) are built once into the user cache
-(``$BATCHGEN_CACHE`` or ``~/.cache/batchgen``).
+machine. The ``builtin:`` models (``builtin:tiny`` is SD 1.x) are listed and built once into the
+user cache by :mod:`batchgen.builtin`, which uses this package (never the reverse).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -35,13 +34,6 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "flux-schnell": ("flux", "FluxPipeline"),
     "flux-dev": ("flux", "FluxPipeline"),
 }
-# builtin:NAME -> (variant, seed)
-BUILTINS = {"tiny": ("sd1", 0), "tiny-sd1": ("sd1", 0), "tiny-sd2": ("sd2", 0), "tiny-sdxl": ("sdxl", 0),
-            "tiny-sdxl-refiner": ("sdxl-refiner", 0), "tiny-sd3": ("sd3", 0), "tiny-sd35": ("sd35", 0),
-            "tiny-dit": ("dit", 0)}
-BUILTINS.update({"tiny-flux-schnell": ("flux-schnell", 0), "tiny-flux-dev": ("flux-dev", 0)})
-
-
 def make_tiny_model(directory: str | os.PathLike, variant: str = "sd1", seed: int = 0) -> Path:
     """Write a tiny random-weight checkpoint of ``variant`` in the diffusers folder layout."""
     if variant not in VARIANTS:
@@ -70,35 +62,6 @@ def make_tiny_single_file(path: str | os.PathLike, variant: str = "sd1", seed: i
     with tempfile.TemporaryDirectory(prefix="batchgen-tiny-") as tmp:
         folder = make_tiny_model(Path(tmp) / "m", variant=variant, seed=seed)
         return write_single_file(folder, out, dtype=dtype)
-
-
-def builtin_model_path(name: str) -> Path:
-    """Path of built-in model ``name`` (``tiny``, ``tiny-sdxl`` ...), building it on first use.
-
-    Concurrent callers (several actors on one node) build it once: a file lock serialises them and
-    the folder appears atomically by rename.
-    """
-    from ..storage import cache_root, file_lock
-
-    if name not in BUILTINS:
-        raise ValueError(f"model: unknown built-in model 'builtin:{name}'; known: "
-                         + ", ".join(f"builtin:{n}" for n in BUILTINS))
-    variant, seed = BUILTINS[name]
-    target = cache_root() / "builtin" / f"tiny-{variant}-seed{seed}-f{TINY_FORMAT}"
-    if (target / "model_index.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(target.parent / f".{target.name}.lock"):
-        if (target / "model_index.json").is_file():
-            return target
-        log.info("building built-in model builtin:%s into %s", name, target)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
-            make_tiny_model(tmp / "m", variant=variant, seed=seed)
-            os.replace(tmp / "m", target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def configure(parser) -> None:

@@ -1,0 +1,64 @@
+"""Built-in models: the ``builtin:NAME`` registry, and resolving any model URI to a local path.
+
+The built-in models are tiny random-weight checkpoints (:mod:`batchgen.tiny`) built once into the
+user cache (``$BATCHGEN_CACHE`` or ``~/.cache/batchgen``) and reused by every run. This module sits
+above both ``checkpoints/`` (reading folders and files) and ``tiny/`` (which writes folders with the
+checkpoint helpers): each of them only imports downward, and code that takes a model URI from a
+user (pipeline, pre-flight, inspect) resolves it here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .checkpoints import BUILTIN_PREFIX, local_model_path
+from .storage import cache_root, file_lock
+from .tiny import TINY_FORMAT, make_tiny_model
+
+log = logging.getLogger(__name__)
+
+# builtin:NAME -> (variant, seed)
+BUILTINS = {"tiny": ("sd1", 0), "tiny-sd1": ("sd1", 0), "tiny-sd2": ("sd2", 0), "tiny-sdxl": ("sdxl", 0),
+            "tiny-sdxl-refiner": ("sdxl-refiner", 0), "tiny-sd3": ("sd3", 0), "tiny-sd35": ("sd35", 0),
+            "tiny-dit": ("dit", 0)}
+BUILTINS.update({"tiny-flux-schnell": ("flux-schnell", 0), "tiny-flux-dev": ("flux-dev", 0)})
+
+
+def builtin_model_path(name: str) -> Path:
+    """Path of built-in model ``name`` (``tiny``, ``tiny-sdxl`` ...), building it on first use.
+
+    Concurrent callers (several actors on one node) build it once: a file lock serialises them and
+    the folder appears atomically by rename.
+    """
+    if name not in BUILTINS:
+        raise ValueError(f"model: unknown built-in model 'builtin:{name}'; known: "
+                         + ", ".join(f"builtin:{n}" for n in BUILTINS))
+    variant, seed = BUILTINS[name]
+    target = cache_root() / "builtin" / f"tiny-{variant}-seed{seed}-f{TINY_FORMAT}"
+    if (target / "model_index.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(target.parent / f".{target.name}.lock"):
+        if (target / "model_index.json").is_file():
+            return target
+        log.info("building built-in model builtin:%s into %s", name, target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            make_tiny_model(tmp / "m", variant=variant, seed=seed)
+            os.replace(tmp / "m", target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_uri(uri: str | Path, storage_config=None) -> Path:
+    """A model URI as a local path: ``builtin:NAME`` (built on first use), a local path, ``file://``
+    or ``s3://`` (downloaded once into the cache)."""
+    text = str(uri)
+    if text.startswith(BUILTIN_PREFIX):
+        return builtin_model_path(text[len(BUILTIN_PREFIX):])
+    return local_model_path(text, storage_config)
