@@ -8,6 +8,7 @@ Each subcommand lives in its own module exposing ``configure(parser)`` (adds its
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
 import logging
 import re
@@ -95,11 +96,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"batchgen {args.command}: interrupted", file=sys.stderr)
         return 130
     finally:
-        finalize_s3()
+        # At exit, not now: a caller of main() in the same process (tests, a wrapper script) may
+        # still use S3 afterwards. Registered after pyarrow's own hook, so it runs first.
+        if "pyarrow._s3fs" in sys.modules and not _FINALIZE_REGISTERED:
+            atexit.register(finalize_s3)
+            _FINALIZE_REGISTERED.append(True)
+
+
+_FINALIZE_REGISTERED: list[bool] = []
 
 
 def finalize_s3() -> None:
-    """Shut pyarrow's S3 support down now, while the interpreter is whole: left to interpreter
+    """Shut pyarrow's S3 support down at exit, while the interpreter is whole: left to interpreter
     teardown, an S3 filesystem still referenced from a module could be destroyed after the AWS
     SDK and abort the process (SIGABRT, "terminate called without an active exception") after
     the command had succeeded: the exit code is what CI reads. Unreferenced filesystems are
