@@ -33,12 +33,6 @@ def spec_overrides(args) -> list[str]:
     return list(args.overrides) + extra
 
 
-def _hooks() -> dict | None:
-    from .runner import TEST_HOOKS_ENV
-
-    return json.loads(os.environ[TEST_HOOKS_ENV]) if os.environ.get(TEST_HOOKS_ENV) else None
-
-
 def run_run(args) -> int:
     from .runner import check_address, ensure_ray, execute, prepare, shutdown_ray
     from .spec import load_spec
@@ -50,7 +44,7 @@ def run_run(args) -> int:
     address = args.address or os.environ.get("RAY_ADDRESS") or None
     if address:
         check_address(address)  # an unreachable cluster fails now, not after a long retry
-    plan = prepare(spec, overwrite=args.overwrite, max_failures=args.max_failures, hooks=_hooks(),
+    plan = prepare(spec, overwrite=args.overwrite, max_failures=args.max_failures,
                    verify=args.verify)  # what --overwrite removed is logged there, once
     started = False
     try:
@@ -271,7 +265,6 @@ def rerender_item(output: str, item_id: str, endpoint_url: str | None = None) ->
 
 
     spec = job["spec"]
-    hooks = _hooks() or {}
     # Reproduce the item's numeric environment: its device, dtype, torch thread count and switches.
     recorded = json.loads(row.get("render_env") or "null") or {}
     threads = recorded.get("torch_threads") or spec.get("compute", {}).get("torch_threads") or 1
@@ -287,7 +280,7 @@ def rerender_item(output: str, item_id: str, endpoint_url: str | None = None) ->
         model = {**spec["model"], "uri": row["model_uri"]}
         model["loras"] = [{"uri": x["uri"], "scale": x["scale"]} for x in json.loads(row.get("loras") or "[]")]
         compute = spec.get("compute", {})
-        renderer = load_renderer(model, dtype, cfg, threads, hooks=hooks, device=device,
+        renderer = load_renderer(model, dtype, cfg, threads, device=device,
                                  compile=compute.get("compile", "none"),
                                  deterministic=bool(compute.get("deterministic")))
         differences = env_differences(recorded, render_env(renderer)) if recorded else {}

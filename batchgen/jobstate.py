@@ -40,10 +40,13 @@ class SchedulingError(BatchgenError):
 # ----------------------------------------------------------------------------- pre-flight
 
 
-def check_model(spec, cfg, hooks: dict):
+def check_model(spec, cfg):
     """Validate the model block (weight headers, every key and shape, via a skeleton built on the
-    meta device; see modelcheck); None for the test renderer. Raises before anything is written."""
-    if hooks.get("renderer") == "null":
+    meta device; see modelcheck); None for ``builtin:null`` (no weights, no family). Raises before
+    anything is written."""
+    from .nullmodel import is_null_model
+
+    if is_null_model(spec.model.uri):
         return None
     from .modelcheck import validate_model
 
@@ -63,7 +66,7 @@ def resolve(spec, model) -> dict[str, Any]:
     if family is not None:
         values = spec.sampling.family_values(family)
         defaults = model.defaults()
-    else:  # the null test renderer: no family
+    else:  # builtin:null: no family
         values = {s.name: getattr(spec.sampling, s.name) for s in SPEC_SETTINGS if s.families is None}
         defaults = GENERIC_DEFAULTS
     for key in ("width", "height", "steps", "guidance_scale"):
@@ -442,7 +445,7 @@ def _written_ids(out) -> pa.Array:
     return pc.unique(pa.concat_arrays(chunks)) if chunks else pa.array([], pa.string())
 
 
-def prepare_output(out, spec, scan, previous: dict | None, remove: list[str], hooks: dict,
+def prepare_output(out, spec, scan, previous: dict | None, remove: list[str],
                    resolved: dict | None = None, lora_sha256: dict[str, str] | None = None,
                    images=None) -> list[str]:
     """Remove what ``--overwrite`` replaces (only what the earlier job wrote, never through links;
@@ -473,8 +476,6 @@ def prepare_output(out, spec, scan, previous: dict | None, remove: list[str], ho
         "counted_at_start": counted_at_start(out, scan, images),
         "created": (keep or {}).get("created") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    if hooks.get("renderer") == "null":
-        job["test_renderer"] = "null"
     write_json(out.join(JOB_FILE), job)
     return removed
 

@@ -11,7 +11,7 @@ A run has two halves:
   job.json (after removing what ``--overwrite`` replaces). Every mistake fails here in seconds,
   before Ray starts and before anything else is written.
 - :func:`execute` starts (or joins) Ray and streams the job. The driver commits manifest parts as
-  results arrive: every ``part_max_rows`` rows or every few seconds, also while nothing arrives.
+  results arrive: every ``PART_MAX_ROWS`` rows or every few seconds, also while nothing arrives.
   SIGINT/SIGTERM commit what has arrived and end the run with :class:`JobInterrupted` (exit 130).
 
 :func:`run_job` does both. Without an address it always starts a private local Ray (never one
@@ -35,9 +35,7 @@ from .errors import BatchgenError
 
 log = logging.getLogger(__name__)
 
-# Internal JSON test hooks: renderer ("null": seeded noise, no model), die_once (an actor exits on its
-# Nth call), sleep_per_call_s (seconds, or a list per call), part_max_rows, store ("skip").
-TEST_HOOKS_ENV = "BATCHGEN_TEST_HOOKS"
+PART_MAX_ROWS = 2048  # a part is committed when this many rows have arrived
 PART_MAX_SECONDS = 5.0  # a part is committed at least this often while results arrive or wait
 _PRIVATE_RAY = False  # True while Ray is a local instance ensure_ray started (no autoscaler)
 
@@ -89,7 +87,6 @@ class Plan:
     scan: Any
     committed: Any
     lease: Any
-    hooks: dict
     limit: int
     previous: dict | None
     removed: list[str]
@@ -110,8 +107,7 @@ class Plan:
 # ----------------------------------------------------------------------------- prepare (no Ray)
 
 
-def prepare(spec, *, overwrite: bool = False, max_failures: int | None = None, hooks: dict | None = None,
-            verify: bool = False) -> Plan:
+def prepare(spec, *, overwrite: bool = False, max_failures: int | None = None, verify: bool = False) -> Plan:
     """Validate everything and write job.json; no Ray. Raises before writing on any bad input.
     A resume renders again the committed items whose image is missing (one listing of images/);
     with ``verify`` also those whose stored bytes differ from the manifest's size or sha256."""
@@ -121,7 +117,6 @@ def prepare(spec, *, overwrite: bool = False, max_failures: int | None = None, h
     from .manifest import committed_state, empty_state
     from .storage import Location, StorageConfig
 
-    hooks = dict(hooks or {})
     t0 = time.perf_counter()
     log.info("pre-flight: job %s (spec ok)", spec.name)
     try:
@@ -147,14 +142,14 @@ def prepare(spec, *, overwrite: bool = False, max_failures: int | None = None, h
         first = scan_inputs(spec, cfg, committed, notes=False)  # the notes (overridden settings): second pass
         t_inputs = _phase(t_output, f"inputs: {len(first.files)} files, {first.total_rows} items")
         jobstate.check_sampler(spec)
-        model = jobstate.check_model(spec, cfg, hooks)
-        t_model = _phase(t_inputs, f"model {spec.model.uri}: " + (model.family if model is not None else "test renderer"))
+        model = jobstate.check_model(spec, cfg)
+        t_model = _phase(t_inputs, f"model {spec.model.uri}: " + (model.family if model is not None else "seeded noise, no weights"))
         resolved = jobstate.resolve(spec, model)
         scan = scan_inputs(spec, cfg, committed, resolved, model.check_prompt if model is not None else None)
         inputs = jobstate.check_inputs(out, spec, previous if resume else None, scan, committed)
         loras = jobstate.check_sampling(spec, model, scan, resolved)
         jobstate.check_lora_files(out, previous if resume else None, loras)
-        removed = jobstate.prepare_output(out, spec, scan, previous if resume else None, remove, hooks, resolved,
+        removed = jobstate.prepare_output(out, spec, scan, previous if resume else None, remove, resolved,
                                           loras, images)
     except BaseException:
         lease.release()
@@ -165,7 +160,7 @@ def prepare(spec, *, overwrite: bool = False, max_failures: int | None = None, h
     _phase(t_model, f"settings and LoRAs checked, job.json written; {scan.total_rows - scan.done_in_input} items to render")
     timings = {"preflight_output": round(t_output - t0, 3), "preflight_inputs": round(t_inputs - t_output, 3),
                "preflight_model": round(t_model - t_inputs, 3), "preflight_scan": round(time.perf_counter() - t_model, 3)}
-    return Plan(spec, cfg, out, scan, committed, lease, hooks, limit, previous if resume else None, removed,
+    return Plan(spec, cfg, out, scan, committed, lease, limit, previous if resume else None, removed,
                 inputs, timings, resolved, images.as_dict(), lora_sha256=loras)
 
 
@@ -197,7 +192,7 @@ def execute(plan: Plan, *, progress_every_s: float = 10.0, progress_bar: bool | 
     from .quiet import RayMessageFilter, StderrFilter, quiet_libraries
     from .stages import EncodeAndStore, GeneratorActor, ReadRows
 
-    spec, out, scan, committed, hooks = plan.spec, plan.out, plan.scan, plan.committed, plan.hooks
+    spec, out, scan, committed = plan.spec, plan.out, plan.scan, plan.committed
     t0 = time.perf_counter()
     todo = plan.todo
     started = ensure_ray(verbose=verbose) if todo > 0 and not ray.is_initialized() else False
@@ -206,7 +201,7 @@ def execute(plan: Plan, *, progress_every_s: float = 10.0, progress_bar: bool | 
                  spec.name, scan.total_rows, scan.done_in_input, todo, out.uri)
         c = spec.compute
         rows_per_call = c.batch_size * c.batches_per_call
-        parts = PartWriter(out, max_rows=int(hooks.get("part_max_rows", 2048)), max_seconds=PART_MAX_SECONDS)
+        parts = PartWriter(out, max_rows=PART_MAX_ROWS, max_seconds=PART_MAX_SECONDS)
         progress = jobstate.Progress(todo, progress_every_s, bar=False)
         state = _StreamState(expected_fp=(plan.previous or {}).get("model_fingerprint"))
         interrupted: dict[str, Any] = {}
@@ -233,7 +228,7 @@ def execute(plan: Plan, *, progress_every_s: float = 10.0, progress_bar: bool | 
                     fn_constructor_kwargs=dict(
                         model=spec.model.model_dump(mode="json"), storage_cfg=plan.cfg,
                         batch_size=c.batch_size, sampler=plan.resolved["sampler"],
-                        sampler_options=spec.sampling.sampler_options, hooks=hooks,
+                        sampler_options=spec.sampling.sampler_options,
                         torch_threads=c.torch_threads, max_init_pixels=spec.input.max_init_image_pixels,
                         quiet=not verbose, compile=c.compile, deterministic=c.deterministic,
                         scoring=spec.scoring.clip.model_dump() if spec.scoring.clip else None,
@@ -244,7 +239,7 @@ def execute(plan: Plan, *, progress_every_s: float = 10.0, progress_bar: bool | 
                 )
                 .map_batches(
                     EncodeAndStore(out.uri, plan.cfg, spec.output.format, spec.output.quality, spec.model.uri,
-                                   plan.resolved["sampler"], spec.sampling.sampler_options, c.batch_size, hooks,
+                                   plan.resolved["sampler"], spec.sampling.sampler_options, c.batch_size,
                                    scan.settings.get("passthrough")),
                     batch_size=rows_per_call, batch_format="pyarrow", num_cpus=jobstate.ENCODE_CPUS,
                 )
@@ -569,11 +564,11 @@ def _sum(batch, column: str) -> float:
 
 
 def run_job(spec, *, overwrite: bool = False, max_failures: int | None = None,
-            hooks: dict | None = None, progress_every_s: float = 10.0, progress_bar: bool | None = False,
+            progress_every_s: float = 10.0, progress_bar: bool | None = False,
             verbose: bool = True, verify: bool = False) -> JobResult:
     """Validate and prepare ``spec`` (no Ray), then run it on the current Ray, starting a private
     local one (shut down at the end) when Ray is not initialized."""
-    plan = prepare(spec, overwrite=overwrite, max_failures=max_failures, hooks=hooks, verify=verify)
+    plan = prepare(spec, overwrite=overwrite, max_failures=max_failures, verify=verify)
     try:
         return execute(plan, progress_every_s=progress_every_s, progress_bar=progress_bar, verbose=verbose)
     finally:

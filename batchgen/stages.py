@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .errors import InputError
+from .nullmodel import NullRenderer, is_null_model
 
 log = logging.getLogger(__name__)
 
@@ -66,18 +67,8 @@ class ReadRows:
         return pa.concat_tables(out) if out else pa.table({})
 
 
-class NullRenderer:
-    """Seeded random images instead of a model: for control-plane tests and benchmarks only."""
-
-    model_info = {"uri": "null:", "fingerprint": "0" * 64}
-
-    def generate(self, prompts, seeds, negative_prompts=None, width=64, height=64, **_):
-        return [np.random.default_rng(int(s)).integers(0, 256, (height, width, 3), dtype=np.uint8) for s in seeds]
-
-
 def load_renderer(model: dict | str, dtype: str | None = None, storage_cfg=None, torch_threads: int = 1, *,
-                  device: str | None = None, compile: str = "none", deterministic: bool = False,
-                  hooks: dict | None = None):
+                  device: str | None = None, compile: str = "none", deterministic: bool = False):
     """The job's renderer: the pipeline of the spec's ``model`` block (a dict; a bare URI also
     works), with ``torch_threads`` intra-op threads (CPU bytes depend on the thread count, so the
     job fixes it and records it per item) and the deterministic switches when asked.
@@ -86,9 +77,10 @@ def load_renderer(model: dict | str, dtype: str | None = None, storage_cfg=None,
     item re-rendered alone gets exactly the pipeline its job used. ``dtype`` None takes the
     block's; ``device`` None picks as :func:`batchgen.load_pipeline` does. Note that it sets
     torch's process-wide thread count (and the deterministic switches): callers outside a worker
-    restore them (see :func:`batchgen.jobcli.rerender_item`). ``hooks``: the job's internal test
-    hooks (``{"renderer": "null"}``: seeded noise, no model)."""
-    if (hooks or {}).get("renderer") == "null":
+    restore them (see :func:`batchgen.jobcli.rerender_item`). ``builtin:null`` gives the
+    :class:`~batchgen.nullmodel.NullRenderer` (seeded noise, no weights, no torch)."""
+    model = {"uri": model} if isinstance(model, str) else dict(model)
+    if is_null_model(model["uri"]):
         return NullRenderer()
     import torch
 
@@ -97,7 +89,6 @@ def load_renderer(model: dict | str, dtype: str | None = None, storage_cfg=None,
     torch.set_num_threads(int(torch_threads))
     if deterministic:
         set_deterministic()
-    model = {"uri": model} if isinstance(model, str) else dict(model)
     options = {k: model.get(k) for k in ("variant", "vae", "text_encoders", "tokenizers", "prediction_type",
                                          "allow_pickle", "text_encoder_device")}
     options = {k: v for k, v in options.items() if v not in (None, False)}
@@ -217,20 +208,6 @@ def env_differences(recorded: dict, current: dict) -> dict[str, tuple]:
             if recorded.get(k) != current.get(k)}
 
 
-def _maybe_die(hooks: dict, calls: int) -> None:
-    """Fault-test hook: exit the actor process on its Nth call, once per flag file."""
-    die = hooks.get("die_once")
-    if not die or calls != int(die.get("on_call", 1)):
-        return
-    try:
-        fd = os.open(die["flag"], os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return
-    os.close(fd)
-    log.warning("fault hook: generator actor %d exits now", os.getpid())
-    os._exit(1)
-
-
 def read_init_image(uri: str, storage_cfg, max_pixels: int | None = None):
     """An init image as RGB; larger than ``max_pixels`` (width x height; None: the default
     limit) is refused from its header, before anything is decoded (a 20 KB PNG can decode to
@@ -310,10 +287,9 @@ class GeneratorActor:
     """Holds one loaded pipeline; renders homogeneous groups at the fixed micro-batch."""
 
     def __init__(self, model: dict, storage_cfg, batch_size: int, sampler: str, sampler_options: dict,
-                 hooks: dict | None = None, torch_threads: int = 1, max_init_pixels: int | None = None,
+                 torch_threads: int = 1, max_init_pixels: int | None = None,
                  quiet: bool = False, compile: str = "none", deterministic: bool = False, scoring: dict | None = None,
                  lora_sha256: dict[str, str] | None = None):
-        self.hooks = hooks or {}
         self.lora_sha256 = dict(lora_sha256 or {})  # the pre-flight's digests (job.json's lora_sha256)
         self.batch_size = batch_size
         self.sampler = sampler
@@ -323,7 +299,7 @@ class GeneratorActor:
         self.compile = compile
         if quiet:
             _quiet_libraries()
-        self.renderer = load_renderer(model, None, storage_cfg, torch_threads, hooks=self.hooks, compile=compile,
+        self.renderer = load_renderer(model, None, storage_cfg, torch_threads, compile=compile,
                                       deterministic=deterministic)
         self.family = getattr(getattr(self.renderer, "family", None), "name", None)
         self.job_loras = json.dumps([{"uri": x["uri"], "scale": float(x.get("scale", 1.0))}
@@ -342,12 +318,6 @@ class GeneratorActor:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         self.calls += 1
-        _maybe_die(self.hooks, self.calls)
-        sleep = self.hooks.get("sleep_per_call_s")
-        if isinstance(sleep, list):  # per call: [call 1, call 2, ...], the last one repeats
-            sleep = sleep[min(self.calls, len(sleep)) - 1] if sleep else 0
-        if sleep:
-            time.sleep(float(sleep))
         rows = batch.to_pylist()
         n = len(rows)
         out: dict[str, list] = {
@@ -465,11 +435,9 @@ class EncodeAndStore:
     (the job's manifest schema: the fixed columns, then its passthrough columns)."""
 
     def __init__(self, out_uri: str, storage_cfg, fmt: str, quality: int, model_uri: str, sampler: str,
-                 sampler_options: dict, batch_size: int, hooks: dict | None = None,
-                 passthrough: dict[str, str] | None = None):
+                 sampler_options: dict, batch_size: int, passthrough: dict[str, str] | None = None):
         from .manifest import manifest_schema
 
-        self.skip_store = (hooks or {}).get("store") == "skip"  # control-plane benchmark only
         self.out_uri = out_uri
         self.storage_cfg = storage_cfg
         self.fmt = fmt
@@ -483,8 +451,8 @@ class EncodeAndStore:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from . import __version__
-        from .images import EXTENSIONS, encode_image
-        from .manifest import image_parameters, to_manifest_table
+        from .images import EXTENSIONS
+        from .manifest import to_manifest_table
         from .storage import Location
 
         images_dir = Location.parse(self.out_uri, self.storage_cfg).join("images")
@@ -504,11 +472,7 @@ class EncodeAndStore:
             if status[i] == "ok":
                 try:
                     arr = np.frombuffer(images[i], np.uint8).reshape(row["height"], row["width"], 3)
-                    if self.skip_store:
-                        data = arr.tobytes()
-                    else:
-                        data = encode_image(arr, self.fmt, self.quality, image_parameters(row))
-                        loc.write_bytes(data)
+                    data = self.encode_and_put(arr, row, loc)
                     sha, size = hashlib.sha256(data).hexdigest(), len(data)
                 except Exception as exc:  # noqa: BLE001 - e.g. storage failure: a failed row
                     status[i], error[i] = "failed", f"store failed: {type(exc).__name__}: {exc}"
@@ -526,3 +490,13 @@ class EncodeAndStore:
         )
         # warmup_ms (compile time, for the summary) rides along; the driver drops it before committing
         return to_manifest_table(columns, self.schema).append_column("warmup_ms", batch.column("warmup_ms"))
+
+    def encode_and_put(self, arr: np.ndarray, row: dict, loc) -> bytes:
+        """One item: encode the image with its parameters embedded and write it to ``loc``;
+        returns the stored bytes (their size and sha256 go into the manifest row)."""
+        from .images import encode_image
+        from .manifest import image_parameters
+
+        data = encode_image(arr, self.fmt, self.quality, image_parameters(row))
+        loc.write_bytes(data)
+        return data
