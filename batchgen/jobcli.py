@@ -27,14 +27,15 @@ def configure_run(p: argparse.ArgumentParser) -> None:
 
 
 def spec_overrides(args) -> list[str]:
-    """``--set`` overrides plus the ones common flags stand for (``--endpoint-url``: storage.endpoint_url,
-    checked like the spec's own: a URL with user:password@ is refused)."""
-    extra = [f"storage.endpoint_url={args.endpoint_url}"] if getattr(args, "endpoint_url", None) else []
-    return list(args.overrides) + extra
+    """The command line's spec overrides (kept here for callers; see :func:`batchgen.spec.spec_overrides`)."""
+    from .spec import spec_overrides as overrides
+
+    return overrides(args)
 
 
 def run_run(args) -> int:
-    from .runner import check_address, ensure_ray, execute, prepare, shutdown_ray
+    from .job.run import execute, prepare
+    from .ray_session import check_address, ensure_ray, shutdown_ray
     from .spec import load_spec
 
     verbose = bool(getattr(args, "verbose", False))
@@ -110,7 +111,7 @@ def job_status(output: str, endpoint_url: str | None = None, verify: bool = Fals
     import pyarrow.compute as pc
 
     from .errors import InputError
-    from .jobstate import part_run
+    from .job.preflight import part_run
     from .manifest import JOB_FILE, FailureSummary, part_locations, read_json, read_part
     from .storage import Location, StorageConfig
 
@@ -254,7 +255,7 @@ def rerender_item(output: str, item_id: str, endpoint_url: str | None = None) ->
     from .images import encode_image
     from .manifest import image_parameters
     from .outputs import Output
-    from .stages import apply_render_env, env_differences, generate_kwargs, load_renderer, read_init_image, render_env
+    from .job.stages import apply_render_env, env_differences, generate_kwargs, load_renderer, read_init_image, render_env
     from .storage import StorageConfig
 
     cfg = StorageConfig(endpoint_url=endpoint_url)

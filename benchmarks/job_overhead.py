@@ -39,7 +39,7 @@ def bare_vs_job(tmp: Path, items: int, size: int, steps: int, batch: int, per_ca
     import torch
 
     from batchgen import load_pipeline
-    from batchgen.runner import run_job
+    from batchgen.job.run import run_job
     from batchgen.spec import spec_from_dict
 
     prompts = [f"a lighthouse number {i}" for i in range(items)]
@@ -74,7 +74,7 @@ def bare_vs_job(tmp: Path, items: int, size: int, steps: int, batch: int, per_ca
 def _no_store_stage():
     """EncodeAndStore that keeps the raw pixels in memory instead of encoding and writing them.
     Defined in a function so that Ray's workers receive the class by value."""
-    from batchgen.stages import EncodeAndStore
+    from batchgen.job.stages import EncodeAndStore
 
     class EncodeAndStore(EncodeAndStore):  # noqa: F811 - same name in Ray's stage labels
         def encode_and_put(self, arr, row, loc) -> bytes:
@@ -84,14 +84,14 @@ def _no_store_stage():
 
 
 def control_plane(tmp: Path, rows: int, store: str = "skip", part_rows: int = 65536) -> None:
-    import batchgen.runner
-    import batchgen.stages
-    from batchgen.runner import run_job
+    import batchgen.job.commit
+    import batchgen.job.stages
+    from batchgen.job.run import run_job
     from batchgen.spec import spec_from_dict
 
-    batchgen.runner.PART_MAX_ROWS = part_rows
+    batchgen.job.commit.PART_MAX_ROWS = part_rows
     if store == "skip":
-        batchgen.stages.EncodeAndStore = _no_store_stage()
+        batchgen.job.stages.EncodeAndStore = _no_store_stage()
 
     inp = tmp / "million"
     inp.mkdir(exist_ok=True)

@@ -35,12 +35,9 @@ def cli(*args: str) -> list[str]:
 
 
 def null_model(spec):
-    """``spec`` with its model replaced by ``builtin:null`` (the rest of the model block kept)."""
-    from batchgen.spec import spec_from_dict
-
-    data = spec.model_dump(mode="json")
-    data["model"] = {**data["model"], "uri": NULL_URI}
-    return spec_from_dict(data)
+    """``spec`` with its model replaced by ``builtin:null`` (the rest of the model block kept, and
+    which keys the spec set explicitly: a copy, not a re-validated dump)."""
+    return spec.model_copy(update={"model": spec.model.model_copy(update={"uri": NULL_URI})})
 
 
 def faulty_actor(die_once: dict | None = None, sleep_per_call_s=None) -> type:
@@ -48,7 +45,7 @@ def faulty_actor(die_once: dict | None = None, sleep_per_call_s=None) -> type:
     import logging
     import time
 
-    from batchgen.stages import GeneratorActor
+    from batchgen.job.stages import GeneratorActor
 
     log = logging.getLogger("batchgen.test_faults")
 
@@ -85,14 +82,14 @@ def injected(faults: dict | None):
             load_spec = batchgen.spec.load_spec
             mp.setattr(batchgen.spec, "load_spec", lambda *a, **k: null_model(load_spec(*a, **k)))
         if faults.get("die_once") or faults.get("sleep_per_call_s"):
-            import batchgen.stages
+            import batchgen.job.stages
 
-            mp.setattr(batchgen.stages, "GeneratorActor",
+            mp.setattr(batchgen.job.stages, "GeneratorActor",
                        faulty_actor(faults.get("die_once"), faults.get("sleep_per_call_s")))
         if faults.get("part_max_rows"):
-            import batchgen.runner
+            import batchgen.job.commit
 
-            mp.setattr(batchgen.runner, "PART_MAX_ROWS", int(faults["part_max_rows"]))
+            mp.setattr(batchgen.job.commit, "PART_MAX_ROWS", int(faults["part_max_rows"]))
         yield
 
 
@@ -101,16 +98,16 @@ def _null(spec, faults: dict | None):
 
 
 def run_job(spec, *, faults: dict | None = None, **kwargs):
-    """:func:`batchgen.runner.run_job` with ``faults`` injected."""
-    from batchgen.runner import run_job as run
+    """:func:`batchgen.job.run.run_job` with ``faults`` injected."""
+    from batchgen.job.run import run_job as run
 
     with injected(faults):
         return run(_null(spec, faults), **kwargs)
 
 
 def prepare(spec, *, faults: dict | None = None, **kwargs):
-    """:func:`batchgen.runner.prepare` (pre-flight, no Ray) with ``faults`` injected."""
-    from batchgen.runner import prepare as prep
+    """:func:`batchgen.job.preflight.prepare` (pre-flight, no Ray) with ``faults`` injected."""
+    from batchgen.job.preflight import prepare as prep
 
     with injected(faults):
         return prep(_null(spec, faults), **kwargs)

@@ -102,7 +102,7 @@ def test_a_bad_row_is_reported_before_the_model_is_checked(tmp_path, ray_tmpdir)
 
 def test_preflight_logs_each_phase_and_times_it(tmp_path, caplog):
     inp, out = write_prompts(tmp_path / "p.parquet", 3), tmp_path / "out"
-    with caplog.at_level("INFO", logger="batchgen.runner"):
+    with caplog.at_level("INFO", logger="batchgen.job.preflight"):
         plan = prepare(spec_from_dict(job_dict(inp, out)))
     plan.release()
     phases = [r.getMessage() for r in caplog.records if r.getMessage().startswith("pre-flight:")]

@@ -276,7 +276,7 @@ def test_signal_while_a_stream_failure_is_reported_is_a_clean_stop(monkeypatch):
     """Item 7: a signal that lands outside the loop's own handler (here: while a Ray Data failure
     is being turned into a short message) still ends as the interrupted path, with the iterator
     closed."""
-    from batchgen import runner
+    from batchgen.job import commit as runner  # the stream loop and its _translate live there
 
     def translate(exc, plan, actors):
         signal.raise_signal(signal.SIGINT)  # Ctrl-C while the failure is being described
