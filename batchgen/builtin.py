@@ -1,7 +1,8 @@
 """Built-in models: the ``builtin:NAME`` registry, and resolving any model URI to a local path.
 
 The built-in models are tiny random-weight checkpoints (:mod:`batchgen.tiny`) built once into the
-user cache (``$BATCHGEN_CACHE`` or ``~/.cache/batchgen``) and reused by every run. This module sits
+user cache (``$BATCHGEN_CACHE`` or ``~/.cache/batchgen``) and reused by every run, and
+``builtin:null`` (:mod:`batchgen.nullmodel`): no weights, seeded noise, for dry runs of a job. This module sits
 above both ``checkpoints/`` (reading folders and files) and ``tiny/`` (which writes folders with the
 checkpoint helpers): each of them only imports downward, and code that takes a model URI from a
 user (pipeline, pre-flight, inspect) resolves it here.
@@ -16,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from .checkpoints import BUILTIN_PREFIX, local_model_path
+from .nullmodel import NULL_NAME
 from .storage import cache_root, file_lock
 from .tiny import TINY_FORMAT, make_tiny_model
 
@@ -26,6 +28,7 @@ BUILTINS = {"tiny": ("sd1", 0), "tiny-sd1": ("sd1", 0), "tiny-sd2": ("sd2", 0), 
             "tiny-sdxl-refiner": ("sdxl-refiner", 0), "tiny-sd3": ("sd3", 0), "tiny-sd35": ("sd35", 0),
             "tiny-dit": ("dit", 0)}
 BUILTINS.update({"tiny-flux-schnell": ("flux-schnell", 0), "tiny-flux-dev": ("flux-dev", 0)})
+BUILTINS[NULL_NAME] = (None, 0)  # no weights: jobs render seeded noise (batchgen.nullmodel)
 
 
 def builtin_model_path(name: str) -> Path:
@@ -38,6 +41,9 @@ def builtin_model_path(name: str) -> Path:
         raise ValueError(f"model: unknown built-in model 'builtin:{name}'; known: "
                          + ", ".join(f"builtin:{n}" for n in BUILTINS))
     variant, seed = BUILTINS[name]
+    if variant is None:
+        raise ValueError(f"model: builtin:{name} has no weights to load: it renders seeded noise in jobs "
+                         "(batchgen run, dry runs); use builtin:tiny for a loadable pipeline")
     target = cache_root() / "builtin" / f"tiny-{variant}-seed{seed}-f{TINY_FORMAT}"
     if (target / "model_index.json").is_file():
         return target

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .errors import InputError, StorageError
+from .columns import LABEL_COLUMNS, ROW_HEAD, reserved_name_error, setting_type  # noqa: F401
 from .noise import SEED_LIMIT, derive_seed
 
 log = logging.getLogger(__name__)
@@ -34,22 +35,9 @@ ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
 SCAN_BATCH_ROWS = 65536
 MAX_GROUPS_TO_SPLIT = 8
 
-# Columns every normalized row has, before the settings columns (from the settings table), the
-# LoRA set, the settings-group key and the job's passthrough columns.
-ROW_HEAD = [("item_id", pa.string()), ("source_file", pa.string()), ("source_row", pa.int64()),
-            ("image_index", pa.int32()), ("prompt", pa.string())]
 _FAMILY_TYPE = {"string": pa.string(), "int": pa.int64(), "float": pa.float64()}
 _TABLE_FAMILY = {"str": "string", "int": "int", "float": "float"}
 MAX_IMAGES_PER_ROW = 10000
-
-
-def setting_type(setting) -> pa.DataType:
-    """The Arrow type a setting has in rows and the manifest."""
-    if setting.type == "str":
-        return pa.string()
-    if setting.type == "float":
-        return pa.float64()
-    return pa.int64() if setting.name == "seed" else pa.int32()
 
 
 def row_schema(passthrough: dict[str, pa.DataType] | None = None) -> pa.Schema:
@@ -468,7 +456,6 @@ def _passthrough(table: pa.Table, name: str, typ: pa.DataType, file_uri: str) ->
 def check_passthrough_names(names) -> None:
     """input.passthrough may not name a column batchgen uses itself (manifest columns, stage and
     export fields: :data:`batchgen.manifest.RESERVED_NAMES`), nor one column twice."""
-    from .manifest import reserved_name_error
 
     seen = set()
     for name in names:
@@ -482,7 +469,6 @@ def check_passthrough_names(names) -> None:
 
 def passthrough_types(table_schema: pa.Schema, names: list[str], file_uri: str) -> dict[str, pa.DataType]:
     """The Arrow types of the passthrough columns, from the first input file: plain values only."""
-    from .manifest import LABEL_COLUMNS
 
     check_passthrough_names(names)
     out = {}

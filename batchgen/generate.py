@@ -124,7 +124,7 @@ def run(args) -> int:
     from .images import encode_image
     from .pipeline import load_pipeline
     from .samplernames import canonical_sampler
-    from .stages import read_init_image
+    from .job.stages import read_init_image
 
     out = Path(args.out)
     remove = _check_out(out, args.overwrite)

@@ -27,20 +27,15 @@ def configure_run(p: argparse.ArgumentParser) -> None:
 
 
 def spec_overrides(args) -> list[str]:
-    """``--set`` overrides plus the ones common flags stand for (``--endpoint-url``: storage.endpoint_url,
-    checked like the spec's own: a URL with user:password@ is refused)."""
-    extra = [f"storage.endpoint_url={args.endpoint_url}"] if getattr(args, "endpoint_url", None) else []
-    return list(args.overrides) + extra
+    """The command line's spec overrides (kept here for callers; see :func:`batchgen.spec.spec_overrides`)."""
+    from .spec import spec_overrides as overrides
 
-
-def _hooks() -> dict | None:
-    from .runner import TEST_HOOKS_ENV
-
-    return json.loads(os.environ[TEST_HOOKS_ENV]) if os.environ.get(TEST_HOOKS_ENV) else None
+    return overrides(args)
 
 
 def run_run(args) -> int:
-    from .runner import check_address, ensure_ray, execute, prepare, shutdown_ray
+    from .job.run import execute, prepare
+    from .ray_session import check_address, ensure_ray, shutdown_ray
     from .spec import load_spec
 
     verbose = bool(getattr(args, "verbose", False))
@@ -50,7 +45,7 @@ def run_run(args) -> int:
     address = args.address or os.environ.get("RAY_ADDRESS") or None
     if address:
         check_address(address)  # an unreachable cluster fails now, not after a long retry
-    plan = prepare(spec, overwrite=args.overwrite, max_failures=args.max_failures, hooks=_hooks(),
+    plan = prepare(spec, overwrite=args.overwrite, max_failures=args.max_failures,
                    verify=args.verify)  # what --overwrite removed is logged there, once
     started = False
     try:
@@ -116,7 +111,7 @@ def job_status(output: str, endpoint_url: str | None = None, verify: bool = Fals
     import pyarrow.compute as pc
 
     from .errors import InputError
-    from .jobstate import part_run
+    from .job.preflight import part_run
     from .manifest import JOB_FILE, FailureSummary, part_locations, read_json, read_part
     from .storage import Location, StorageConfig
 
@@ -260,7 +255,7 @@ def rerender_item(output: str, item_id: str, endpoint_url: str | None = None) ->
     from .images import encode_image
     from .manifest import image_parameters
     from .outputs import Output
-    from .stages import apply_render_env, env_differences, generate_kwargs, load_renderer, read_init_image, render_env
+    from .job.stages import apply_render_env, env_differences, generate_kwargs, load_renderer, read_init_image, render_env
     from .storage import StorageConfig
 
     cfg = StorageConfig(endpoint_url=endpoint_url)
@@ -271,7 +266,6 @@ def rerender_item(output: str, item_id: str, endpoint_url: str | None = None) ->
 
 
     spec = job["spec"]
-    hooks = _hooks() or {}
     # Reproduce the item's numeric environment: its device, dtype, torch thread count and switches.
     recorded = json.loads(row.get("render_env") or "null") or {}
     threads = recorded.get("torch_threads") or spec.get("compute", {}).get("torch_threads") or 1
@@ -287,7 +281,7 @@ def rerender_item(output: str, item_id: str, endpoint_url: str | None = None) ->
         model = {**spec["model"], "uri": row["model_uri"]}
         model["loras"] = [{"uri": x["uri"], "scale": x["scale"]} for x in json.loads(row.get("loras") or "[]")]
         compute = spec.get("compute", {})
-        renderer = load_renderer(model, dtype, cfg, threads, hooks=hooks, device=device,
+        renderer = load_renderer(model, dtype, cfg, threads, device=device,
                                  compile=compute.get("compile", "none"),
                                  deterministic=bool(compute.get("deterministic")))
         differences = env_differences(recorded, render_env(renderer)) if recorded else {}

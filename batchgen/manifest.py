@@ -20,6 +20,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .columns import (EXPORT_FIELDS, LABEL_COLUMNS, MANIFEST_SCHEMA, RESERVED_NAMES, STAGE_COLUMNS,  # noqa: F401
+                      manifest_schema, reserved_name_error, reserved_names)
+
 log = logging.getLogger(__name__)
 
 PARTS_DIR = "manifest"
@@ -29,77 +32,8 @@ JOB_FILE = "job.json"
 IN_MEMORY_CONSOLIDATE_ROWS = 50_000
 SORT_ROWS_PER_BLOCK = 50_000  # Ray sort partitions: blocks the driver streams one at a time
 
-def manifest_schema(passthrough: pa.Schema | list | None = None) -> pa.Schema:
-    """The manifest's columns: the item, every per-item setting (from the settings table), how it
-    was rendered (sampler, LoRAs with their sha256, model), labels (DiT class, CLIP score), the
-    stored image and its provenance, then the job's ``input.passthrough`` columns."""
-    from .dataset import ROW_HEAD, setting_type
-    from .settings import ROW_SETTINGS
-
-    fields = list(ROW_HEAD) + [(s.name, setting_type(s)) for s in ROW_SETTINGS]
-    fields += [
-        ("sampler", pa.string()),
-        ("sampler_options", pa.string()),
-        ("batch_size", pa.int32()),
-        ("loras", pa.string()),  # JSON [{uri, scale, sha256}] of the LoRAs fused for this item
-        ("model_uri", pa.string()),
-        ("model_family", pa.string()),
-        ("model_fingerprint", pa.string()),
-        ("class_id", pa.int64()),  # DiT: the class rendered (the prompt names it)
-        ("class_name", pa.string()),
-        ("clip_score", pa.float64()),  # scoring.clip: 100 * max(cos(image, prompt), 0)
-        ("image_uri", pa.string()),
-        ("image_format", pa.string()),
-        ("image_sha256", pa.string()),
-        ("image_bytes", pa.int64()),
-        ("status", pa.string()),
-        ("error", pa.string()),
-        ("attempt", pa.int32()),
-        ("worker", pa.string()),
-        ("render_ms", pa.float64()),
-        ("encode_ms", pa.float64()),
-        ("batchgen_version", pa.string()),
-        ("render_env", pa.string()),
-    ]
-    base = {name for name, _ in fields}
-    extra = [f for f in (passthrough or []) if (f.name if isinstance(f, pa.Field) else f[0]) not in base]
-    return pa.schema(fields + extra)
 
 
-MANIFEST_SCHEMA = manifest_schema()
-# Label columns an input may fill through input.passthrough (a DiT model fills them itself).
-LABEL_COLUMNS = {"class_id": pa.int64(), "class_name": pa.string()}
-
-# The one list of names batchgen uses beside an input's own columns: an input.passthrough column
-# may take none of them (the label columns above aside). The manifest's columns; what the stages
-# carry between them (the rendered pixels, the applied LoRA set, compile warm-up time, the
-# settings-group key, images per row) and what consolidation adds (the part file path and rank
-# columns); and the fields the exports add beside the manifest columns (export.py uses this list).
-STAGE_COLUMNS = ("image", "applied_loras", "warmup_ms", "group", "n", "path", "_ok", "_part")
-EXPORT_FIELDS = {"webdataset": ("key",), "parquet": ("image", "text")}
-
-
-def reserved_names() -> dict[str, str]:
-    """{name: what batchgen uses it for} of every reserved name (see STAGE_COLUMNS)."""
-    out = {name: "a manifest column" for name in MANIFEST_SCHEMA.names if name not in LABEL_COLUMNS}
-    for name in STAGE_COLUMNS:
-        out.setdefault(name, "a column of the render stages")
-    for fmt, names in EXPORT_FIELDS.items():
-        for name in names:
-            out.setdefault(name, f"a field of the {fmt} export")
-    return out
-
-
-RESERVED_NAMES: frozenset[str] = frozenset(reserved_names())
-
-
-def reserved_name_error(name: str) -> str | None:
-    """Why ``name`` cannot be a passthrough column (it names the reserved list), or None."""
-    use = reserved_names().get(name)
-    if use is None:
-        return None
-    return (f"{name!r} is {use}; list only other columns (reserved names: {', '.join(sorted(RESERVED_NAMES))}; "
-            f"rename the input column)")
 # render_env: JSON of what else decides an item's bytes (device kind and name, dtype, torch
 # intra-op threads, torch/CUDA/cuDNN versions, deterministic flags); see stages.render_env().
 
@@ -468,7 +402,7 @@ def _consolidate_with_ray(out_loc, parts, target, counts, partitions: int, failu
     import ray
 
     if not ray.is_initialized():  # a resumed run with nothing left to render has not started Ray
-        from .runner import ensure_ray
+        from .ray_session import ensure_ray
 
         ensure_ray()
 

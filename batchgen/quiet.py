@@ -129,3 +129,10 @@ class RayMessageFilter:
 
     def __getattr__(self, name: str):
         return getattr(self.saved, name)
+
+
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False

@@ -542,3 +542,10 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
     if isinstance(data, dict):
         data = apply_overrides(data, overrides or [], origins)
     return spec_from_dict(data, str(path), origins)
+
+
+def spec_overrides(args) -> list[str]:
+    """The command line's spec overrides (``batchgen run`` and ``submit``): ``--set`` overrides plus the ones common flags stand for (``--endpoint-url``: storage.endpoint_url,
+    checked like the spec's own: a URL with user:password@ is refused)."""
+    extra = [f"storage.endpoint_url={args.endpoint_url}"] if getattr(args, "endpoint_url", None) else []
+    return list(args.overrides) + extra

@@ -428,7 +428,7 @@ def run(args: argparse.Namespace) -> int:
         ["--max-failures", str(args.max_failures)] if args.max_failures is not None else [])
     extra_env = _parse_env(args.env)
     ship = args.ship_code
-    from .jobcli import spec_overrides
+    from .spec import spec_overrides
 
     sub = prepare_submission(args.spec, spec_overrides(args), ship_inputs=not args.no_ship_inputs,
                              ship_code=bool(ship), extra_env=extra_env, run_args=run_args)

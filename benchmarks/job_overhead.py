@@ -3,12 +3,17 @@
 1. images/s of a full job (Ray Data, one CPU actor, encode + store + manifest) vs a bare
    ``pipe.generate`` loop over the same items and micro-batch, tiny model (target: job >= 0.9x bare).
    The job figure is taken over its render stream, which includes the actor's start-up.
-2. control plane with the null renderer over N input rows (default 1,000,000): rows/s and the
-   driver's peak RSS (target < 1 GB). Images are not encoded or stored here (``store: skip``), so
-   this measures read, validation, resume filter, actor pool, manifest parts and consolidation.
+2. control plane with ``builtin:null`` (seeded noise, no weights) over N input rows (default
+   1,000,000): rows/s and the driver's peak RSS (target < 1 GB). By default (``--store skip``)
+   images are not encoded or stored: this benchmark replaces the job's EncodeAndStore stage with a
+   subclass whose ``encode_and_put`` returns the raw pixels (batchgen itself has no such switch),
+   so it measures read, validation, resume filter, actor pool, manifest parts and consolidation;
+   ``--store write`` keeps the real stage. ``--part-rows`` sets the rows per manifest part
+   (patched into the job's module constant; default 65536 as measured so far, the product's is 2048).
 3. batch invariance: the same items rendered at micro-batch 1, 2, 4, 8: how many stay identical.
 
     python benchmarks/job_overhead.py [--items 48] [--rows 1000000] [--skip-control-plane]
+        [--store skip|write] [--part-rows 65536]
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ def bare_vs_job(tmp: Path, items: int, size: int, steps: int, batch: int, per_ca
     import torch
 
     from batchgen import load_pipeline
-    from batchgen.runner import run_job
+    from batchgen.job.run import run_job
     from batchgen.spec import spec_from_dict
 
     prompts = [f"a lighthouse number {i}" for i in range(items)]
@@ -66,9 +71,27 @@ def bare_vs_job(tmp: Path, items: int, size: int, steps: int, batch: int, per_ca
     del ray
 
 
-def control_plane(tmp: Path, rows: int) -> None:
-    from batchgen.runner import run_job
+def _no_store_stage():
+    """EncodeAndStore that keeps the raw pixels in memory instead of encoding and writing them.
+    Defined in a function so that Ray's workers receive the class by value."""
+    from batchgen.job.stages import EncodeAndStore
+
+    class EncodeAndStore(EncodeAndStore):  # noqa: F811 - same name in Ray's stage labels
+        def encode_and_put(self, arr, row, loc) -> bytes:
+            return arr.tobytes()
+
+    return EncodeAndStore
+
+
+def control_plane(tmp: Path, rows: int, store: str = "skip", part_rows: int = 65536) -> None:
+    import batchgen.job.commit
+    import batchgen.job.stages
+    from batchgen.job.run import run_job
     from batchgen.spec import spec_from_dict
+
+    batchgen.job.commit.PART_MAX_ROWS = part_rows
+    if store == "skip":
+        batchgen.job.stages.EncodeAndStore = _no_store_stage()
 
     inp = tmp / "million"
     inp.mkdir(exist_ok=True)
@@ -79,15 +102,15 @@ def control_plane(tmp: Path, rows: int) -> None:
                        inp / f"part-{f // per_file:03d}.parquet", row_group_size=32_768)
     rss_before = peak_rss_mb()
     spec = spec_from_dict({
-        "input": {"uri": str(inp)}, "sampling": {"width": 8, "height": 8, "steps": 1},
+        "input": {"uri": str(inp)}, "model": {"uri": "builtin:null"}, "sampling": {"width": 8, "height": 8, "steps": 1},
         "output": {"uri": str(tmp / "cp")},
         "compute": {"batch_size": 256, "batches_per_call": 16, "gpus_per_worker": 0, "min_workers": 1,
                     "max_workers": 2},
     })
     start = time.perf_counter()
-    result = run_job(spec, overwrite=True, hooks={"renderer": "null", "store": "skip", "part_max_rows": 65536})
+    result = run_job(spec, overwrite=True)
     wall = time.perf_counter() - start
-    print(f"[2] control plane, null renderer, {rows} rows: {rows / wall:,.0f} rows/s end to end "
+    print(f"[2] control plane, builtin:null, store {store}, parts of {part_rows} rows, {rows} rows: {rows / wall:,.0f} rows/s end to end "
           f"({wall:.1f} s; {result.ok} ok); driver peak RSS {peak_rss_mb():.0f} MB "
           f"(before the job {rss_before:.0f} MB); timings {result.summary['timings_s']}")
 
@@ -119,6 +142,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--skip-control-plane", action="store_true")
+    parser.add_argument("--store", choices=["skip", "write"], default="skip",
+                        help="control plane: skip encoding and storing images (default) or write them")
+    parser.add_argument("--part-rows", type=int, default=65536, help="control plane: rows per manifest part")
     parser.add_argument("--part", choices=["job", "control", "invariance"], default=None,
                         help="run one part in this process (default: each part in its own process)")
     args = parser.parse_args()
@@ -130,7 +156,8 @@ def main() -> None:
         for part in parts:
             subprocess.run([sys.executable, __file__, "--part", part, "--items", str(args.items),
                             "--size", str(args.size), "--steps", str(args.steps), "--batch", str(args.batch),
-                            "--rows", str(args.rows)], check=True)
+                            "--rows", str(args.rows), "--store", args.store, "--part-rows", str(args.part_rows)],
+                           check=True)
         return
     logging.basicConfig(level=logging.WARNING)
     if args.part == "invariance":
@@ -144,7 +171,7 @@ def main() -> None:
         if args.part == "job":
             bare_vs_job(Path(tmp), args.items, args.size, args.steps, args.batch, per_call=2)
         else:
-            control_plane(Path(tmp), args.rows)
+            control_plane(Path(tmp), args.rows, args.store, args.part_rows)
     ray.shutdown()
 
 

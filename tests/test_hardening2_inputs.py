@@ -21,10 +21,10 @@ from batchgen.dataset import normalize_batch, open_parquet, row_settings, scan_i
 from batchgen.errors import InputError
 from batchgen.export import export_output
 from batchgen.manifest import LABEL_COLUMNS, MANIFEST_SCHEMA
-from batchgen.runner import prepare, run_job
 from batchgen.spec import spec_from_dict
 from batchgen.storage import StorageConfig
 
+from .faults import prepare, run_job
 from .fixtures_jobs import job_dict
 from .fixtures_regression import noise_image, write_job_output
 
@@ -42,7 +42,7 @@ def _write(path, count, /, **columns):
 def _preflight_error(tmp_path, inp, **sections) -> str:
     """Run the job's pre-flight (the null renderer: no model, no Ray); the InputError's text."""
     with pytest.raises(InputError) as err:
-        run_job(spec_from_dict(job_dict(inp, tmp_path / "out", **sections)), hooks=NULL)
+        run_job(spec_from_dict(job_dict(inp, tmp_path / "out", **sections)), faults=NULL)
     assert not (tmp_path / "out" / "images").exists()  # nothing rendered
     assert not (tmp_path / "out" / "job.json").exists()
     return str(err.value)
@@ -150,7 +150,7 @@ def test_passthrough_label_columns_and_ordinary_names_still_pass(tmp_path):
                       class_name=["cat", "dog"])
     plan = prepare(spec_from_dict(job_dict(f, tmp_path / "out", input={"passthrough": ["caption", "label",
                                                                                        "class_name"]})),
-                   hooks=NULL)
+                   faults=NULL)
     plan.release()
     job = json.loads((tmp_path / "out" / "job.json").read_text())
     assert job["passthrough"] == {"caption": "string", "label": "int64", "class_name": "string"}
@@ -177,7 +177,7 @@ def test_overridden_spec_settings_logged_and_recorded(tmp_path, caplog):
                       n=pa.array([1, 2, 1], pa.int64()))
     spec = spec_from_dict(job_dict(f, tmp_path / "out", sampling={"steps": 20}))
     with caplog.at_level(logging.INFO, logger="batchgen"):
-        plan = prepare(spec, hooks=NULL)
+        plan = prepare(spec, faults=NULL)
     plan.release()
     lines = [r.getMessage() for r in caplog.records]
     steps = [line for line in lines if line.startswith("sampling.steps: ")]
@@ -197,7 +197,7 @@ def test_overridden_spec_settings_logged_and_recorded(tmp_path, caplog):
 
 def test_no_override_recorded_without_such_columns(tmp_path):
     f = _write(tmp_path / "p.parquet", 2, steps=pa.array([None, None], pa.int32()))
-    plan = prepare(spec_from_dict(job_dict(f, tmp_path / "out")), hooks=NULL)
+    plan = prepare(spec_from_dict(job_dict(f, tmp_path / "out")), faults=NULL)
     plan.release()
     assert json.loads((tmp_path / "out" / "job.json").read_text())["overridden_by_input"] == {}
 
@@ -208,7 +208,7 @@ def _prepared_job(tmp_path, name, steps):
     if not f.exists():
         _write(f, 2, steps=pa.array([4, 4], pa.int32()))
     out = tmp_path / f"{name}-prep"
-    plan = prepare(spec_from_dict(job_dict(f, out, sampling={"steps": steps})), hooks=NULL)
+    plan = prepare(spec_from_dict(job_dict(f, out, sampling={"steps": steps})), faults=NULL)
     plan.release()
     return (out / "job.json").read_text()
 
@@ -291,7 +291,7 @@ def test_float_warning_once_per_job(tmp_path, caplog):
     _write(tmp_path / "in" / "b.parquet", 1, seed=pa.array([3.0], pa.float64()),
            steps=pa.array([None], pa.float64()))
     with caplog.at_level(logging.INFO, logger="batchgen"):
-        plan = prepare(spec_from_dict(job_dict(tmp_path / "in", tmp_path / "out")), hooks=NULL)
+        plan = prepare(spec_from_dict(job_dict(tmp_path / "in", tmp_path / "out")), faults=NULL)
     plan.release()
     warnings = [r.getMessage() for r in caplog.records if "hold floats" in r.getMessage()]
     assert len(warnings) == 1 and f"'seed' in {a} and 1 more files" in warnings[0]
@@ -351,7 +351,7 @@ def test_job_with_pandas_float_columns_renders_like_integers(tmp_path, ray_local
         else:
             f = _write(tmp_path / kind / "p.parquet", 2, id=["a", "b"], seed=pa.array([5, None], pa.int64()),
                        n=pa.array([2, None], pa.int64()))
-        run_job(spec_from_dict(job_dict(f, tmp_path / f"out-{kind}", input={"id_column": "id"})), hooks=NULL)
+        run_job(spec_from_dict(job_dict(f, tmp_path / f"out-{kind}", input={"id_column": "id"})), faults=NULL)
         table = pq.read_table(tmp_path / f"out-{kind}" / "manifest.parquet")
         outs[kind] = table.select(["item_id", "seed", "steps", "image_sha256", "status"]).to_pylist()
     assert outs["float"] == outs["int"]

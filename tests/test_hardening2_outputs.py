@@ -23,9 +23,9 @@ import pytest
 from batchgen.cli import main
 from batchgen.errors import InputError
 from batchgen.jobcli import job_status
-from batchgen.runner import run_job
 from batchgen.spec import spec_from_dict
 
+from .faults import injected, run_job
 from .fixtures_jobs import image_digests, job_dict, write_prompts
 from .fixtures_ray import REPO
 from .fixtures_regression import noise_image, write_job_output
@@ -46,7 +46,7 @@ def test_resume_renders_lost_images_once_and_verify_renders_wrong_ones(tmp_path,
     keeps every run's figures in ``runs``."""
     inp, out = write_prompts(tmp_path / "p.parquet", 4), tmp_path / "out"
     spec = spec_from_dict(job_dict(inp, out))
-    assert run_job(spec, hooks=NULL).rendered_this_run == 4
+    assert run_job(spec, faults=NULL).rendered_this_run == 4
     original = image_digests(out)
     images = out / "images"
     (images / "p-00000001.png").unlink()
@@ -59,16 +59,16 @@ def test_resume_renders_lost_images_once_and_verify_renders_wrong_ones(tmp_path,
     assert main(["status", str(out), "--verify"]) == 1
     assert "1 missing, 1 not as the manifest records" in capsys.readouterr().out
 
-    again = run_job(spec, hooks=NULL)  # no flag: existence only
+    again = run_job(spec, faults=NULL)  # no flag: existence only
     assert (again.rendered_this_run, again.ok) == (1, 4)
     assert image_digests(out)["p-00000001.png"] == original["p-00000001.png"]
     assert image_digests(out)["p-00000002.png"] != original["p-00000002.png"]
-    assert run_job(spec, hooks=NULL).rendered_this_run == 0  # once: the new row names the new image
+    assert run_job(spec, faults=NULL).rendered_this_run == 0  # once: the new row names the new image
 
-    verified = run_job(spec, hooks=NULL, verify=True)
+    verified = run_job(spec, faults=NULL, verify=True)
     assert (verified.rendered_this_run, verified.ok, verified.failed) == (1, 4, 0)
     assert image_digests(out) == original
-    assert run_job(spec, hooks=NULL, verify=True).rendered_this_run == 0
+    assert run_job(spec, faults=NULL, verify=True).rendered_this_run == 0
     status = job_status(str(out), verify=True)
     assert (status["done"], status["failed"], status["images"]["missing"], status["images"]["wrong"]) == (4, 0, 0, 0)
     manifest = pq.read_table(out / "manifest.parquet").to_pylist()
@@ -262,7 +262,7 @@ def test_run_refuses_a_folder_of_unrelated_files(tmp_path):
     (out / "data" / "x.csv").write_text("1,2")
     before = _tree(out)
     with pytest.raises(InputError, match=r"is not empty \(data, notes.txt\) and holds no job.json"):
-        run_job(spec_from_dict(job_dict(inp, out)), hooks=NULL)
+        run_job(spec_from_dict(job_dict(inp, out)), faults=NULL)
     assert _tree(out) == before and sorted(os.listdir(out)) == ["data", "notes.txt"]
 
 
@@ -271,13 +271,12 @@ def test_overwrite_removes_only_what_the_job_wrote_and_warns_once(tmp_path, ray_
     """Item 6: --overwrite deletes the job's images, parts, manifest and summary, never a user's
     file inside images/ or manifest/, and names those. Item 18: one warning, not five."""
     inp, out = write_prompts(tmp_path / "p.parquet", 3), tmp_path / "out"
-    run_job(spec_from_dict(job_dict(inp, out)), hooks=NULL)
+    run_job(spec_from_dict(job_dict(inp, out)), faults=NULL)
     (out / "images" / "mine.png").write_bytes(b"my own picture")
     (out / "manifest" / "README.txt").write_text("my notes")
     spec = tmp_path / "job.yaml"
     spec.write_text(json.dumps(job_dict(inp, out, sampling={"steps": 3})))
-    monkeypatch.setenv("BATCHGEN_TEST_HOOKS", json.dumps(NULL))
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO), injected(NULL):
         assert main(["run", str(spec), "--overwrite"]) == 0
     assert (out / "images" / "mine.png").read_bytes() == b"my own picture"
     assert (out / "manifest" / "README.txt").read_text() == "my notes"

@@ -32,6 +32,7 @@ from batchgen.runner import execute, prepare
 from batchgen.spec import spec_from_dict
 from tests.test_job_families import sdxl_lora  # noqa: F401 - a fixture of this module too
 
+from .faults import cli as faults_cli
 from .fixtures_jobs import job_dict, write_prompts
 from .fixtures_ray import REPO, subprocess_env
 
@@ -101,7 +102,7 @@ def test_a_bad_row_is_reported_before_the_model_is_checked(tmp_path, ray_tmpdir)
 
 def test_preflight_logs_each_phase_and_times_it(tmp_path, caplog):
     inp, out = write_prompts(tmp_path / "p.parquet", 3), tmp_path / "out"
-    with caplog.at_level("INFO", logger="batchgen.runner"):
+    with caplog.at_level("INFO", logger="batchgen.job.preflight"):
         plan = prepare(spec_from_dict(job_dict(inp, out)))
     plan.release()
     phases = [r.getMessage() for r in caplog.records if r.getMessage().startswith("pre-flight:")]
@@ -120,9 +121,9 @@ def test_plain_logs_in_a_pipe_and_worker_lines_only_with_verbose(tmp_path, ray_t
     spec = _spec_file(tmp_path)
     for verbose in (False, True):
         shutil.rmtree(tmp_path / "out", ignore_errors=True)
-        hooks = json.dumps({"renderer": "null", "die_once": {"flag": str(tmp_path / f"flag-{verbose}"), "on_call": 1}})
+        faults = json.dumps({"renderer": "null", "die_once": {"flag": str(tmp_path / f"flag-{verbose}"), "on_call": 1}})
         args = (["-v"] if verbose else []) + ["run", str(spec)]
-        proc = subprocess.run(_cli(*args), env=subprocess_env(ray_tmpdir, BATCHGEN_TEST_HOOKS=hooks),
+        proc = subprocess.run(faults_cli(*args), env=subprocess_env(ray_tmpdir, BATCHGEN_TEST_FAULTS=faults),
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         text = proc.stdout + proc.stderr
@@ -212,7 +213,7 @@ def token_head(tmp_path):
 
 def test_address_auto_joins_a_cluster_that_requires_the_token(tmp_path, token_head):
     spec = _spec_file(tmp_path)
-    proc = subprocess.run(_cli("run", str(spec), "--address", "auto"), env={**token_head, "BATCHGEN_TEST_HOOKS": NULL},
+    proc = subprocess.run(faults_cli("run", str(spec), "--address", "auto"), env={**token_head, "BATCHGEN_TEST_FAULTS": NULL},
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "4/4 items ok" in proc.stdout

@@ -10,9 +10,9 @@ import yaml
 
 from batchgen.cli import main
 from batchgen.errors import CheckpointError, InputError, StorageError
-from batchgen.runner import run_job
 from batchgen.spec import spec_from_dict
 
+from .faults import run_job
 from .fixtures_jobs import image_digests, job_dict, write_prompts
 
 NULL = {"renderer": "null"}
@@ -22,11 +22,11 @@ def test_bad_second_file_keeps_first_runs_results(tmp_path, ray_local):
     inp, out = tmp_path / "in", tmp_path / "out"
     write_prompts(inp / "a.parquet", 3)
     spec = spec_from_dict(job_dict(inp, out))
-    run_job(spec, hooks=NULL)
+    run_job(spec, faults=NULL)
     images, manifest = image_digests(out), (out / "manifest.parquet").read_bytes()
     pq.write_table(pa.table({"prompt": ["x", "y", None]}), inp / "b.parquet")
     with pytest.raises(InputError, match=r"b.parquet, row 2, column 'prompt': prompt is null"):
-        run_job(spec, hooks=NULL)
+        run_job(spec, faults=NULL)
     assert image_digests(out) == images and (out / "manifest.parquet").read_bytes() == manifest
 
 
@@ -71,7 +71,7 @@ def _bad(tmp_path, case):
 def test_bad_input_fails_before_rendering(tmp_path, case):
     data, error, fragment = _bad(tmp_path, case)
     with pytest.raises(error) as err:
-        run_job(spec_from_dict(data), hooks=NULL)  # pre-flight: no Ray needed, nothing rendered
+        run_job(spec_from_dict(data), faults=NULL)  # pre-flight: no Ray needed, nothing rendered
     assert fragment in str(err.value)
     assert not (tmp_path / "out" / "images").exists()
 
@@ -103,17 +103,17 @@ def _s3_job(tmp_path, out_uri, endpoint):
 def test_unreachable_s3_endpoint_fails_fast(tmp_path, s3_server):
     start = time.monotonic()
     with pytest.raises(StorageError) as err:
-        run_job(_s3_job(tmp_path, "s3://bucket/out", "http://127.0.0.1:9"), hooks=NULL)
+        run_job(_s3_job(tmp_path, "s3://bucket/out", "http://127.0.0.1:9"), faults=NULL)
     assert "127.0.0.1:9" in str(err.value) and time.monotonic() - start < 60
 
 
 def test_missing_bucket(tmp_path, s3_server):
     with pytest.raises(StorageError, match="bucket 'no-such-bucket' does not exist"):
-        run_job(_s3_job(tmp_path, "s3://no-such-bucket/out", s3_server), hooks=NULL)
+        run_job(_s3_job(tmp_path, "s3://no-such-bucket/out", s3_server), faults=NULL)
 
 
 def test_wrong_credentials(tmp_path, s3_bucket, s3_strict_auth):
     with pytest.raises(StorageError) as err:
-        run_job(_s3_job(tmp_path, f"s3://{s3_bucket}/out", s3_strict_auth.endpoint), hooks=NULL)
+        run_job(_s3_job(tmp_path, f"s3://{s3_bucket}/out", s3_strict_auth.endpoint), faults=NULL)
     assert "credential" in str(err.value).lower() or "access key" in str(err.value).lower()
     assert "testing" not in str(err.value)  # the secret never appears

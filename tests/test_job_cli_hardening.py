@@ -19,9 +19,10 @@ import pytest
 import yaml
 
 from batchgen.cli import main
-from batchgen.runner import run_job
 from batchgen.spec import spec_from_dict
 
+from .faults import cli as faults_cli
+from .faults import run_job
 from .fixtures_jobs import image_digests, job_dict, write_prompts
 from .fixtures_ray import subprocess_env
 
@@ -93,9 +94,9 @@ def test_signal_commits_what_arrived_then_resume_is_exactly_once(tmp_path, ray_t
     item 1's other case). Resuming renders the rest, each item once."""
     spec = _spec(tmp_path, 12, compute={"batches_per_call": 1})
     out = tmp_path / "out"
-    hooks = {"renderer": "null", "sleep_per_call_s": [0, 0, 60]}
-    proc = subprocess.Popen(_cli("run", str(spec), "--num-cpus", "1"),
-                            env=subprocess_env(ray_tmpdir, BATCHGEN_TEST_HOOKS=json.dumps(hooks)),
+    faults = {"renderer": "null", "sleep_per_call_s": [0, 0, 60]}
+    proc = subprocess.Popen(faults_cli("run", str(spec), "--num-cpus", "1"),
+                            env=subprocess_env(ray_tmpdir, BATCHGEN_TEST_FAULTS=json.dumps(faults)),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 150
@@ -122,7 +123,7 @@ def test_signal_commits_what_arrived_then_resume_is_exactly_once(tmp_path, ray_t
     assert "Traceback" not in stderr
     assert sorted(p.stem for p in (out / "images").iterdir()) == [f"item-{i:02d}" for i in range(4)]
     assert not (out / ".batchgen-lease.json").exists()
-    result = run_job(spec_from_dict(yaml.safe_load(spec.read_text())), hooks={"renderer": "null"})
+    result = run_job(spec_from_dict(yaml.safe_load(spec.read_text())), faults={"renderer": "null"})
     assert (result.skipped, result.rendered_this_run, result.ok) == (4, 8, 12)
     ids = pq.read_table(out / "manifest.parquet").column("item_id").to_pylist()
     assert ids == [f"item-{i:02d}" for i in range(12)] and len(image_digests(out)) == 12

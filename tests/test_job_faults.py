@@ -18,9 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from batchgen.runner import run_job
 from batchgen.spec import spec_from_dict
 
+from .faults import cli as faults_cli
+from .faults import run_job
 from .fixtures_jobs import image_digests, job_dict, write_prompts
 from .fixtures_ray import subprocess_env
 
@@ -63,7 +64,7 @@ def test_two_workers_and_shuffled_order_give_identical_bytes(tmp_path, clean, ra
     saved, ctx.wait_for_min_actors_s = ctx.wait_for_min_actors_s, 120
     try:
         run_job(spec_from_dict(_job(shuffled, out, gpus_per_worker=1, min_workers=2, max_workers=2)),
-                hooks={"sleep_per_call_s": 0.3})
+                faults={"sleep_per_call_s": 0.3})
     finally:
         ctx.wait_for_min_actors_s = saved
     _exactly_once(out)
@@ -76,7 +77,7 @@ def test_generator_actor_dies_mid_job(tmp_path, clean):
     inp, reference = clean
     flag = tmp_path / "died.flag"
     out = tmp_path / "out"
-    result = run_job(spec_from_dict(_job(inp, out)), hooks={"die_once": {"flag": str(flag), "on_call": 3}})
+    result = run_job(spec_from_dict(_job(inp, out)), faults={"die_once": {"flag": str(flag), "on_call": 3}})
     assert flag.exists()  # the actor really exited once
     assert result.all_ok
     _exactly_once(out)
@@ -88,8 +89,8 @@ def test_driver_sigkill_then_resume(tmp_path, clean, ray_tmpdir):
     out = tmp_path / "out"
     spec_path = tmp_path / "job.yaml"
     spec_path.write_text(yaml.safe_dump(_job(inp, out)))
-    env = subprocess_env(ray_tmpdir, BATCHGEN_TEST_HOOKS=json.dumps({"sleep_per_call_s": 1.0, "part_max_rows": 2}))
-    proc = subprocess.Popen([sys.executable, "-m", "batchgen.cli", "run", str(spec_path), "--num-cpus", "2"],
+    env = subprocess_env(ray_tmpdir, BATCHGEN_TEST_FAULTS=json.dumps({"sleep_per_call_s": 1.0, "part_max_rows": 2}))
+    proc = subprocess.Popen(faults_cli("run", str(spec_path), "--num-cpus", "2"),
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     parts = out / "manifest"
     try:

@@ -26,9 +26,9 @@ from batchgen.cli import main
 from batchgen.errors import InputError
 from batchgen.jobcli import job_status
 from batchgen.lease import LEASE_FILE, Lease, LeaseBusy
-from batchgen.runner import prepare, run_job
 from batchgen.spec import spec_from_dict
 
+from .faults import prepare, run_job
 from .fixtures_jobs import job_dict, write_prompts
 from .fixtures_ray import subprocess_env
 
@@ -51,9 +51,9 @@ def test_a_removed_input_file_that_comes_back_edited_is_checked_against_its_old_
     write_prompts(inp / "b.parquet", 3, start=4)
     original_b = (inp / "b.parquet").read_bytes()
     spec = spec_from_dict(job_dict(inp, out))
-    run_job(spec, hooks=NULL)
+    run_job(spec, faults=NULL)
     (inp / "b.parquet").unlink()
-    result = run_job(spec, hooks=NULL)
+    result = run_job(spec, faults=NULL)
     assert (result.total, result.ok, result.rendered_this_run) == (4, 4, 0)
     job = json.loads((out / "job.json").read_text())
     recorded = {i["rel"]: i for i in job["inputs"]}
@@ -66,14 +66,14 @@ def test_a_removed_input_file_that_comes_back_edited_is_checked_against_its_old_
         pa.BufferReader(original_b))]), inp / "b.parquet")
     before = _tree(out)
     with pytest.raises(InputError) as err:
-        run_job(spec, hooks=NULL)
+        run_job(spec, faults=NULL)
     msg = str(err.value)
     assert f"input file {inp / 'b.parquet'}" in msg and "3 -> 4 rows" in msg and "3 of its items" in msg
     assert "input.id_column" in msg
     assert _tree(out) == before  # refused before anything was written
 
     (inp / "b.parquet").write_bytes(original_b)  # back as it was: resumes, nothing to render
-    result = run_job(spec, hooks=NULL)
+    result = run_job(spec, faults=NULL)
     assert (result.total, result.ok, result.rendered_this_run) == (7, 7, 0)
     job = json.loads((out / "job.json").read_text())
     assert [(i["rel"], bool(i.get("removed"))) for i in job["inputs"]] == [("a.parquet", False), ("b.parquet", False)]
@@ -85,10 +85,10 @@ def test_status_counts_items_of_the_input_after_ids_left_an_id_column_file(tmp_p
     inp, out = tmp_path / "p.parquet", tmp_path / "out"
     write_prompts(inp, 3, id=["x", "y", "z"])
     spec = spec_from_dict(job_dict(inp, out, input={"id_column": "id"}))
-    run_job(spec, hooks=NULL)
+    run_job(spec, faults=NULL)
 
     write_prompts(inp, 3, id=["x", "z", "w"])  # y left, w is new: the next run is starting
-    plan = prepare(spec, hooks=NULL)
+    plan = prepare(spec, faults=NULL)
     try:
         status = job_status(str(out))
     finally:
@@ -97,7 +97,7 @@ def test_status_counts_items_of_the_input_after_ids_left_an_id_column_file(tmp_p
         (3, 2, 0, 1, 1)
 
     write_prompts(inp, 2, id=["x", "z"])  # y left, nothing new
-    plan = prepare(spec, hooks=NULL)
+    plan = prepare(spec, faults=NULL)
     try:
         status = job_status(str(out))
     finally:
@@ -119,12 +119,12 @@ def test_status_lists_removed_input_files_by_name(tmp_path, ray_local, capsys):
     write_prompts(inp / "a.parquet", 2)
     write_prompts(inp / "gone.parquet", 2, start=2)
     spec = spec_from_dict(job_dict(inp, out))
-    run_job(spec, hooks=NULL)
+    run_job(spec, faults=NULL)
     capsys.readouterr()
     assert main(["status", str(out)]) == 0
     assert "removed input" not in capsys.readouterr().out
     (inp / "gone.parquet").unlink()
-    run_job(spec, hooks=NULL)
+    run_job(spec, faults=NULL)
     capsys.readouterr()
     assert main(["status", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -145,7 +145,7 @@ def test_status_prints_failed_items_by_kind_and_the_first_ones(tmp_path, ray_loc
     write_prompts(inp, 13, id=ids, init_image=[None] + [str(tmp_path / f"missing-{i}.png") for i in range(12)],
                   strength=[None] + [0.5] * 12)
     spec = spec_from_dict(job_dict(inp, out, input={"id_column": "id"}))
-    result = run_job(spec, hooks=NULL, max_failures=20)
+    result = run_job(spec, faults=NULL, max_failures=20)
     assert (result.ok, result.failed) == (1, 12)
     capsys.readouterr()
     assert main(["status", str(out)]) == 1
@@ -276,7 +276,7 @@ def test_signal_while_a_stream_failure_is_reported_is_a_clean_stop(monkeypatch):
     """Item 7: a signal that lands outside the loop's own handler (here: while a Ray Data failure
     is being turned into a short message) still ends as the interrupted path, with the iterator
     closed."""
-    from batchgen import runner
+    from batchgen.job import commit as runner  # the stream loop and its _translate live there
 
     def translate(exc, plan, actors):
         signal.raise_signal(signal.SIGINT)  # Ctrl-C while the failure is being described

@@ -23,9 +23,9 @@ from batchgen.errors import BatchgenError, CheckpointError, InputError
 from batchgen.jobcli import job_status, rerender_item
 from batchgen.jobstate import SchedulingError, actor_plan
 from batchgen.lease import LEASE_FILE, Lease, LeaseBusy
-from batchgen.runner import run_job
 from batchgen.spec import ComputeSpec, spec_from_dict
 
+from .faults import injected, run_job
 from .fixtures_jobs import job_dict, write_prompts
 
 NULL = {"renderer": "null"}
@@ -48,11 +48,11 @@ def test_overwrite_refuses_folders_it_cannot_prove_are_ours(tmp_path, monkeypatc
         (foreign / name).write_text(name)
     before = _tree(foreign)
     with pytest.raises(InputError, match="no job.json, so it is not a batchgen job output"):
-        run_job(spec_from_dict(job_dict(inp, foreign)), overwrite=True, hooks=NULL)
+        run_job(spec_from_dict(job_dict(inp, foreign)), overwrite=True, faults=NULL)
     assert _tree(foreign) == before
     (foreign / "job.json").write_text('{"name": "someone else"}')
     with pytest.raises(InputError, match="not written by batchgen"):
-        run_job(spec_from_dict(job_dict(inp, foreign)), overwrite=True, hooks=NULL)
+        run_job(spec_from_dict(job_dict(inp, foreign)), overwrite=True, faults=NULL)
     assert (foreign / "images" / "a.png").exists()
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
@@ -62,7 +62,7 @@ def test_overwrite_refuses_folders_it_cannot_prove_are_ours(tmp_path, monkeypatc
                      (str(tmp_path / "data" / "in"), "or a folder above it"),
                      (str(inp.parent / "out"), "inside the input folder")]:
         with pytest.raises(InputError, match=why):
-            run_job(spec_from_dict(job_dict(inp.parent, out)), overwrite=True, hooks=NULL)
+            run_job(spec_from_dict(job_dict(inp.parent, out)), overwrite=True, faults=NULL)
     assert sorted(os.listdir(tmp_path / "home")) == [] and sorted(os.listdir(inp.parent)) == ["p.parquet"]
 
 
@@ -71,12 +71,12 @@ def test_overwrite_removes_only_our_entries_and_says_so(tmp_path, ray_local, cap
     not write is left in place);
     an images/ that is itself a link is refused before anything is written."""
     inp, out = write_prompts(tmp_path / "p.parquet", 3), tmp_path / "out"
-    run_job(spec_from_dict(job_dict(inp, out)), hooks=NULL)
+    run_job(spec_from_dict(job_dict(inp, out)), faults=NULL)
     (out / "notes.txt").write_text("mine")
     outside = tmp_path / "precious.txt"
     outside.write_text("keep me")
     (out / "images" / "link.png").symlink_to(outside)
-    result = run_job(spec_from_dict(job_dict(inp, out, sampling={"steps": 3})), overwrite=True, hooks=NULL)
+    result = run_job(spec_from_dict(job_dict(inp, out, sampling={"steps": 3})), overwrite=True, faults=NULL)
     assert result.rendered_this_run == 3
     # issue 19 item 6: only what the manifest says the job wrote is removed; the link is left (and named)
     assert result.removed == ["images/ (3 files)", "manifest/ (1 files)", "manifest.parquet", "summary.json"]
@@ -90,7 +90,7 @@ def test_overwrite_removes_only_our_entries_and_says_so(tmp_path, ray_local, cap
     other.mkdir()
     (other / "images").symlink_to(linked / "elsewhere")
     with pytest.raises(InputError, match=r"images is a symbolic link .* does not write or delete through links"):
-        run_job(spec_from_dict(job_dict(inp, other)), overwrite=True, hooks=NULL)
+        run_job(spec_from_dict(job_dict(inp, other)), overwrite=True, faults=NULL)
     assert sorted(os.listdir(other)) == ["images"] and (linked / "elsewhere" / "x.png").exists()
 
 
@@ -104,7 +104,7 @@ def test_edited_positional_input_is_an_error_and_removed_files_are_not_counted(t
     write_prompts(inp / "a.parquet", 4)
     write_prompts(inp / "b.parquet", 2, start=4)
     spec = spec_from_dict(job_dict(inp, out))
-    run_job(spec, hooks=NULL)
+    run_job(spec, faults=NULL)
     job = json.loads((out / "job.json").read_text())
     assert [(i["rel"], i["rows"]) for i in job["inputs"]] == [("a.parquet", 4), ("b.parquet", 2)]
     assert all(len(i["sha256"]) == 64 and i["size"] > 0 for i in job["inputs"])
@@ -114,7 +114,7 @@ def test_edited_positional_input_is_an_error_and_removed_files_are_not_counted(t
     pq.write_table(pa.concat_tables([table.slice(0, 1), pa.table({"prompt": ["inserted"]}), table.slice(1)]),
                    inp / "a.parquet")
     with pytest.raises(InputError) as err:
-        run_job(spec, hooks=NULL)
+        run_job(spec, faults=NULL)
     msg = str(err.value)
     assert f"input file {inp / 'a.parquet'} changed since the last run" in msg and "4 -> 5 rows" in msg
     assert "input.id_column" in msg and "--overwrite" in msg
@@ -122,7 +122,7 @@ def test_edited_positional_input_is_an_error_and_removed_files_are_not_counted(t
     (inp / "a.parquet").unlink()
     write_prompts(inp / "a.parquet", 4)  # restored (same bytes as the first write)
     (inp / "b.parquet").unlink()
-    result = run_job(spec, hooks=NULL)
+    result = run_job(spec, faults=NULL)
     assert (result.total, result.ok, result.failed, result.rendered_this_run) == (4, 4, 0, 0)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["remaining"] == 0 and summary["not_in_input"] == 2
@@ -136,9 +136,9 @@ def test_edited_input_with_id_column_resumes(tmp_path, ray_local):
     inp, out = tmp_path / "p.parquet", tmp_path / "out"
     write_prompts(inp, 3, id=["x", "y", "z"])
     spec = spec_from_dict(job_dict(inp, out, input={"id_column": "id"}))
-    run_job(spec, hooks=NULL)
+    run_job(spec, faults=NULL)
     write_prompts(inp, 4, id=["x", "new", "y", "z"])
-    result = run_job(spec, hooks=NULL)
+    result = run_job(spec, faults=NULL)
     assert (result.rendered_this_run, result.skipped, result.ok) == (1, 3, 4)
 
 
@@ -151,20 +151,20 @@ def test_second_run_on_a_leased_output_fails_clearly_and_stale_leases_are_taken_
     spec = spec_from_dict(job_dict(inp, out))
     with Lease(out):  # another live run
         with pytest.raises(LeaseBusy) as err:
-            run_job(spec, hooks=NULL)
+            run_job(spec, faults=NULL)
         assert f"pid {os.getpid()}" in str(err.value) and "in use by another batchgen run" in str(err.value)
         assert not (out / "job.json").exists()
     assert not (out / LEASE_FILE).exists()
     # A lease left by a process that is gone (same host): taken over at once.
     (out / LEASE_FILE).write_text(json.dumps({"run_id": "dead", "host": socket.gethostname(), "pid": 2**22 + 7}))
-    assert run_job(spec, hooks=NULL).all_ok
+    assert run_job(spec, faults=NULL).all_ok
     # A lease of another host whose heartbeat stopped long ago: taken over; a fresh one is not.
     (out / LEASE_FILE).write_text(json.dumps({"run_id": "far", "host": "elsewhere", "pid": 1}))
     with pytest.raises(LeaseBusy, match="host elsewhere, pid 1"):
-        run_job(spec, hooks=NULL)
+        run_job(spec, faults=NULL)
     old = time.time() - 3600
     os.utime(out / LEASE_FILE, (old, old))
-    assert run_job(spec, hooks=NULL).all_ok and not (out / LEASE_FILE).exists()
+    assert run_job(spec, faults=NULL).all_ok and not (out / LEASE_FILE).exists()
 
 
 def test_s3_lease_is_a_conditional_put(s3_server, s3_bucket):
@@ -209,7 +209,7 @@ def test_credentials_in_endpoint_urls_are_refused_everywhere(tmp_path, monkeypat
     assert "s3cr3t" not in str(err.value)
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://key:s3cr3t@127.0.0.1:9")
     with pytest.raises(BatchgenError) as err:
-        run_job(spec_from_dict(job_dict(inp, out)), hooks=NULL)
+        run_job(spec_from_dict(job_dict(inp, out)), faults=NULL)
     assert "user:password@" in str(err.value) and "s3cr3t" not in str(err.value)
     assert not out.exists()
     spec_path = tmp_path / "job.yaml"
@@ -245,11 +245,8 @@ def test_init_image_pixel_limit_and_failure_listing(tmp_path, ray_local, capsys)
                   init_image=[str(bomb), str(small), str(tmp_path / "nope.png"), str(small)])
     spec_path = tmp_path / "job.yaml"
     spec_path.write_text(yaml.safe_dump(job_dict(inp, out, input={"id_column": "id"})))
-    os.environ["BATCHGEN_TEST_HOOKS"] = json.dumps(NULL)
-    try:
+    with injected(NULL):
         assert main(["run", str(spec_path), "--max-failures", "5"]) == 1
-    finally:
-        del os.environ["BATCHGEN_TEST_HOOKS"]
     printed = capsys.readouterr().out
     rows = {r["item_id"]: r for r in pq.read_table(out / "manifest.parquet").to_pylist()}
     assert rows["bomb"]["status"] == "failed" and rows["ok"]["status"] == "ok"
@@ -270,13 +267,13 @@ def test_init_image_pixel_limit_and_failure_listing(tmp_path, ray_local, capsys)
     small_limit = spec_from_dict(job_dict(inp, tmp_path / "out2", input={"id_column": "id",
                                                                          "max_init_image_pixels": 1000}))
     with pytest.raises(TooManyFailures) as err:
-        run_job(small_limit, hooks=NULL, max_failures=1)
+        run_job(small_limit, faults=NULL, max_failures=1)
     msg = str(err.value)
     assert "3 ValueError, 1 StorageError; first: bomb: ValueError: init_image" in msg and "; ok: ValueError" in msg
     assert "run the same command again" in msg and "A changed spec is a different job" in msg
     rows = {r["item_id"]: r for r in pq.read_table(tmp_path / "out2" / "manifest.parquet").to_pylist()}
     assert "64x64 pixels (0.0 Mpx) is more than input.max_init_image_pixels (0.001 Mpx)" in rows["ok"]["error"]
-    again = run_job(small_limit, hooks=NULL, max_failures=10)
+    again = run_job(small_limit, faults=NULL, max_failures=10)
     assert again.failed == 4 and again.summary["failures"]["first"][0]["attempt"] == 2
 
 
@@ -380,7 +377,7 @@ def test_unschedulable_job_fails_within_the_start_timeout(tmp_path, ray_local):
                                                       "start_timeout_s": 3}))
     start = time.monotonic()
     with pytest.raises(SchedulingError) as err:
-        run_job(spec, hooks=NULL)
+        run_job(spec, faults=NULL)
     assert time.monotonic() - start < 90
     assert "did not start within compute.start_timeout_s=3 s" in str(err.value)
     assert "'GPU': 2.0" in str(err.value) and "num_gpus" in str(err.value)

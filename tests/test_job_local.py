@@ -14,9 +14,10 @@ from batchgen.cli import main
 from batchgen.errors import InputError
 from batchgen.images import read_generation_parameters
 from batchgen.jobcli import job_status
-from batchgen.runner import TooManyFailures, run_job
+from batchgen.runner import TooManyFailures
 from batchgen.spec import spec_from_dict
 
+from .faults import run_job
 from .fixtures_jobs import image_digests, job_dict, write_prompts
 
 NULL = {"renderer": "null"}
@@ -78,14 +79,14 @@ def test_job_renders_resumes_and_rerenders(tmp_path, ray_local, builtin_tiny, ca
 
 def test_different_spec_is_refused_unless_overwrite(tmp_path, ray_local):
     inp, out = write_prompts(tmp_path / "p.parquet", 4), tmp_path / "out"
-    run_job(spec_from_dict(job_dict(inp, out)), hooks=NULL)
+    run_job(spec_from_dict(job_dict(inp, out)), faults=NULL)
     keep = image_digests(out)
     changed = spec_from_dict(job_dict(inp, out, sampling={"steps": 3}, output={"format": "webp"}))
     with pytest.raises(InputError) as err:
-        run_job(changed, hooks=NULL)
+        run_job(changed, faults=NULL)
     assert "keys differ: output.format, sampling.steps" in str(err.value) and "--overwrite" in str(err.value)
     assert image_digests(out) == keep  # nothing lost
-    result = run_job(changed, overwrite=True, hooks=NULL)
+    result = run_job(changed, overwrite=True, faults=NULL)
     assert result.rendered_this_run == 4 and sorted(p.suffix for p in (out / "images").iterdir()) == [".webp"] * 4
 
 

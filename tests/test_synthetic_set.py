@@ -25,6 +25,7 @@ from batchgen.prompts import expand_to_parquet, load_template
 from batchgen.runner import run_job
 from batchgen.spec import spec_from_dict
 
+from .faults import cli as faults_cli
 from .fixtures_jobs import image_digests, job_dict
 from .fixtures_ray import subprocess_env
 
@@ -65,8 +66,8 @@ def test_synthetic_classification_set(tmp_path, ray_local, builtin_tiny, ray_tmp
     out = tmp_path / "out"
     spec_path = tmp_path / "job.yaml"
     spec_path.write_text(yaml.safe_dump(_job(prompts, out)))
-    env = subprocess_env(ray_tmpdir, BATCHGEN_TEST_HOOKS=json.dumps({"sleep_per_call_s": 1.0, "part_max_rows": 2}))
-    proc = subprocess.Popen([sys.executable, "-m", "batchgen.cli", "run", str(spec_path), "--num-cpus", "2"],
+    env = subprocess_env(ray_tmpdir, BATCHGEN_TEST_FAULTS=json.dumps({"sleep_per_call_s": 1.0, "part_max_rows": 2}))
+    proc = subprocess.Popen(faults_cli("run", str(spec_path), "--num-cpus", "2"),
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     parts = out / "manifest"
     try:
