@@ -114,7 +114,7 @@ def test_preflight_logs_each_phase_and_times_it(tmp_path, caplog):
 # ----------------------------------------------------------------------------- item 15
 
 
-def test_plain_logs_in_a_pipe_and_worker_lines_only_with_verbose(tmp_path, ray_tmpdir):
+def test_plain_logs_in_a_pipe_and_ray_chatter_only_with_verbose(tmp_path, ray_tmpdir):
     """A worker that says something (the fault hook logs a warning, then its actor exits and Ray
     restarts it): its line comes through without colour codes in a pipe; the raylet's messages
     about the dead worker and the retried calls only with -v."""
