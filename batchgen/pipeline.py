@@ -22,8 +22,11 @@ import torch
 from .builtin import resolve_model_uri
 from .checkpoints import open_source
 from .families import family_for
-from .families.base import Batch, Conditioning, Family
+from .families.base import Batch, Conditioning, Family, pad_rows
+from .inpaint import MASK_SETTINGS
+from .inpaint import start as inpaint_start
 from .noise import check_seeds, item_generators, randn_items
+from .outpaint import OUTPAINT_SETTINGS
 from .settings import BY_NAME, GENERATE_ARGUMENTS, GROUP_SETTINGS, check_family, per_item_values
 
 log = logging.getLogger(__name__)
@@ -59,6 +62,7 @@ class _Request:
     items: dict[str, list]  # per-item family settings
     init_images: list[np.ndarray] | None
     labels: list[str] | None
+    masks: list[np.ndarray] | None = None  # inpainting: (H, W) float32, 1 = repaint (batchgen.inpaint)
 
 
 class Pipeline:
@@ -124,9 +128,9 @@ class Pipeline:
 
     def generate(self, prompts, seeds, negative_prompts=None, sampler: str | None = None, steps: int | None = None,
                  guidance_scale: float | None = None, width: int | None = None, height: int | None = None,
-                 init_images=None, strength: float = 0.8, micro_batch: int | None = None,
+                 init_images=None, strength: float | None = None, micro_batch: int | None = None,
                  sampler_options: dict | None = None,
-                 progress: Callable[[int, int], None] | bool | None = None, item_ids=None,
+                 progress: Callable[[int, int], None] | bool | None = None, item_ids=None, mask_images=None,
                  **settings) -> list[np.ndarray]:
         """Render ``prompts`` with ``seeds``; returns one HxWx3 uint8 array per prompt.
 
@@ -138,9 +142,14 @@ class Pipeline:
         ``progress(done_items, total_items)`` called after each micro-batch, True/False for a
         progress bar on stderr (None: a bar when stderr is a terminal). ``item_ids`` name the items
         in warnings.
+
+        ``init_images`` (one per prompt) start img2img at ``strength`` (default 0.8). With
+        ``mask_images`` too (one per prompt, white = repaint) the items are inpainted
+        (:mod:`batchgen.inpaint`; ``strength`` default 1.0); the ``outpaint_*`` settings instead
+        make the masks (:mod:`batchgen.outpaint`).
         """
         req = self.validate(prompts, seeds, negative_prompts, sampler, steps, guidance_scale, width, height,
-                            init_images, strength, sampler_options, item_ids, **settings)
+                            init_images, strength, sampler_options, item_ids, mask_images=mask_images, **settings)
         total = len(req.prompts)
         size = total if micro_batch is None else micro_batch
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
@@ -175,8 +184,8 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------- validation
     def validate(self, prompts, seeds, negative_prompts=None, sampler=None, steps=None, guidance_scale=None,
-                 width=None, height=None, init_images=None, strength=0.8, sampler_options=None, item_ids=None,
-                 **extra) -> _Request:
+                 width=None, height=None, init_images=None, strength=None, sampler_options=None, item_ids=None,
+                 mask_images=None, **extra) -> _Request:
         """Check a generate() request and resolve it (family defaults filled in) without rendering:
         every error generate() would raise before its first model call is raised here. Works on a
         pipeline built on the meta device (the job's pre-flight)."""
@@ -225,9 +234,13 @@ class Pipeline:
                  "steps": defaults["steps"] if steps is None else steps,
                  "guidance_scale": defaults["guidance_scale"] if guidance_scale is None else guidance_scale}
         group = {k: BY_NAME[k].check(v, k) for k, v in named.items()}
-        images = None
-        if init_images is not None:
-            group["strength"] = BY_NAME["strength"].check(strength, "strength")
+        images = masks = None
+        inpaint = {k: extra.pop(k) for k in (*MASK_SETTINGS, *OUTPAINT_SETTINGS) if k in extra}
+        inpaint = {k: v for k, v in inpaint.items() if v is not None}
+        if mask_images is not None or inpaint:
+            images, masks = self._inpaint_inputs(init_images, mask_images, strength, inpaint, n, group)
+        elif init_images is not None:
+            group["strength"] = BY_NAME["strength"].check(0.8 if strength is None else strength, "strength")
             images = list(init_images)
             if len(images) != n:
                 raise ValueError(f"init_images: expected {n} images (one per prompt), got {len(images)}")
@@ -246,12 +259,35 @@ class Pipeline:
         group = fam.resolve(group)
         items = fam.resolve_items(items, group, n)
         fam.check(group, items, prompts)
+        if masks is None and fam.inpaint_kind() == "concat":
+            raise ValueError("mask_images: this is an inpainting model (its denoiser takes a mask and a masked image); "
+                             "pass init_images and mask_images (diffusers' inpainting pipelines require them too)")
         options = dict(sampler_options or {})
         name = sampler or fam.default_sampler
         # Fail on a bad sampler name, option or step count before any work is done.
         get_sampler(name, fam.scheduler_config, group["steps"], strength=group.get("strength"), options=options,
                     **fam.schedule(group, name))
-        return _Request(prompts, negatives, seeds, name, options, group, items, images, labels)
+        return _Request(prompts, negatives, seeds, name, options, group, items, images, labels, masks)
+
+    def _inpaint_inputs(self, init_images, mask_images, strength, settings: dict, n: int, group: dict):
+        """Inpainting's validation: the model can inpaint, settings per item, masks prepared."""
+        from .inpaint import prepare_inpaint_inputs
+
+        fam = self.family
+        arg = "mask_images" if mask_images is not None else next(iter(settings))
+        if mask_images is None and not set(settings) & set(OUTPAINT_SETTINGS):
+            raise ValueError(f"{arg}: applies to inpainting items only; pass mask_images (or outpaint_* settings)")
+        if fam.inpaint_kind() is None:
+            raise ValueError(f"{arg}: this {fam.name} model cannot inpaint (batchgen inpaints with SD 1.x/2.x and "
+                             f"SDXL models, ordinary or 9-channel inpainting UNets); use one of those")
+        group["strength"] = BY_NAME["strength"].check(1.0 if strength is None else strength, "strength")
+        items = {k: per_item_values(k, v, n) for k, v in settings.items()}
+        outpaint = [any(v[i] is not None for k, v in items.items() if k in OUTPAINT_SETTINGS) for i in range(n)]
+        if mask_images is None and not all(outpaint):
+            raise ValueError(f"{arg}[{outpaint.index(False)}]: no outpaint_* value for this item; items with and "
+                             f"without outpainting cannot share a generate() call (render them separately)")
+        return prepare_inpaint_inputs(init_images, mask_images, n, group["width"], group["height"], items,
+                                      _to_rgb_array)
 
     # -------------------------------------------------------------------------------- rendering
     @torch.inference_mode()
@@ -269,16 +305,19 @@ class Pipeline:
                               options=req.options, **fam.schedule(settings, req.sampler))
         cond = texts.conditioning(indices)
         shape = fam.noise_shape(settings["width"], settings["height"])
+        model, after_step = fam.denoiser(cond, batch), None
         # Each generator's draw order is diffusers': img2img's VAE posterior sample, then the noise.
-        if req.init_images is not None:
-            clean = fam.encode_images([req.init_images[i] for i in indices], generators[:real])
-            if pad:
-                clean = torch.cat([clean, clean.new_zeros((pad, *clean.shape[1:]))])
+        if req.masks is not None:
+            start = inpaint_start(fam, sampler, settings, [req.init_images[i] for i in indices],
+                                  [req.masks[i] for i in indices], generators, shape)
+            latents, model, after_step = start.latents, start.model(model), start.blend
+        elif req.init_images is not None:
+            clean = pad_rows(fam.encode_images([req.init_images[i] for i in indices], generators[:real]), size)
             noise = randn_items(generators, shape, fam.device, fam.dtype)
             latents = sampler.noised_latents(fam.pack(clean, settings), fam.pack(noise, settings))
         else:
             latents = sampler.initial_latents(fam.pack(randn_items(generators, shape, fam.device, fam.dtype), settings))
-        latents = sampler.sample(fam.denoiser(cond, batch), latents, generators)
+        latents = sampler.sample(model, latents, generators, after_step=after_step)
         decoded = fam.decode(fam.unpack(latents, settings))
         return _to_uint8(decoded)[:real]
 

@@ -101,6 +101,12 @@ SETTINGS: tuple[Setting, ...] = (
             lo=0, hi=1, lo_open=True, group=True, img2img=True),
     Setting("init_image", "str", None, "img2img: URI of the init image (local path or s3://)", img2img=True,
             spec=False),
+    Setting("mask_blur", "int", None, "inpainting: Gaussian blur radius in pixels of the mask as given, applied "
+            "before it is resized and binarized (diffusers' mask_processor.blur); None or 0 = none", lo=0, hi=1024,
+            img2img=True),
+    *(Setting(f"outpaint_{side}", "int", None, f"outpainting: pixels added on the {side} of the init image and "
+              "painted (generate() makes the mask; see batchgen.outpaint)", lo=0, hi=4096, img2img=True)
+      for side in ("left", "top", "right", "bottom")),
     Setting("original_width", "int", None, "SDXL micro-conditioning: original size (default: width)",
             lo=1, hi=65536, families=("sdxl",)),
     Setting("original_height", "int", None, "SDXL micro-conditioning: original size (default: height)",

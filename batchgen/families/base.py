@@ -115,6 +115,7 @@ class Family:
     # component the Linear layers fp8 storage keeps in the run dtype (qualified-name prefixes).
     text_encoders: ClassVar[tuple[str, ...]] = ()
     fp8_keep: ClassVar[dict[str, tuple[str, ...]]] = {}
+    inpaints: ClassVar[bool] = False  # UNet inpainting by in_channels (see inpaint_kind)
 
     def __init__(self, parts: dict[str, Any], folder: CheckpointFolder):
         self.parts = parts
@@ -241,6 +242,8 @@ class Family:
                 "prediction_type": self.scheduler_config.get("prediction_type", "epsilon")}
         if self.fp8:
             info["fp8"] = list(self.fp8)
+        if self.inpaint_kind() == "concat":
+            info["inpainting_model"] = True
         return info
 
     def variant(self) -> str:
@@ -324,13 +327,13 @@ class Family:
     def encode_images(self, images: Sequence[np.ndarray], generators: Sequence[torch.Generator]) -> torch.Tensor:
         """Init images -> clean latents in model space, one item at a time (each item's posterior
         sample from its own generator, as diffusers does with a generator list)."""
+        return self.encode_pixels([image_pixels(image) for image in images], generators)
+
+    def encode_pixels(self, pixels: Sequence[torch.Tensor], generators: Sequence[torch.Generator]) -> torch.Tensor:
+        """Images in [-1, 1] (each (1, 3, H, W), see :func:`image_pixels`) -> latents in model space."""
         latents = []
-        for image, gen in zip(images, generators):
-            # (1, H, W, 3) -> (1, 3, H, W) as a strided view, the memory layout diffusers' image
-            # processor hands the VAE (CPU convolutions round differently for other layouts).
-            pixels = torch.from_numpy((image.astype(np.float32) / 255.0)[None].transpose(0, 3, 1, 2))
-            pixels = (2.0 * pixels - 1.0).to(self.device, self.vae_dtype)
-            latents.append(self.vae.encode(pixels).sample([gen]))
+        for item, gen in zip(pixels, generators):
+            latents.append(self.vae.encode(item.to(self.device, self.vae_dtype)).sample([gen]))
         out = torch.cat(latents).to(self.dtype)
         shift = self.vae.shift_factor
         return (out - shift) * self.vae.scaling_factor if shift else self.vae.scaling_factor * out
@@ -341,6 +344,32 @@ class Family:
         if self.vae.shift_factor:
             z = z + self.vae.shift_factor
         return self.vae.decode(z)
+
+    # ---------------------------------------------------------------------------- inpainting
+    def inpaint_kind(self) -> str | None:
+        """How this model inpaints (:mod:`batchgen.inpaint`): "concat" (an inpainting model: the
+        denoiser takes latents + mask + masked-image latents), "blend" (an ordinary model: the kept
+        region is blended back after each step), None: not at all (yet). UNet families
+        (``inpaints``): 4 input channels blend, 2 x 4 + 1 concat."""
+        if not self.inpaints:
+            return None
+        channels, latent = int(self.parts[self.denoiser_name].config["in_channels"]), self.latent_channels
+        return {latent: "blend", 2 * latent + 1: "concat"}.get(channels)
+
+    def latent_mask(self, mask: torch.Tensor, settings: dict[str, Any]) -> torch.Tensor:
+        """Pixel masks (B, 1, H, W) -> latent resolution (nearest, as diffusers), model device and dtype."""
+        f = self.vae_scale_factor
+        small = torch.nn.functional.interpolate(mask, size=(settings["height"] // f, settings["width"] // f))
+        return small.to(self.device, self.dtype)
+
+    def inpaint_condition(self, mask: torch.Tensor, masked_latents: torch.Tensor,
+                          settings: dict[str, Any]) -> torch.Tensor:
+        """What a "concat" model gets beside the latents: the latent mask and the masked image's latents."""
+        return torch.cat([self.latent_mask(mask, settings), masked_latents], dim=1)
+
+    def with_inpaint_condition(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """The denoiser input of a "concat" model: the (scaled) latents, then the condition."""
+        return torch.cat([x, condition], dim=1)
 
     # --------------------------------------------------------------------------- the denoiser
     def encode_prompts(self, batch: Batch) -> Conditioning:
@@ -375,6 +404,28 @@ class Family:
             return predict(x, t, cond).clone()
 
         return wrapped
+
+
+def image_pixels(image: np.ndarray) -> torch.Tensor:
+    """An HxWx3 uint8 image -> (1, 3, H, W) float32 in [-1, 1] on the CPU, as a strided view of the
+    (1, H, W, 3) array: the memory layout diffusers' image processor hands the VAE (CPU convolutions
+    round differently for other layouts)."""
+    pixels = torch.from_numpy((image.astype(np.float32) / 255.0)[None].transpose(0, 3, 1, 2))
+    return 2.0 * pixels - 1.0
+
+
+def pad_rows(latents: torch.Tensor, size: int) -> torch.Tensor:
+    """``latents`` padded with zero rows to ``size`` rows, in the real rows' memory layout: the VAE
+    encoder hands back channels-last latents, and a batch whose padding were laid out otherwise
+    would go through the convolutions in another layout (other rounding) than a full one, so an
+    item's bytes would depend on whether its micro-batch was padded."""
+    pad = size - latents.shape[0]
+    if pad <= 0:
+        return latents
+    zeros = latents.new_zeros((pad, *latents.shape[1:]))
+    if latents.dim() == 4 and not latents.is_contiguous() and latents.is_contiguous(memory_format=torch.channels_last):
+        zeros = zeros.contiguous(memory_format=torch.channels_last)
+    return torch.cat([latents, zeros])
 
 
 SCHEDULER = Component((), kind="scheduler")

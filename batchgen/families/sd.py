@@ -4,6 +4,8 @@ Equal to diffusers' ``StableDiffusionPipeline`` / ``StableDiffusionImg2ImgPipeli
 is the CLIP encoder's last hidden state (SD 2.x checkpoints ship the OpenCLIP encoder already cut
 to the penultimate layer), guidance is classifier-free with the negative prompt, the VAE decodes
 ``latents / scaling_factor`` in the run dtype (diffusers' SD pipelines ignore ``force_upcast``).
+Inpainting (``StableDiffusionInpaintPipeline``, :mod:`batchgen.inpaint`): 9-channel inpainting
+UNets and ordinary ones (``inpaints``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from .base import CLIP_TOKENIZER, SCHEDULER, VAE, Batch, Component, Conditioning
 
 class StableDiffusion(Family):
     name = "sd"
-    pipeline_classes = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
+    pipeline_classes = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline")
     components = {
         "unet": Component(("UNet2DConditionModel",)),
         "vae": VAE,
@@ -26,6 +28,7 @@ class StableDiffusion(Family):
     }
     default_sampler = "ddim"
     channels_last = True
+    inpaints = True
 
     def __init__(self, parts, folder):
         super().__init__(parts, folder)

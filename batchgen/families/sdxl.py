@@ -27,7 +27,8 @@ from .base import CLIP_TOKENIZER, SCHEDULER, VAE, Batch, Component, Conditioning
 
 class StableDiffusionXL(Family):
     name = "sdxl"
-    pipeline_classes = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
+    pipeline_classes = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
+                        "StableDiffusionXLInpaintPipeline")
     components = {
         "unet": Component(("UNet2DConditionModel",)),
         "vae": VAE,
@@ -41,6 +42,7 @@ class StableDiffusionXL(Family):
     default_guidance = 5.0
     upcast_vae = True
     channels_last = True
+    inpaints = True
 
     def __init__(self, parts, folder):
         super().__init__(parts, folder)

@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from .common import Callback, Model, Plan, call_model, progress, step_noise
+from .common import Callback, Model, Plan, StepHook, after, call_model, progress, step_noise
 
 
 def _alphas(plan: Plan, t: int, prev_t: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -14,7 +14,8 @@ def _alphas(plan: Plan, t: int, prev_t: int) -> tuple[torch.Tensor, torch.Tensor
     return ac[t], ac[prev_t] if prev_t >= 0 else plan.extra["final_alpha_cumprod"]
 
 
-def sample_ddim(model: Model, x: torch.Tensor, plan: Plan, generators: Sequence, callback: Callback = None):
+def sample_ddim(model: Model, x: torch.Tensor, plan: Plan, generators: Sequence, callback: Callback = None,
+                after_step: StepHook = None):
     """DDIM; with ``eta > 0`` each step adds per-item noise of its posterior std times eta."""
     eta = float(plan.extra.get("eta", 0.0))
     ratio = plan.extra["step_ratio"]
@@ -38,7 +39,7 @@ def sample_ddim(model: Model, x: torch.Tensor, plan: Plan, generators: Sequence,
         prev = a_prev ** (0.5) * x0 + (1 - a_prev - std**2) ** (0.5) * eps
         if eta > 0:
             prev = prev + std * step_noise(generators, out, out.dtype)
-        x = prev
+        x = after(after_step, plan.begin + n + 1, prev)
         progress(callback, n, total)
     return x
 
@@ -55,7 +56,8 @@ def _plms_update(plan: Plan, x: torch.Tensor, t: int, prev_t: int, eps: torch.Te
     return (a_prev / a_t) ** (0.5) * x - (a_prev - a_t) * eps / denom
 
 
-def sample_plms(model: Model, x: torch.Tensor, plan: Plan, generators: Sequence, callback: Callback = None):
+def sample_plms(model: Model, x: torch.Tensor, plan: Plan, generators: Sequence, callback: Callback = None,
+                after_step: StepHook = None):
     """Pseudo linear multistep (PNDM without Runge-Kutta warmup): Adams-Bashforth up to order 4.
 
     The first step is taken twice (Euler, then the average of both predictions), as diffusers does.
@@ -81,6 +83,6 @@ def sample_plms(model: Model, x: torch.Tensor, plan: Plan, generators: Sequence,
             eps = (23 * ets[-1] - 16 * ets[-2] + 5 * ets[-3]) / 12
         else:
             eps = (1 / 24) * (55 * ets[-1] - 59 * ets[-2] + 37 * ets[-3] - 9 * ets[-4])
-        x = _plms_update(plan, x, t, prev_t, eps)
+        x = after(after_step, plan.begin + counter + 1, _plms_update(plan, x, t, prev_t, eps))
         progress(callback, counter, total)
     return x

@@ -11,6 +11,11 @@ from ..noise import randn_items
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Optional[Callable[[int, int], None]]
+# after_step(index, x) -> x: called with the latents after each step, ``index`` the plan index of the
+# next model call (``len(plan.timesteps)`` after the last); what it returns continues the loop.
+# Inpainting with an ordinary model blends the kept region back in here (diffusers does it between
+# ``scheduler.step`` calls).
+StepHook = Optional[Callable[[int, torch.Tensor], torch.Tensor]]
 
 
 @dataclass
@@ -47,6 +52,11 @@ def step_noise(generators: Sequence[torch.Generator], like: torch.Tensor, dtype:
     if len(generators) != like.shape[0]:
         raise ValueError(f"generators: expected {like.shape[0]} (one per item), got {len(generators)}")
     return randn_items(generators, like.shape[1:], like.device, dtype=torch.float32).to(dtype)
+
+
+def after(hook: StepHook, index: int, x: torch.Tensor) -> torch.Tensor:
+    """``x`` passed through the step hook (unchanged without one)."""
+    return x if hook is None else hook(index, x)
 
 
 def progress(callback: Callback, index: int, total: int) -> None:

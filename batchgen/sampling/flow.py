@@ -13,21 +13,23 @@ from typing import Sequence
 
 import torch
 
-from .common import Callback, Model, Plan, call_model, progress
+from .common import Callback, Model, Plan, StepHook, after, call_model, progress
 
 
-def sample_flow_euler(model: Model, x: torch.Tensor, plan: Plan, generators: Sequence, callback: Callback = None):
+def sample_flow_euler(model: Model, x: torch.Tensor, plan: Plan, generators: Sequence, callback: Callback = None,
+                      after_step: StepHook = None):
     """Euler steps of the rectified-flow ODE (FlowMatchEulerDiscreteScheduler, deterministic)."""
     sigmas, total = plan.sigmas, plan.calls
     for n, i in enumerate(range(plan.begin, len(plan.timesteps))):
         out = call_model(model, x, plan.timesteps[i])
         sample = x.to(torch.float32)
-        x = (sample + (sigmas[i + 1] - sigmas[i]) * out).to(out.dtype)
+        x = after(after_step, i + 1, (sample + (sigmas[i + 1] - sigmas[i]) * out).to(out.dtype))
         progress(callback, n, total)
     return x
 
 
-def sample_flow_heun(model: Model, x: torch.Tensor, plan: Plan, generators: Sequence, callback: Callback = None):
+def sample_flow_heun(model: Model, x: torch.Tensor, plan: Plan, generators: Sequence, callback: Callback = None,
+                     after_step: StepHook = None):
     """Heun's method on the rectified-flow ODE (FlowMatchHeunDiscreteScheduler, no churn).
 
     ``plan.timesteps``/``plan.sigmas`` hold every sigma but the first and the last twice, so call
@@ -46,12 +48,12 @@ def sample_flow_heun(model: Model, x: torch.Tensor, plan: Plan, generators: Sequ
             derivative = (sample - denoised) / sigma
             dt = sigmas[i + 1] - sigma
             start = sample
-            x = (sample + derivative * dt).to(out.dtype)
+            x = after(after_step, i + 1, (sample + derivative * dt).to(out.dtype))
         else:  # corrector: average the slopes at both ends, step again from the predictor's start
             sigma_next = sigmas[i]
             denoised = sample - out * sigma_next
             slope = (sample - denoised) / sigma_next
-            x = (start + 0.5 * (derivative + slope) * dt).to(out.dtype)
+            x = after(after_step, i + 1, (start + 0.5 * (derivative + slope) * dt).to(out.dtype))
             derivative = dt = start = None
         progress(callback, n, total)
     return x

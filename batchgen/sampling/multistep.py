@@ -14,7 +14,8 @@ from typing import Sequence
 
 import torch
 
-from .common import Callback, Model, Plan, alpha_sigma, call_model, log_snr, progress, step_noise, vp_x0
+from .common import (Callback, Model, Plan, StepHook, after, alpha_sigma, call_model, log_snr, progress, step_noise,
+                     vp_x0)
 
 
 def _dpm_first_order(x, m0, s, s_next, sde, noise, flow=False):
@@ -50,7 +51,8 @@ def _dpm_second_order(x, m0, m1, s_prev, s, s_next, sde, noise, solver_type, flo
     return base + sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h)) * noise
 
 
-def sample_dpmpp_2m(model: Model, x: torch.Tensor, plan: Plan, generators: Sequence, callback: Callback = None):
+def sample_dpmpp_2m(model: Model, x: torch.Tensor, plan: Plan, generators: Sequence, callback: Callback = None,
+                    after_step: StepHook = None):
     """DPM-Solver++(2M); ``plan.extra["sde"]`` switches to the SDE variant (per-item noise each step).
 
     A plan with prediction type "flow" runs it over flow sigmas (alpha_t = 1 - sigma), as
@@ -76,7 +78,7 @@ def sample_dpmpp_2m(model: Model, x: torch.Tensor, plan: Plan, generators: Seque
             x_next = _dpm_second_order(sample, m0, prev_m, sigmas[i - 1], sigmas[i], sigmas[i + 1], sde, noise,
                                        solver_type, flow)
         lower_nums = min(lower_nums + 1, 2)
-        prev_m, x = m0, x_next.to(out.dtype)
+        prev_m, x = m0, after(after_step, i + 1, x_next.to(out.dtype))
         progress(callback, n, total)
     return x
 
@@ -150,7 +152,8 @@ def _unipc_correct(m_now, last_sample, this_sample, ms, sigmas, i, order):
     return x_t.to(x.dtype)
 
 
-def sample_unipc(model: Model, x: torch.Tensor, plan: Plan, generators: Sequence, callback: Callback = None):
+def sample_unipc(model: Model, x: torch.Tensor, plan: Plan, generators: Sequence, callback: Callback = None,
+                 after_step: StepHook = None):
     """UniPC (bh2, data prediction): predictor step, then a corrector using the next model call."""
     sigmas, n_all = plan.sigmas, len(plan.timesteps)
     solver_order = plan.extra.get("solver_order", 2)
@@ -167,7 +170,7 @@ def sample_unipc(model: Model, x: torch.Tensor, plan: Plan, generators: Sequence
         order = min(solver_order, n_all - i) if lower_final else solver_order
         this_order = min(order, lower_nums + 1)
         last_sample = x
-        x = _unipc_predict(x, ms, sigmas, i, this_order)
+        x = after(after_step, i + 1, _unipc_predict(x, ms, sigmas, i, this_order))
         lower_nums = min(lower_nums + 1, solver_order)
         progress(callback, n, total)
     return x

@@ -21,7 +21,7 @@ import torch
 
 from . import schedules as S
 from .alpha_samplers import sample_ddim, sample_plms
-from .common import Callback, Model, Plan
+from .common import Callback, Model, Plan, StepHook
 from .flow import sample_flow_euler, sample_flow_heun
 from .multistep import sample_dpmpp_2m, sample_unipc
 from .sigma_samplers import sample_euler, sample_euler_ancestral, sample_heun, sample_lms
@@ -155,14 +155,20 @@ class Sampler:
 
     def noised_latents(self, clean: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """img2img start: clean latents noised to the first timestep (diffusers add_noise/scale_noise)."""
-        return self._noiser(clean, noise)
+        return self._noiser(clean, noise, self.plan.begin)
+
+    def noised_at(self, clean: torch.Tensor, noise: torch.Tensor, index: int) -> torch.Tensor:
+        """Clean latents noised to the level of plan index ``index`` (the noise level of that model
+        call), as diffusers' ``add_noise`` does once the scheduler has taken ``index`` steps."""
+        return self._noiser(clean, noise, index)
 
     def sample(self, model: Model, x: torch.Tensor, generators: Sequence[torch.Generator],
-               callback: Callback = None) -> torch.Tensor:
-        """Run every step; ``model(x_in, t)`` returns the raw network prediction."""
+               callback: Callback = None, after_step: StepHook = None) -> torch.Tensor:
+        """Run every step; ``model(x_in, t)`` returns the raw network prediction. ``after_step(index,
+        x)`` (optional) may replace the latents after each step (see :data:`~.common.StepHook`)."""
         if len(generators) != x.shape[0]:
             raise ValueError(f"generators: expected {x.shape[0]} (one per item of x), got {len(generators)}")
-        return self._loop(model, x, self.plan, generators, callback)
+        return self._loop(model, x, self.plan, generators, callback, after_step)
 
     def __repr__(self) -> str:
         return f"Sampler({self.name!r}, calls={self.plan.calls})"
@@ -346,8 +352,8 @@ def get_sampler(name: str, scheduler_config: dict, steps: int, strength: Optiona
 
 
 def _alpha_noiser(plan: Plan):
-    def noiser(clean, noise):
-        ac = plan.alphas_cumprod.to(device=clean.device, dtype=clean.dtype)[plan.timesteps[plan.begin]]
+    def noiser(clean, noise, index):
+        ac = plan.alphas_cumprod.to(device=clean.device, dtype=clean.dtype)[plan.timesteps[index]]
         return ac**0.5 * clean + (1 - ac) ** 0.5 * noise
 
     return noiser
@@ -403,8 +409,8 @@ def _build_sigma(cfg, steps, spec, opts, name):
     max_sigma = sigmas.max()
     init = max_sigma if cfg["timestep_spacing"] in ("linspace", "trailing") else (max_sigma**2 + 1) ** 0.5
 
-    def noiser(clean, noise):
-        return clean + noise * sigmas.to(device=clean.device, dtype=clean.dtype)[plan.begin]
+    def noiser(clean, noise, index):
+        return clean + noise * sigmas.to(device=clean.device, dtype=clean.dtype)[index]
 
     return plan, init, noiser
 
@@ -440,8 +446,8 @@ def _build_multistep(cfg, steps, spec, opts, name):
                      disable_corrector=list(cfg["disable_corrector"] or []))
     plan = Plan(timesteps, cfg["prediction_type"], sigmas=sigmas, extra=extra)
 
-    def noiser(clean, noise):
-        sigma = sigmas.to(device=clean.device, dtype=clean.dtype)[plan.begin]
+    def noiser(clean, noise, index):
+        sigma = sigmas.to(device=clean.device, dtype=clean.dtype)[index]
         alpha_t = 1 / ((sigma**2 + 1) ** 0.5)
         return alpha_t * clean + sigma * alpha_t * noise
 
@@ -455,8 +461,8 @@ def _flow_shift(cfg, opts) -> float:
 def _flow_noiser(plan: Plan):
     """scale_noise of FlowMatchEuler (and add_noise of DPM-Solver with flow sigmas: the same bits)."""
 
-    def noiser(clean, noise):
-        sigma = plan.sigmas.to(device=clean.device, dtype=clean.dtype)[plan.begin]
+    def noiser(clean, noise, index):
+        sigma = plan.sigmas.to(device=clean.device, dtype=clean.dtype)[index]
         return sigma * noise + (1.0 - sigma) * clean
 
     return noiser
@@ -478,8 +484,8 @@ def _build_flow_heun(cfg, steps, spec, opts, name, sigmas=None, mu=None):
     sig = torch.cat([sig[:1], sig[1:-1].repeat_interleave(2), sig[-1:]])
     plan = Plan(timesteps, "flow", sigmas=sig)
 
-    def noiser(clean, noise):  # its scale_noise keeps sigma a float32 CPU scalar, whatever clean's dtype/device
-        sigma = plan.sigmas[plan.begin]
+    def noiser(clean, noise, index):  # its scale_noise keeps sigma a float32 CPU scalar, whatever clean's dtype/device
+        sigma = plan.sigmas[index]
         return sigma * noise + (1.0 - sigma) * clean
 
     return plan, 1.0, noiser

@@ -11,14 +11,15 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .common import Callback, Model, Plan, call_model, karras_x0, progress, step_noise
+from .common import Callback, Model, Plan, StepHook, after, call_model, karras_x0, progress, step_noise
 
 
 def scale_input(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return x / ((sigma**2 + 1) ** 0.5)
 
 
-def sample_euler(model: Model, x: torch.Tensor, plan: Plan, generators: Sequence, callback: Callback = None):
+def sample_euler(model: Model, x: torch.Tensor, plan: Plan, generators: Sequence, callback: Callback = None,
+                 after_step: StepHook = None):
     """Euler (first order) steps from sigma_i to sigma_{i+1}."""
     sigmas, total = plan.sigmas, plan.calls
     for n, i in enumerate(range(plan.begin, len(plan.timesteps))):
@@ -27,12 +28,13 @@ def sample_euler(model: Model, x: torch.Tensor, plan: Plan, generators: Sequence
         sample = x.to(torch.float32)
         x0 = karras_x0(out, sample, sigma, plan.prediction_type)
         derivative = (sample - x0) / sigma
-        x = (sample + derivative * (sigmas[i + 1] - sigma)).to(out.dtype)
+        x = after(after_step, i + 1, (sample + derivative * (sigmas[i + 1] - sigma)).to(out.dtype))
         progress(callback, n, total)
     return x
 
 
-def sample_euler_ancestral(model: Model, x: torch.Tensor, plan: Plan, generators: Sequence, callback: Callback = None):
+def sample_euler_ancestral(model: Model, x: torch.Tensor, plan: Plan, generators: Sequence, callback: Callback = None,
+                           after_step: StepHook = None):
     """Euler step down to sigma_down, then fresh per-item noise of size sigma_up."""
     sigmas, total = plan.sigmas, plan.calls
     for n, i in enumerate(range(plan.begin, len(plan.timesteps))):
@@ -46,12 +48,13 @@ def sample_euler_ancestral(model: Model, x: torch.Tensor, plan: Plan, generators
         derivative = (sample - x0) / sigma
         prev = sample + derivative * (sigma_down - sigma)
         prev = prev + step_noise(generators, out, out.dtype) * sigma_up
-        x = prev.to(out.dtype)
+        x = after(after_step, i + 1, prev.to(out.dtype))
         progress(callback, n, total)
     return x
 
 
-def sample_heun(model: Model, x: torch.Tensor, plan: Plan, generators: Sequence, callback: Callback = None):
+def sample_heun(model: Model, x: torch.Tensor, plan: Plan, generators: Sequence, callback: Callback = None,
+                after_step: StepHook = None):
     """Heun's second-order method; the last step (to sigma 0) is a plain Euler step.
 
     ``plan.sigmas``/``plan.timesteps`` are interleaved like diffusers' (each inner level twice).
@@ -72,11 +75,12 @@ def sample_heun(model: Model, x: torch.Tensor, plan: Plan, generators: Sequence,
         x_pred = x + derivative * dt
         progress(callback, n, total)
         i, n = i + 1, n + 1
+        x_pred = after(after_step, i, x_pred)
         if i == len(ts):
             return x_pred
         out = call_model(model, scale_input(x_pred, sigmas[i]), ts[i])
         derivative_2 = (x_pred - x0_of(out, x_pred, sigma_next)) / sigma_next
-        x = x + (derivative + derivative_2) / 2 * dt
+        x = after(after_step, i + 1, x + (derivative + derivative_2) / 2 * dt)
         progress(callback, n, total)
         i, n = i + 1, n + 1
     return x
@@ -96,7 +100,8 @@ def lms_coefficient(sigmas: np.ndarray, order: int, t: int, current: int) -> flo
     return float((hi - lo) / 2 * np.dot(_GAUSS_WEIGHTS, prod))
 
 
-def sample_lms(model: Model, x: torch.Tensor, plan: Plan, generators: Sequence, callback: Callback = None):
+def sample_lms(model: Model, x: torch.Tensor, plan: Plan, generators: Sequence, callback: Callback = None,
+               after_step: StepHook = None):
     """Linear multistep (up to order 4) over the derivatives of previous steps."""
     sigmas, total = plan.sigmas, plan.calls
     sig64 = sigmas.numpy().astype(np.float64)
@@ -110,6 +115,6 @@ def sample_lms(model: Model, x: torch.Tensor, plan: Plan, generators: Sequence, 
             derivatives.pop(0)
         order = min(i + 1, 4)  # diffusers counts from the absolute step index (img2img too)
         coeffs = [lms_coefficient(sig64, order, i, k) for k in range(order)]
-        x = x + sum(c * d for c, d in zip(coeffs, reversed(derivatives)))
+        x = after(after_step, i + 1, x + sum(c * d for c, d in zip(coeffs, reversed(derivatives))))
         progress(callback, n, total)
     return x

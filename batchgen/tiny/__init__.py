@@ -25,6 +25,7 @@ TINY_FORMAT = 2  # bump when the tiny layout changes, so cached builtins are reb
 VARIANTS: dict[str, tuple[str, str]] = {
     "sd1": ("sd", "StableDiffusionPipeline"),
     "sd2": ("sd", "StableDiffusionPipeline"),
+    "sd1-inpaint": ("sd", "StableDiffusionInpaintPipeline"),
     "sdxl": ("sdxl", "StableDiffusionXLPipeline"),
     "sdxl-refiner": ("sdxl", "StableDiffusionXLImg2ImgPipeline"),
     "sd3": ("sd3", "StableDiffusion3Pipeline"),

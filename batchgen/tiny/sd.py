@@ -1,5 +1,6 @@
 """Tiny SD 1.x (epsilon, conv projections) and SD 2.x (v-prediction, linear projections, upcast
-attention) checkpoints."""
+attention) checkpoints, and an SD 1.x inpainting checkpoint (``sd1-inpaint``: a 9-channel UNet;
+every other weight, and every UNet weight but ``conv_in``, equal to ``sd1``'s of the same seed)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def scheduler_config(variant: str) -> dict:
         "trained_betas": None,
         "timestep_spacing": "leading",
     }
-    if variant == "sd1":
+    if variant in ("sd1", "sd1-inpaint"):
         return {"_class_name": "PNDMScheduler", **common, "skip_prk_steps": True, "prediction_type": "epsilon"}
     return {"_class_name": "DDIMScheduler", **common, "prediction_type": "v_prediction"}
 
@@ -38,8 +39,11 @@ def build(out: FolderWriter, variant: str) -> None:
     out.scheduler(scheduler_config(variant))
     tok = clip_tokenizer_files()
     out.tokenizer("tokenizer", "CLIPTokenizer", tok)
-    te_config = clip_text_config(json.loads(tok["vocab.json"]), act="quick_gelu" if variant == "sd1" else "gelu")
-    unet_config = copy.deepcopy(UNET_SD1_TINY if variant == "sd1" else UNET_SD2_TINY)
+    sd1 = variant in ("sd1", "sd1-inpaint")
+    te_config = clip_text_config(json.loads(tok["vocab.json"]), act="quick_gelu" if sd1 else "gelu")
+    unet_config = copy.deepcopy(UNET_SD1_TINY if sd1 else UNET_SD2_TINY)
+    if variant == "sd1-inpaint":
+        unet_config["in_channels"] = 9  # latents + mask + masked-image latents
     vae_config = copy.deepcopy(VAE_TINY)
     with torch.device("cpu"):
         out.model("text_encoder", "transformers", "CLIPTextModel", te_config, CLIPTextModel(CLIPTextConfig(**te_config)))
