@@ -13,7 +13,9 @@ Equal to diffusers' ``StableDiffusionXLPipeline`` / ``StableDiffusionXLImg2ImgPi
   all negatives empty this is exactly diffusers' behaviour, and unlike a batch-wide rule it keeps
   an item's image independent of its batch-mates;
 - the VAE decodes (and img2img encodes) in float32 when the run is float16 and the VAE config says
-  ``force_upcast`` (the SDXL VAE overflows to NaN/black images in fp16 otherwise).
+  ``force_upcast`` (the SDXL VAE overflows to NaN/black images in fp16 otherwise);
+- inpainting (``StableDiffusionXLInpaintPipeline``, :mod:`batchgen.inpaint`): 9-channel inpainting
+  UNets and ordinary ones. diffusers' default strength there is 0.9999; generate()'s is 1.0.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "sd1-inpaint": ("sd", "StableDiffusionInpaintPipeline"),
     "sdxl": ("sdxl", "StableDiffusionXLPipeline"),
     "sdxl-refiner": ("sdxl", "StableDiffusionXLImg2ImgPipeline"),
+    "sdxl-inpaint": ("sdxl", "StableDiffusionXLInpaintPipeline"),
     "sd3": ("sd3", "StableDiffusion3Pipeline"),
     "sd35": ("sd3", "StableDiffusion3Pipeline"),
     "sd3-no-t5": ("sd3", "StableDiffusion3Pipeline"),

@@ -1,5 +1,7 @@
 """Tiny SDXL base (two CLIP encoders, 6 time ids) and refiner (projection encoder only, aesthetic
-score) checkpoints, loadable by diffusers' StableDiffusionXL(Img2Img)Pipeline."""
+score) checkpoints, loadable by diffusers' StableDiffusionXL(Img2Img)Pipeline, and an SDXL
+inpainting checkpoint (``sdxl-inpaint``: the base with a 9-channel UNet, as
+``StableDiffusionXLInpaintPipeline`` loads it)."""
 
 from __future__ import annotations
 
@@ -41,6 +43,8 @@ def build(out: FolderWriter, variant: str) -> None:
     tok = clip_tokenizer_files()
     vocab = json.loads(tok["vocab.json"])
     unet_config = copy.deepcopy(UNET_SDXL_REFINER_TINY if refiner else UNET_SDXL_TINY)
+    if variant == "sdxl-inpaint":
+        unet_config["in_channels"] = 9  # latents + mask + masked-image latents
     vae_config = {**copy.deepcopy(VAE_TINY), "scaling_factor": 0.13025, "force_upcast": True}
     te2_config = clip_text_config(vocab, act="gelu", cls="CLIPTextModelWithProjection")
     with torch.device("cpu"):
