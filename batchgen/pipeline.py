@@ -21,6 +21,7 @@ import torch
 
 from .builtin import resolve_model_uri
 from .checkpoints import open_source
+from .control import CONTROL_SETTINGS, attach_controlnets, check_control
 from .families import family_for
 from .families.base import Batch, Conditioning, Family
 from .noise import check_seeds, item_generators, randn_items
@@ -59,6 +60,7 @@ class _Request:
     items: dict[str, list]  # per-item family settings
     init_images: list[np.ndarray] | None
     labels: list[str] | None
+    control: Any = None  # batchgen.control.ControlRequest when ControlNets are loaded
 
 
 class Pipeline:
@@ -118,6 +120,11 @@ class Pipeline:
 
         start = time.perf_counter()
         kwargs.setdefault("steps", 1)
+        nets = len(getattr(self.family.parts.get("controlnet"), "nets", ()))
+        if nets and kwargs.get("control_images") is None:  # a gray control image per item and ControlNet
+            w, h = kwargs.get("width") or self.default_size[0], kwargs.get("height") or self.default_size[1]
+            gray = np.full((h, w, 3), 128, dtype=np.uint8)
+            kwargs["control_images"] = [[gray] * nets] * micro_batch
         self.generate([""] * micro_batch, list(range(micro_batch)), micro_batch=micro_batch, progress=False,
                       **kwargs)
         return time.perf_counter() - start
@@ -127,7 +134,7 @@ class Pipeline:
                  init_images=None, strength: float = 0.8, micro_batch: int | None = None,
                  sampler_options: dict | None = None,
                  progress: Callable[[int, int], None] | bool | None = None, item_ids=None,
-                 **settings) -> list[np.ndarray]:
+                 control_images=None, **settings) -> list[np.ndarray]:
         """Render ``prompts`` with ``seeds``; returns one HxWx3 uint8 array per prompt.
 
         None picks the family's default (sampler, steps, guidance, size). ``micro_batch=B`` runs
@@ -138,9 +145,15 @@ class Pipeline:
         ``progress(done_items, total_items)`` called after each micro-batch, True/False for a
         progress bar on stderr (None: a bar when stderr is a terminal). ``item_ids`` name the items
         in warnings.
+
+        With ControlNets loaded (``load_pipeline(..., controlnets=[...])``), ``control_images`` gives
+        one image per prompt (several ControlNets: a list of one per ControlNet), and the settings
+        ``controlnet_conditioning_scale``, ``control_guidance_start`` and ``control_guidance_end``
+        take one value, one per prompt, and per ControlNet (see :mod:`batchgen.control`).
         """
         req = self.validate(prompts, seeds, negative_prompts, sampler, steps, guidance_scale, width, height,
-                            init_images, strength, sampler_options, item_ids, **settings)
+                            init_images, strength, sampler_options, item_ids, control_images=control_images,
+                            **settings)
         total = len(req.prompts)
         size = total if micro_batch is None else micro_batch
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
@@ -176,7 +189,7 @@ class Pipeline:
     # ------------------------------------------------------------------------------- validation
     def validate(self, prompts, seeds, negative_prompts=None, sampler=None, steps=None, guidance_scale=None,
                  width=None, height=None, init_images=None, strength=0.8, sampler_options=None, item_ids=None,
-                 **extra) -> _Request:
+                 control_images=None, **extra) -> _Request:
         """Check a generate() request and resolve it (family defaults filled in) without rendering:
         every error generate() would raise before its first model call is raised here. Works on a
         pipeline built on the meta device (the job's pre-flight)."""
@@ -216,6 +229,7 @@ class Pipeline:
                 raise ValueError(f"item_ids: expected {n} ids (one per prompt), got {len(labels)}")
 
         check_family(fam.name, [k for k, v in extra.items() if v is not None])
+        control_settings = {name: extra.pop(name) for name in CONTROL_SETTINGS if name in extra}
         for name in extra:
             if name in GENERATE_ARGUMENTS:
                 raise ValueError(f"{name}: pass it as generate()'s own argument")
@@ -246,12 +260,14 @@ class Pipeline:
         group = fam.resolve(group)
         items = fam.resolve_items(items, group, n)
         fam.check(group, items, prompts)
+        control = check_control(fam, control_images, control_settings, n, group["width"], group["height"],
+                                img2img=images is not None)
         options = dict(sampler_options or {})
         name = sampler or fam.default_sampler
         # Fail on a bad sampler name, option or step count before any work is done.
         get_sampler(name, fam.scheduler_config, group["steps"], strength=group.get("strength"), options=options,
                     **fam.schedule(group, name))
-        return _Request(prompts, negatives, seeds, name, options, group, items, images, labels)
+        return _Request(prompts, negatives, seeds, name, options, group, items, images, labels, control)
 
     # -------------------------------------------------------------------------------- rendering
     @torch.inference_mode()
@@ -268,6 +284,8 @@ class Pipeline:
         sampler = get_sampler(req.sampler, fam.scheduler_config, settings["steps"], strength=settings.get("strength"),
                               options=req.options, **fam.schedule(settings, req.sampler))
         cond = texts.conditioning(indices)
+        if req.control is not None:
+            cond = req.control.bind(cond, indices, size, sampler.plan.calls, batch.guided, fam.device, fam.dtype)
         shape = fam.noise_shape(settings["width"], settings["height"])
         # Each generator's draw order is diffusers': img2img's VAE posterior sample, then the noise.
         if req.init_images is not None:
@@ -406,14 +424,17 @@ COMPILE_MODES = ("none", "default", "max")
 def load_pipeline(path, device=None, dtype=None, variant: str | None = None, allow_pickle: bool = False,
                   storage_config=None, compile: str = "none", loras=None, text_encoder_device=None,
                   fp8=(), *, vae=None, text_encoders=None, tokenizers=None,
-                  prediction_type: str | None = None) -> Pipeline:
+                  prediction_type: str | None = None, controlnets=None) -> Pipeline:
     """Load a checkpoint of any known family: a diffusers folder or a single-file checkpoint
     (``.safetensors`` in the A1111 / ComfyUI layout), local, file://, s3:// or ``builtin:``.
 
     ``compile``: ``none`` (eager), ``default`` (torch.compile of the denoiser and the VAE decoder)
     or ``max`` (plus CUDA graphs on a GPU). Compiling happens on the first render of each shape;
     :meth:`Pipeline.warmup` does it up front. ``loras``: ``[{"uri": ..., "scale": ...}]`` LoRA
-    files fused into the weights (see :meth:`Pipeline.set_loras`).
+    files fused into the weights (see :meth:`Pipeline.set_loras`). ``controlnets``: ControlNet
+    folders or single files (local, file://, s3://, builtin:), several for multi-ControlNet; they
+    take ``generate(control_images=...)`` (see :mod:`batchgen.control`) and are listed in
+    ``model_info["controlnets"]`` with their sha256.
 
     Component overrides (folders and single files alike; see :mod:`batchgen.checkpoints.sources`):
     ``vae`` a VAE file (LDM or diffusers keys) or folder; ``text_encoders`` ``{"text_encoder_2":
@@ -437,6 +458,8 @@ def load_pipeline(path, device=None, dtype=None, variant: str | None = None, all
     family_cls = family_for(source)
     device, dtype = default_device_dtype(device, dtype, family_cls.cuda_dtype)
     family = family_cls.load(source, variant, allow_pickle, dtype=dtype)
+    controls = attach_controlnets(family, controlnets or [], lambda uri: resolve_model_uri(uri, storage_config),
+                                  dtype=dtype, allow_pickle=allow_pickle)
     family.quantize_fp8(fp8).to(device, dtype, text_device=text_encoder_device)
     if compile != "none":
         _inductor_cache()
@@ -450,6 +473,8 @@ def load_pipeline(path, device=None, dtype=None, variant: str | None = None, all
         "compile": compile,
         **source.describe(),
     }
+    if controls:
+        info["controlnets"] = controls
     if family.text_device != device:
         info["text_encoder_device"] = str(family.text_device)
     log.info("loaded %s (%s, fingerprint %s) on %s/%s", path, info["variant"], info["fingerprint"][:12],
