@@ -147,3 +147,31 @@ def test_controlnet_weights_can_be_stored_in_fp8(tiny_sd1, nets):
                          fp8=("controlnet",))
     assert pipe.model_info["fp8"] == ["controlnet"]
     assert pipe.generate(["a"], [0], control_images=[IMG], **ARGS)[0].shape == (SIZE, SIZE, 3)
+
+
+@pytest.mark.parametrize("base, controlnet", [("builtin:tiny", "builtin:tiny-sd1-controlnet"),
+                                              ("builtin:tiny-sdxl", "builtin:tiny-sdxl-controlnet")])
+def test_builtin_controlnets_fit_their_tiny_models(base, controlnet):
+    from batchgen.builtin import builtin_model_path
+
+    pipe = load_pipeline(base, device="cpu", dtype=torch.float32, controlnets=[controlnet])
+    info = pipe.model_info["controlnets"][0]
+    assert info["uri"] == controlnet and info["format"] == "diffusers"
+    folder = builtin_model_path(controlnet.removeprefix("builtin:"))
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    edges = np.zeros((SIZE, SIZE, 3), dtype=np.uint8)
+    edges[::8] = 255
+    with_edges = pipe.generate(["a"], [0], control_images=[edges], **ARGS)[0]
+    without = pipe.generate(["a"], [0], control_images=[edges], controlnet_conditioning_scale=0.0, **ARGS)[0]
+    assert not np.array_equal(with_edges, without)  # the tiny ControlNet steers the image
+
+
+def test_make_tiny_single_file_of_a_controlnet_is_the_original_layout(tmp_path, tiny_sd1):
+    from batchgen.checkpoints.single_file import read_header
+    from batchgen.tiny import make_tiny_single_file
+
+    path = make_tiny_single_file(tmp_path / "control_tiny.safetensors", variant="sd1-controlnet")
+    keys = set(read_header(path))
+    assert "control_model.input_hint_block.0.weight" in keys and "control_model.zero_convs.0.0.weight" in keys
+    pipe = load_pipeline(tiny_sd1, device="cpu", dtype=torch.float32, controlnets=[str(path)])
+    assert pipe.model_info["controlnets"][0]["format"] == "ldm-single-file"

@@ -61,3 +61,18 @@ def write_controlnet(root: Path, base: str, seed: int) -> Path:
 def build(out, variant: str) -> None:
     """:func:`batchgen.tiny.make_tiny_model`'s builder for ``sd1-controlnet`` / ``sdxl-controlnet``."""
     write_controlnet(out.root, variant.removesuffix("-controlnet"), out.seed)
+
+
+def write_ldm_single_file(folder: Path, out: Path, dtype=None) -> Path:
+    """The ControlNet folder ``folder`` as one file in the original layout (``control_model.*``,
+    ``input_hint_block``, ``zero_convs``), as ``control_v11p_sd15_canny.safetensors`` is stored."""
+    from safetensors.torch import load_file, save_file
+
+    from ..checkpoints.controlnet import to_ldm_controlnet
+
+    state = load_file(str(Path(folder) / "diffusion_pytorch_model.safetensors"))
+    ldm = {k: (v if dtype is None else v.to(dtype)).contiguous().clone() for k, v in to_ldm_controlnet(state).items()}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(ldm, str(out), metadata={"format": "pt"})
+    return out
