@@ -175,3 +175,24 @@ def test_make_tiny_single_file_of_a_controlnet_is_the_original_layout(tmp_path, 
     assert "control_model.input_hint_block.0.weight" in keys and "control_model.zero_convs.0.0.weight" in keys
     pipe = load_pipeline(tiny_sd1, device="cpu", dtype=torch.float32, controlnets=[str(path)])
     assert pipe.model_info["controlnets"][0]["format"] == "ldm-single-file"
+
+
+def test_controlnets_load_from_s3(tiny_sd1, nets, s3_server, s3_bucket, one):
+    """A ControlNet folder and a single file from s3:// render as their local copies do."""
+    from batchgen.storage import StorageConfig
+    from tests.fixtures_s3 import s3_client
+
+    client = s3_client(s3_server)
+    for path in sorted(nets["sd1"].iterdir()):
+        client.put_object(Bucket=s3_bucket, Key=f"cn/folder/{path.name}", Body=path.read_bytes())
+    client.put_object(Bucket=s3_bucket, Key="cn/single.safetensors",
+                      Body=(nets["sd1"] / "diffusion_pytorch_model.safetensors").read_bytes())
+    cfg = StorageConfig(endpoint_url=s3_server)
+    want = one.generate(["a"], [5], control_images=[IMG], **ARGS)[0]
+    for uri in (f"s3://{s3_bucket}/cn/folder", f"s3://{s3_bucket}/cn/single.safetensors"):
+        pipe = load_pipeline(tiny_sd1, device="cpu", dtype=torch.float32, controlnets=[uri], storage_config=cfg)
+        assert pipe.model_info["controlnets"][0]["uri"] == uri
+        assert np.array_equal(pipe.generate(["a"], [5], control_images=[IMG], **ARGS)[0], want), uri
+    assert (load_pipeline(tiny_sd1, device="cpu", dtype=torch.float32, storage_config=cfg,
+                          controlnets=[f"s3://{s3_bucket}/cn/folder"]).model_info["controlnets"][0]["sha256"]
+            == one.model_info["controlnets"][0]["sha256"])
