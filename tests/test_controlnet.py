@@ -125,9 +125,9 @@ def test_a_controlnet_for_a_family_without_controlnets_is_refused(nets):
 
 def test_loras_dtype_and_warmup_work_with_controlnets(tiny_sd1, nets, tmp_path):
     pipe = load_pipeline(tiny_sd1, device="cpu", dtype=torch.bfloat16, controlnets=[str(nets["sd1"])])
-    assert all(p.dtype == torch.bfloat16 for p in pipe.controlnet.parameters())
-    assert pipe.warmup(2, width=SIZE, height=SIZE) > 0
+    assert all(p.dtype == torch.bfloat16 for p in pipe.controlnet.parameters())  # Family.to moved them
     pipe = load_pipeline(tiny_sd1, device="cpu", dtype=torch.float32, controlnets=[str(nets["sd1"])])
+    assert pipe.warmup(2, width=SIZE, height=SIZE) > 0  # gray control images
     before = pipe.generate(["a"], [3], control_images=[IMG], **ARGS)
     weight = pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn2.to_k.weight
     lora = tmp_path / "l.safetensors"
