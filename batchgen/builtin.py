@@ -29,6 +29,8 @@ BUILTINS = {"tiny": ("sd1", 0), "tiny-sd1": ("sd1", 0), "tiny-sd2": ("sd2", 0), 
             "tiny-dit": ("dit", 0), "tiny-sd1-inpaint": ("sd1-inpaint", 0),
             "tiny-sdxl-inpaint": ("sdxl-inpaint", 0)}
 BUILTINS.update({"tiny-flux-schnell": ("flux-schnell", 0), "tiny-flux-dev": ("flux-dev", 0)})
+# ControlNets for builtin:tiny and builtin:tiny-sdxl: load_pipeline(..., controlnets=["builtin:..."])
+BUILTINS.update({"tiny-sd1-controlnet": ("sd1-controlnet", 0), "tiny-sdxl-controlnet": ("sdxl-controlnet", 0)})
 BUILTINS[NULL_NAME] = (None, 0)  # no weights: jobs render seeded noise (batchgen.nullmodel)
 
 
@@ -46,11 +48,13 @@ def builtin_model_path(name: str) -> Path:
         raise ValueError(f"model: builtin:{name} has no weights to load: it renders seeded noise in jobs "
                          "(batchgen run, dry runs); use builtin:tiny for a loadable pipeline")
     target = cache_root() / "builtin" / f"tiny-{variant}-seed{seed}-f{TINY_FORMAT}"
-    if (target / "model_index.json").is_file():
+    # a pipeline folder has model_index.json, a component folder (a ControlNet) config.json
+    built = target / ("config.json" if variant.endswith("-controlnet") else "model_index.json")
+    if built.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(target.parent / f".{target.name}.lock"):
-        if (target / "model_index.json").is_file():
+        if built.is_file():
             return target
         log.info("building built-in model builtin:%s into %s", name, target)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))

@@ -21,6 +21,7 @@ import torch
 
 from .builtin import resolve_model_uri
 from .checkpoints import open_source
+from .control import CONTROL_SETTINGS, attach_controlnets, check_control
 from .families import family_for
 from .families.base import Batch, Conditioning, Family, pad_rows
 from .inpaint import MASK_SETTINGS
@@ -63,6 +64,7 @@ class _Request:
     init_images: list[np.ndarray] | None
     labels: list[str] | None
     masks: list[np.ndarray] | None = None  # inpainting: (H, W) float32, 1 = repaint (batchgen.inpaint)
+    control: Any = None  # batchgen.control.ControlRequest when ControlNets are loaded
 
 
 class Pipeline:
@@ -122,6 +124,11 @@ class Pipeline:
 
         start = time.perf_counter()
         kwargs.setdefault("steps", 1)
+        nets = len(getattr(self.family.parts.get("controlnet"), "nets", ()))
+        if nets and kwargs.get("control_images") is None:  # a gray control image per item and ControlNet
+            w, h = kwargs.get("width") or self.default_size[0], kwargs.get("height") or self.default_size[1]
+            gray = np.full((h, w, 3), 128, dtype=np.uint8)
+            kwargs["control_images"] = [[gray] * nets] * micro_batch
         self.generate([""] * micro_batch, list(range(micro_batch)), micro_batch=micro_batch, progress=False,
                       **kwargs)
         return time.perf_counter() - start
@@ -131,7 +138,7 @@ class Pipeline:
                  init_images=None, strength: float | None = None, micro_batch: int | None = None,
                  sampler_options: dict | None = None,
                  progress: Callable[[int, int], None] | bool | None = None, item_ids=None, mask_images=None,
-                 **settings) -> list[np.ndarray]:
+                 control_images=None, **settings) -> list[np.ndarray]:
         """Render ``prompts`` with ``seeds``; returns one HxWx3 uint8 array per prompt.
 
         None picks the family's default (sampler, steps, guidance, size). ``micro_batch=B`` runs
@@ -147,9 +154,15 @@ class Pipeline:
         ``mask_images`` too (one per prompt, white = repaint) the items are inpainted
         (:mod:`batchgen.inpaint`; ``strength`` default 1.0); the ``outpaint_*`` settings instead
         make the masks (:mod:`batchgen.outpaint`).
+
+        With ControlNets loaded (``load_pipeline(..., controlnets=[...])``), ``control_images`` gives
+        one image per prompt (several ControlNets: a list of one per ControlNet), and the settings
+        ``controlnet_conditioning_scale``, ``control_guidance_start`` and ``control_guidance_end``
+        take one value, one per prompt, and per ControlNet (see :mod:`batchgen.control`).
         """
         req = self.validate(prompts, seeds, negative_prompts, sampler, steps, guidance_scale, width, height,
-                            init_images, strength, sampler_options, item_ids, mask_images=mask_images, **settings)
+                            init_images, strength, sampler_options, item_ids, mask_images=mask_images,
+                            control_images=control_images, **settings)
         total = len(req.prompts)
         size = total if micro_batch is None else micro_batch
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
@@ -185,7 +198,7 @@ class Pipeline:
     # ------------------------------------------------------------------------------- validation
     def validate(self, prompts, seeds, negative_prompts=None, sampler=None, steps=None, guidance_scale=None,
                  width=None, height=None, init_images=None, strength=None, sampler_options=None, item_ids=None,
-                 mask_images=None, **extra) -> _Request:
+                 mask_images=None, control_images=None, **extra) -> _Request:
         """Check a generate() request and resolve it (family defaults filled in) without rendering:
         every error generate() would raise before its first model call is raised here. Works on a
         pipeline built on the meta device (the job's pre-flight)."""
@@ -225,6 +238,7 @@ class Pipeline:
                 raise ValueError(f"item_ids: expected {n} ids (one per prompt), got {len(labels)}")
 
         check_family(fam.name, [k for k, v in extra.items() if v is not None])
+        control_settings = {name: extra.pop(name) for name in CONTROL_SETTINGS if name in extra}
         for name in extra:
             if name in GENERATE_ARGUMENTS:
                 raise ValueError(f"{name}: pass it as generate()'s own argument")
@@ -262,12 +276,17 @@ class Pipeline:
         if masks is None and fam.inpaint_kind() == "concat":
             raise ValueError("mask_images: this is an inpainting model (its denoiser takes a mask and a masked image); "
                              "pass init_images and mask_images (diffusers' inpainting pipelines require them too)")
+        control = check_control(fam, control_images, control_settings, n, group["width"], group["height"],
+                                img2img=images is not None)
+        if control is not None and masks is not None:
+            raise ValueError("control_images: ControlNet together with inpainting/outpainting (mask_images, "
+                             "outpaint_*) is not supported yet; render the items with one or the other")
         options = dict(sampler_options or {})
         name = sampler or fam.default_sampler
         # Fail on a bad sampler name, option or step count before any work is done.
         get_sampler(name, fam.scheduler_config, group["steps"], strength=group.get("strength"), options=options,
                     **fam.schedule(group, name))
-        return _Request(prompts, negatives, seeds, name, options, group, items, images, labels, masks)
+        return _Request(prompts, negatives, seeds, name, options, group, items, images, labels, masks, control)
 
     def _inpaint_inputs(self, init_images, mask_images, strength, settings: dict, n: int, group: dict):
         """Inpainting's validation: the model can inpaint, settings per item, masks prepared."""
@@ -304,6 +323,8 @@ class Pipeline:
         sampler = get_sampler(req.sampler, fam.scheduler_config, settings["steps"], strength=settings.get("strength"),
                               options=req.options, **fam.schedule(settings, req.sampler))
         cond = texts.conditioning(indices)
+        if req.control is not None:
+            cond = req.control.bind(cond, indices, size, sampler.plan.calls, batch.guided, fam.device, fam.dtype)
         shape = fam.noise_shape(settings["width"], settings["height"])
         model, after_step = fam.denoiser(cond, batch), None
         # Each generator's draw order is diffusers': img2img's VAE posterior sample, then the noise.
@@ -445,14 +466,17 @@ COMPILE_MODES = ("none", "default", "max")
 def load_pipeline(path, device=None, dtype=None, variant: str | None = None, allow_pickle: bool = False,
                   storage_config=None, compile: str = "none", loras=None, text_encoder_device=None,
                   fp8=(), *, vae=None, text_encoders=None, tokenizers=None,
-                  prediction_type: str | None = None) -> Pipeline:
+                  prediction_type: str | None = None, controlnets=None) -> Pipeline:
     """Load a checkpoint of any known family: a diffusers folder or a single-file checkpoint
     (``.safetensors`` in the A1111 / ComfyUI layout), local, file://, s3:// or ``builtin:``.
 
     ``compile``: ``none`` (eager), ``default`` (torch.compile of the denoiser and the VAE decoder)
     or ``max`` (plus CUDA graphs on a GPU). Compiling happens on the first render of each shape;
     :meth:`Pipeline.warmup` does it up front. ``loras``: ``[{"uri": ..., "scale": ...}]`` LoRA
-    files fused into the weights (see :meth:`Pipeline.set_loras`).
+    files fused into the weights (see :meth:`Pipeline.set_loras`). ``controlnets``: ControlNet
+    folders or single files (local, file://, s3://, builtin:), several for multi-ControlNet; they
+    take ``generate(control_images=...)`` (see :mod:`batchgen.control`) and are listed in
+    ``model_info["controlnets"]`` with their sha256.
 
     Component overrides (folders and single files alike; see :mod:`batchgen.checkpoints.sources`):
     ``vae`` a VAE file (LDM or diffusers keys) or folder; ``text_encoders`` ``{"text_encoder_2":
@@ -476,6 +500,8 @@ def load_pipeline(path, device=None, dtype=None, variant: str | None = None, all
     family_cls = family_for(source)
     device, dtype = default_device_dtype(device, dtype, family_cls.cuda_dtype)
     family = family_cls.load(source, variant, allow_pickle, dtype=dtype)
+    controls = attach_controlnets(family, controlnets or [], lambda uri: resolve_model_uri(uri, storage_config),
+                                  dtype=dtype, allow_pickle=allow_pickle)
     family.quantize_fp8(fp8).to(device, dtype, text_device=text_encoder_device)
     if compile != "none":
         _inductor_cache()
@@ -489,6 +515,8 @@ def load_pipeline(path, device=None, dtype=None, variant: str | None = None, all
         "compile": compile,
         **source.describe(),
     }
+    if controls:
+        info["controlnets"] = controls
     if family.text_device != device:
         info["text_encoder_device"] = str(family.text_device)
     log.info("loaded %s (%s, fingerprint %s) on %s/%s", path, info["variant"], info["fingerprint"][:12],

@@ -128,6 +128,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("prompt_syntax", "str", "plain", "plain: prompts as diffusers reads them; a1111: (word:1.2) weights, "
             "[word], BREAK and prompts over 75 tokens in 75-token chunks, as the A1111 webui computes them",
             group=True, families=("sd", "sdxl"), choices=("plain", "a1111")),
+    Setting("controlnet_conditioning_scale", "float", None, "ControlNet: how strongly the control image steers "
+            "(when a ControlNet is loaded: 1, img2img 0.8 as in diffusers; several ControlNets: one value each)", lo=0, hi=10),
+    Setting("control_guidance_start", "float", None, "ControlNet: fraction of the model calls after which it "
+            "starts acting (0 when a ControlNet is loaded)", lo=0, hi=1),
+    Setting("control_guidance_end", "float", None, "ControlNet: fraction of the model calls after which it "
+            "stops acting (1 when a ControlNet is loaded)", lo=0, hi=1),
     Setting("true_cfg_scale", "float", 1.0, "FLUX: true classifier-free guidance with the negative prompt "
             "(1 = off)", lo=1, hi=100, group=True, families=("flux",)),
 )

@@ -40,6 +40,7 @@ class Conditioning:
     pooled: torch.Tensor | None = None  # (rows, dim) pooled text vectors
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # time ids, text ids, class labels ...
     shared: tuple[str, ...] = ()
+    control: Any = None  # the micro-batch's ControlNet inputs (batchgen.control.ControlBatch), set per batch
 
     def _per_row(self) -> dict[str, torch.Tensor]:
         fields = {"context": self.context, "pooled": self.pooled}
@@ -232,6 +233,8 @@ class Family:
                 # conv UNets: 5% faster compiled denoiser calls on an H100 (eager: 10% slower, so max only)
                 denoiser.to(memory_format=torch.channels_last)
         denoiser.compile(**options)
+        for net in getattr(self.parts.get("controlnet"), "nets", ()):
+            net.compile(**options)
         if self.vae is not None:
             self.vae.decoder.compile(**options)
         self.compiled = mode

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ..control import controlnet_residuals
 from ..models.text import ClipEncoder
 from .base import CLIP_TOKENIZER, SCHEDULER, VAE, Batch, Component, Conditioning, Family
 
@@ -55,4 +56,4 @@ class StableDiffusion(Family):
         return Conditioning(context=context)
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        return self.unet(x, t, cond.context)
+        return self.unet(x, t, cond.context, **controlnet_residuals(self.parts.get("controlnet"), x, t, cond))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from ..control import controlnet_residuals
 from ..errors import CheckpointError
 from ..models.text import ClipEncoder
 from .base import CLIP_TOKENIZER, SCHEDULER, VAE, Batch, Component, Conditioning, Family
@@ -133,4 +134,5 @@ class StableDiffusionXL(Family):
         return Conditioning(context=context, pooled=pooled, extra={"time_ids": time_ids})
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        return self.unet(x, t, cond.context, text_embeds=cond.pooled, time_ids=cond.extra["time_ids"])
+        return self.unet(x, t, cond.context, text_embeds=cond.pooled, time_ids=cond.extra["time_ids"],
+                         **controlnet_residuals(self.parts.get("controlnet"), x, t, cond))

@@ -447,7 +447,122 @@ class CrossAttnUpBlock2D(nn.Module):
         return x
 
 
-class UNet2DConditionModel(ModelModule):
+def _heads_key(cfg: dict) -> str:
+    # diffusers' naming quirk: without num_attention_heads, attention_head_dim is the head COUNT.
+    return "num_attention_heads" if cfg["num_attention_heads"] is not None else "attention_head_dim"
+
+
+def encoder_blocks(cfg: dict, temb_ch: int) -> tuple[nn.ModuleList, nn.Module | None]:
+    """The down blocks and the cross-attention mid block of a resolved config: the half of the
+    UNet a ControlNet copies (:mod:`batchgen.models.controlnet`)."""
+    channels = list(cfg["block_out_channels"])
+    n = len(channels)
+    heads_key = _heads_key(cfg)
+    heads = _per_block(cfg, heads_key, n)
+    cross_dims = _per_block(cfg, "cross_attention_dim", n)
+    layers = _per_block(cfg, "layers_per_block", n)
+    tlayers = _per_block(cfg, "transformer_layers_per_block", n)
+    groups, eps = cfg["norm_num_groups"], cfg["norm_eps"]
+    linear, upcast = bool(cfg["use_linear_projection"]), bool(cfg["upcast_attention"])
+    down_blocks = nn.ModuleList()
+    out_ch = channels[0]
+    for i, kind in enumerate(cfg["down_block_types"]):
+        in_ch, out_ch = out_ch, channels[i]
+        last = i == n - 1
+        if kind == "CrossAttnDownBlock2D":
+            block = CrossAttnDownBlock2D(in_ch, out_ch, temb_ch, layers[i], tlayers[i], heads[i], cross_dims[i],
+                                         groups, eps, linear, upcast, not last, cfg["downsample_padding"],
+                                         f"{heads_key}[{i}]")
+        else:
+            block = DownBlock2D(in_ch, out_ch, temb_ch, layers[i], groups, eps, not last, cfg["downsample_padding"])
+        down_blocks.append(block)
+    mid_block = None
+    if cfg["mid_block_type"] is not None:
+        mid_block = UNetMidBlock2DCrossAttn(
+            channels[-1], temb_ch, tlayers[-1], heads[-1], cross_dims[-1], groups, eps,
+            cfg["mid_block_scale_factor"], linear, upcast, f"{heads_key}[-1]",
+        )
+    return down_blocks, mid_block
+
+
+class TimeConditioning:
+    """The timestep embedding and SDXL's added conditioning, shared by the UNet and the ControlNet
+    (both own ``config``, ``time_embedding`` and, with ``text_time``, ``add_time_proj`` / ``add_embedding``)."""
+
+    config: dict
+    kind = "UNet"  # in error messages
+
+    def time_embed(self, sample: torch.Tensor, timestep) -> torch.Tensor:
+        """Timestep (number, 0-dim or (B,)/(1,) tensor, int or float) -> (B, temb) embedding."""
+        t = timestep
+        if not torch.is_tensor(t):
+            if isinstance(t, bool) or not isinstance(t, numbers.Real):
+                raise ValueError(f"timestep: expected a number or tensor, got {type(timestep).__name__}")
+            is_int = isinstance(t, numbers.Integral)
+            float_dtype = torch.float32 if sample.device.type in ("mps", "npu") else torch.float64
+            t = torch.tensor([t], dtype=torch.int64 if is_int else float_dtype, device=sample.device)
+        elif t.ndim == 0:
+            t = t[None].to(sample.device)
+        elif t.ndim != 1 or t.shape[0] not in (1, sample.shape[0]):
+            raise ValueError(
+                f"timestep: expected a scalar or a ({sample.shape[0]},) tensor, got shape {tuple(t.shape)}"
+            )
+        t = t.to(sample.device).expand(sample.shape[0])
+        cfg = self.config
+        emb = timestep_embedding(t, cfg["block_out_channels"][0], cfg["flip_sin_to_cos"], cfg["freq_shift"])
+        return self.time_embedding(emb.to(dtype=sample.dtype))
+
+    @property
+    def uses_added_conditioning(self) -> bool:
+        """True for SDXL-style models, whose forward needs ``text_embeds`` and ``time_ids``."""
+        return self.add_embedding is not None
+
+    def _check_added_conditioning(self, batch: int, text_embeds, time_ids) -> None:
+        if not self.uses_added_conditioning:
+            given = [name for name, v in (("text_embeds", text_embeds), ("time_ids", time_ids)) if v is not None]
+            if given:
+                raise ValueError(
+                    f"{' and '.join(given)}: this {self.kind}'s config has no addition_embed_type "
+                    f"'text_time' (an SD1/SD2 {self.kind} takes no pooled text embeddings or time "
+                    "ids); do not pass them"
+                )
+            return
+        missing = [name for name, v in (("text_embeds", text_embeds), ("time_ids", time_ids)) if v is None]
+        if missing:
+            raise ValueError(
+                f"{' and '.join(missing)} missing: this {self.kind}'s config has addition_embed_type 'text_time' (SDXL), "
+                "so forward needs text_embeds (B, pooled_dim), the pooled text embedding, and time_ids (B, n), "
+                "the micro-conditioning numbers (6 for the base, 5 for the refiner)"
+            )
+        for name, value in (("text_embeds", text_embeds), ("time_ids", time_ids)):
+            if not torch.is_tensor(value) or value.ndim != 2 or value.shape[0] != batch:
+                shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+                raise ValueError(f"{name}: expected a ({batch}, n) tensor, got {shape}")
+        cfg = self.config
+        width = text_embeds.shape[1] + time_ids.shape[1] * cfg["addition_time_embed_dim"]
+        if width != cfg["projection_class_embeddings_input_dim"]:
+            raise ValueError(
+                f"text_embeds {tuple(text_embeds.shape)} and time_ids {tuple(time_ids.shape)}: "
+                f"{text_embeds.shape[1]} + {time_ids.shape[1]} * addition_time_embed_dim "
+                f"{cfg['addition_time_embed_dim']} = {width}, but the config's "
+                f"projection_class_embeddings_input_dim is {cfg['projection_class_embeddings_input_dim']}"
+            )
+
+    def added_embed(self, text_embeds: torch.Tensor, time_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """SDXL micro-conditioning: add_embedding([text_embeds, sinusoid(time_ids) flattened per item])."""
+        time_embeds = self.add_time_proj(time_ids.to(text_embeds.device).flatten())
+        time_embeds = time_embeds.reshape(text_embeds.shape[0], -1)
+        # torch.cat promotes a half text_embeds to the float32 sinusoids, as diffusers' concat does.
+        return self.add_embedding(torch.cat([text_embeds, time_embeds], dim=-1).to(dtype))
+
+    def _embed_time(self, sample, timestep, text_embeds, time_ids) -> torch.Tensor:
+        temb = self.time_embed(sample, timestep)
+        if self.uses_added_conditioning:
+            temb = temb + self.added_embed(text_embeds, time_ids, temb.dtype)
+        return temb
+
+
+class UNet2DConditionModel(TimeConditioning, ModelModule):
     """SD 1.x / 2.x / SDXL conditional UNet.
 
     ``forward(sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None)``; the last
@@ -460,8 +575,7 @@ class UNet2DConditionModel(ModelModule):
         self.config = cfg
         channels = list(cfg["block_out_channels"])
         n = len(channels)
-        # diffusers' naming quirk: without num_attention_heads, attention_head_dim is the head COUNT.
-        heads_key = "num_attention_heads" if cfg["num_attention_heads"] is not None else "attention_head_dim"
+        heads_key = _heads_key(cfg)
         heads = _per_block(cfg, heads_key, n)
         cross_dims = _per_block(cfg, "cross_attention_dim", n)
         layers = _per_block(cfg, "layers_per_block", n)
@@ -478,26 +592,7 @@ class UNet2DConditionModel(ModelModule):
             self.add_time_proj = Timesteps(cfg["addition_time_embed_dim"], cfg["flip_sin_to_cos"], cfg["freq_shift"])
             self.add_embedding = TimestepEmbedding(cfg["projection_class_embeddings_input_dim"], temb_ch)
 
-        self.down_blocks = nn.ModuleList()
-        out_ch = channels[0]
-        for i, kind in enumerate(cfg["down_block_types"]):
-            in_ch, out_ch = out_ch, channels[i]
-            last = i == n - 1
-            if kind == "CrossAttnDownBlock2D":
-                block = CrossAttnDownBlock2D(in_ch, out_ch, temb_ch, layers[i], tlayers[i], heads[i], cross_dims[i],
-                                             groups, eps, linear, upcast, not last, cfg["downsample_padding"],
-                                             f"{heads_key}[{i}]")
-            else:
-                block = DownBlock2D(in_ch, out_ch, temb_ch, layers[i], groups, eps, not last,
-                                    cfg["downsample_padding"])
-            self.down_blocks.append(block)
-
-        self.mid_block = None
-        if cfg["mid_block_type"] is not None:
-            self.mid_block = UNetMidBlock2DCrossAttn(
-                channels[-1], temb_ch, tlayers[-1], heads[-1], cross_dims[-1], groups, eps,
-                cfg["mid_block_scale_factor"], linear, upcast, f"{heads_key}[-1]",
-            )
+        self.down_blocks, self.mid_block = encoder_blocks(cfg, temb_ch)
 
         rev_channels = list(reversed(channels))
         rev_heads, rev_layers = list(reversed(heads)), list(reversed(layers))
@@ -524,68 +619,6 @@ class UNet2DConditionModel(ModelModule):
         self.conv_out = nn.Conv2d(channels[0], cfg["out_channels"], cfg["conv_out_kernel"],
                                   padding=(cfg["conv_out_kernel"] - 1) // 2)
 
-    def time_embed(self, sample: torch.Tensor, timestep) -> torch.Tensor:
-        """Timestep (number, 0-dim or (B,)/(1,) tensor, int or float) -> (B, temb) embedding."""
-        t = timestep
-        if not torch.is_tensor(t):
-            if isinstance(t, bool) or not isinstance(t, numbers.Real):
-                raise ValueError(f"timestep: expected a number or tensor, got {type(timestep).__name__}")
-            is_int = isinstance(t, numbers.Integral)
-            float_dtype = torch.float32 if sample.device.type in ("mps", "npu") else torch.float64
-            t = torch.tensor([t], dtype=torch.int64 if is_int else float_dtype, device=sample.device)
-        elif t.ndim == 0:
-            t = t[None].to(sample.device)
-        elif t.ndim != 1 or t.shape[0] not in (1, sample.shape[0]):
-            raise ValueError(
-                f"timestep: expected a scalar or a ({sample.shape[0]},) tensor, got shape {tuple(t.shape)}"
-            )
-        t = t.to(sample.device).expand(sample.shape[0])
-        cfg = self.config
-        emb = timestep_embedding(t, cfg["block_out_channels"][0], cfg["flip_sin_to_cos"], cfg["freq_shift"])
-        return self.time_embedding(emb.to(dtype=sample.dtype))
-
-    @property
-    def uses_added_conditioning(self) -> bool:
-        """True for SDXL-style UNets, whose forward needs ``text_embeds`` and ``time_ids``."""
-        return self.add_embedding is not None
-
-    def _check_added_conditioning(self, batch: int, text_embeds, time_ids) -> None:
-        if not self.uses_added_conditioning:
-            given = [name for name, v in (("text_embeds", text_embeds), ("time_ids", time_ids)) if v is not None]
-            if given:
-                raise ValueError(
-                    f"{' and '.join(given)}: this UNet's config has no addition_embed_type 'text_time' "
-                    "(an SD1/SD2 UNet takes no pooled text embeddings or time ids); do not pass them"
-                )
-            return
-        missing = [name for name, v in (("text_embeds", text_embeds), ("time_ids", time_ids)) if v is None]
-        if missing:
-            raise ValueError(
-                f"{' and '.join(missing)} missing: this UNet's config has addition_embed_type 'text_time' (SDXL), "
-                "so forward needs text_embeds (B, pooled_dim), the pooled text embedding, and time_ids (B, n), "
-                "the micro-conditioning numbers (6 for the base, 5 for the refiner)"
-            )
-        for name, value in (("text_embeds", text_embeds), ("time_ids", time_ids)):
-            if not torch.is_tensor(value) or value.ndim != 2 or value.shape[0] != batch:
-                shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
-                raise ValueError(f"{name}: expected a ({batch}, n) tensor, got {shape}")
-        cfg = self.config
-        width = text_embeds.shape[1] + time_ids.shape[1] * cfg["addition_time_embed_dim"]
-        if width != cfg["projection_class_embeddings_input_dim"]:
-            raise ValueError(
-                f"text_embeds {tuple(text_embeds.shape)} and time_ids {tuple(time_ids.shape)}: "
-                f"{text_embeds.shape[1]} + {time_ids.shape[1]} * addition_time_embed_dim "
-                f"{cfg['addition_time_embed_dim']} = {width}, but the config's "
-                f"projection_class_embeddings_input_dim is {cfg['projection_class_embeddings_input_dim']}"
-            )
-
-    def added_embed(self, text_embeds: torch.Tensor, time_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """SDXL micro-conditioning: add_embedding([text_embeds, sinusoid(time_ids) flattened per item])."""
-        time_embeds = self.add_time_proj(time_ids.to(text_embeds.device).flatten())
-        time_embeds = time_embeds.reshape(text_embeds.shape[0], -1)
-        # torch.cat promotes a half text_embeds to the float32 sinusoids, as diffusers' concat does.
-        return self.add_embedding(torch.cat([text_embeds, time_embeds], dim=-1).to(dtype))
-
     def forward(
         self,
         sample: torch.Tensor,
@@ -593,11 +626,16 @@ class UNet2DConditionModel(ModelModule):
         encoder_hidden_states: torch.Tensor,
         text_embeds: torch.Tensor | None = None,
         time_ids: torch.Tensor | None = None,
+        down_block_additional_residuals: list[torch.Tensor] | None = None,
+        mid_block_additional_residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Noise (or v) prediction (B, out, H, W).
 
         ``text_embeds`` (B, pooled_dim) and ``time_ids`` (B, n) are the SDXL added conditioning:
         required when the config has ``addition_embed_type: text_time``, refused otherwise.
+        ``down_block_additional_residuals`` (one per skip connection) and
+        ``mid_block_additional_residual`` are a ControlNet's outputs, added to the skips and to the
+        mid block's output as diffusers adds them.
         """
         if sample.ndim != 4:
             raise ValueError(f"sample: expected (B, C, H, W), got shape {tuple(sample.shape)}")
@@ -611,9 +649,7 @@ class UNet2DConditionModel(ModelModule):
         forward_upsample_size = any(d % factor for d in sample.shape[-2:])
         if self.config["center_input_sample"]:
             sample = 2 * sample - 1.0
-        temb = self.time_embed(sample, timestep)
-        if self.uses_added_conditioning:
-            temb = temb + self.added_embed(text_embeds, time_ids, temb.dtype)
+        temb = self._embed_time(sample, timestep, text_embeds, time_ids)
         context = encoder_hidden_states
 
         x = self.conv_in(sample)
@@ -621,8 +657,15 @@ class UNet2DConditionModel(ModelModule):
         for block in self.down_blocks:
             x, outputs = block(x, temb, context)
             skips.extend(outputs)
+        if down_block_additional_residuals is not None:
+            if len(down_block_additional_residuals) != len(skips):
+                raise ValueError(f"down_block_additional_residuals: expected {len(skips)} tensors (one per skip "
+                                 f"connection), got {len(down_block_additional_residuals)}")
+            skips = [s + r for s, r in zip(skips, down_block_additional_residuals)]
         if self.mid_block is not None:
             x = self.mid_block(x, temb, context)
+        if mid_block_additional_residual is not None:
+            x = x + mid_block_additional_residual
         for i, block in enumerate(self.up_blocks):
             mine = skips[-len(block.resnets):]
             del skips[-len(block.resnets):]

@@ -35,6 +35,9 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "dit": ("dit", "DiTPipeline"),
     "flux-schnell": ("flux", "FluxPipeline"),
     "flux-dev": ("flux", "FluxPipeline"),
+    # a ControlNet folder (config.json + weights, no model_index.json) for the tiny sd1 / sdxl UNet
+    "sd1-controlnet": ("controlnet", "ControlNetModel"),
+    "sdxl-controlnet": ("controlnet", "ControlNetModel"),
 }
 def make_tiny_model(directory: str | os.PathLike, variant: str = "sd1", seed: int = 0) -> Path:
     """Write a tiny random-weight checkpoint of ``variant`` in the diffusers folder layout."""
@@ -63,6 +66,10 @@ def make_tiny_single_file(path: str | os.PathLike, variant: str = "sd1", seed: i
         raise ValueError(f"path: {out} exists")
     with tempfile.TemporaryDirectory(prefix="batchgen-tiny-") as tmp:
         folder = make_tiny_model(Path(tmp) / "m", variant=variant, seed=seed)
+        if variant.endswith("-controlnet"):
+            from .controlnet import write_ldm_single_file
+
+            return write_ldm_single_file(folder, out, dtype=dtype)
         return write_single_file(folder, out, dtype=dtype)
 
 

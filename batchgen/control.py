@@ -1,0 +1,271 @@
+"""ControlNet conditioning: loading ControlNets into a pipeline, checking a request's control
+images / scales / windows, and the residuals each model call adds to the UNet.
+
+Equal to diffusers' ``StableDiffusion(XL)ControlNet(Img2Img)Pipeline`` with a ``ControlNetModel``
+or a ``MultiControlNetModel`` (several ControlNets, residuals summed in order), item by item:
+
+- control images are prepared as diffusers' control image processor prepares a PIL image: resized
+  to width x height (Lanczos, in the image's own mode), converted to RGB, scaled to [0, 1], not
+  normalised, handed over in the same memory layout; with classifier-free guidance each image
+  serves both halves of the batch;
+- every item has its own conditioning scale and guidance window per ControlNet. diffusers keeps a
+  ControlNet at model call ``i`` of ``N`` (its ``controlnet_keep``) unless ``i / N < start`` or
+  ``(i + 1) / N > end``, where ``N`` counts the calls of the (img2img-cut) timestep list: samplers
+  that call the model twice per step (Heun) or repeat a step (PLMS) count every call, exactly as
+  diffusers' loop over ``scheduler.timesteps`` does. A :class:`ControlBatch` counts the calls of
+  its micro-batch, so this holds for every sampler in the registry;
+- a row's residuals are multiplied by its own scale x keep (a dropped ControlNet adds exact
+  zeros, as diffusers' ``scale * 0.0`` does); a ControlNet no row of the micro-batch keeps is not
+  run at all, which changes no byte. An item's bytes therefore never depend on its batch-mates.
+
+Guess mode (and shuffle-style ControlNets, which need it) is not implemented.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from .settings import BY_NAME
+
+# The settings-table entries (batchgen.settings) this module reads: per item, and per ControlNet.
+CONTROL_SETTINGS = ("controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end")
+DEFAULTS = {"controlnet_conditioning_scale": 1.0, "control_guidance_start": 0.0, "control_guidance_end": 1.0}
+IMG2IMG_SCALE = 0.8  # StableDiffusion(XL)ControlNetImg2ImgPipeline's default conditioning scale
+CONTROL_FAMILIES = ("sd", "sdxl")
+
+
+# ---- loading -------------------------------------------------------------------------------------
+
+
+def attach_controlnets(family, uris: Sequence, resolve: Callable[[str], Any], dtype: torch.dtype | None = None,
+                       allow_pickle: bool = False) -> list[dict]:
+    """Load the ControlNets ``uris`` (local, file://, s3://, builtin:) for ``family``'s UNet and
+    put them in ``family.parts["controlnet"]`` (so moving, fp8 and compiling the family include
+    them); returns their ``model_info`` entries (uri, sha256, format, base)."""
+    from .checkpoints.controlnet import describe, load_controlnet, open_controlnet
+    from .errors import CheckpointError
+    from .models.controlnet import MultiControlNet
+
+    if isinstance(uris, (str, bytes)) or not isinstance(uris, Sequence):
+        raise ValueError(f"controlnets: expected a list of ControlNet URIs or paths, got {uris!r}")
+    if not uris:
+        return []
+    if family.name not in CONTROL_FAMILIES or not hasattr(family, "unet"):
+        raise CheckpointError(f"controlnets: this is a {family.name} model; batchgen loads ControlNets for SD 1.x/2.x "
+                              f"and SDXL models")
+    nets, info = [], []
+    for i, uri in enumerate(uris):
+        if not isinstance(uri, (str, bytes)) and not hasattr(uri, "__fspath__"):
+            raise ValueError(f"controlnets[{i}]: expected a URI or path, got {type(uri).__name__}")
+        source = open_controlnet(resolve(str(uri)), allow_pickle=allow_pickle)
+        net, config = load_controlnet(source, family.unet.config, family.latent_channels, dtype=dtype)
+        nets.append(net)
+        info.append({"uri": str(uri), "sha256": source.sha256, "format": source.layout, "base": describe(config)})
+    family.parts["controlnet"] = MultiControlNet(nets)
+    return info
+
+
+def controlnet_count(family) -> int:
+    stack = family.parts.get("controlnet")
+    return 0 if stack is None else len(stack.nets)
+
+
+# ---- a request -----------------------------------------------------------------------------------
+
+
+def control_pixels(image, width: int, height: int, where: str) -> np.ndarray:
+    """A PIL image or HxW(x3/x4) uint8 array -> the HxWx3 uint8 pixels diffusers' control image
+    processor sees: resized (Lanczos) in the image's own mode, then converted to RGB."""
+    from PIL import Image
+
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
+            raise ValueError(f"{where}: expected an HxW, HxWx3 or HxWx4 uint8 array, got shape {image.shape} "
+                             f"dtype {image.dtype}")
+        image = Image.fromarray(image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image)
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"{where}: expected a PIL image or uint8 array, got {type(image).__name__}")
+    if image.size != (width, height):
+        image = image.resize((width, height), resample=Image.LANCZOS)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def _per_item_per_net(name: str, value, n: int, k: int) -> list[list[float]]:
+    """A scale / window argument -> n lists of k checked floats.
+
+    One number: every item and ControlNet. With several ControlNets a flat list of k numbers is one
+    per ControlNet (diffusers' meaning), for every item. Otherwise a list of n per-item values, each
+    a number or (several ControlNets) a list of k numbers.
+    """
+    setting = BY_NAME[name]
+
+    def one(v, where: str) -> list[float]:
+        if isinstance(v, (list, tuple)):
+            if len(v) != k:
+                raise ValueError(f"{where}: expected {k} values (one per ControlNet), got {len(v)}")
+            return [setting.check(x, f"{where}[{j}]") for j, x in enumerate(v)]
+        return [setting.check(v, where)] * k
+
+    if not isinstance(value, (list, tuple)):
+        return [one(value, name)] * n
+    flat = not any(isinstance(v, (list, tuple)) for v in value)
+    if k > 1 and flat and len(value) == k:
+        return [one(list(value), name)] * n
+    if len(value) != n:
+        per_net = f", or {k} values (one per ControlNet)" if k > 1 else ""
+        raise ValueError(f"{name}: expected one value, {n} values (one per prompt){per_net}; got {len(value)}")
+    return [one(v, f"{name}[{i}]") for i, v in enumerate(value)]
+
+
+@dataclass
+class ControlRequest:
+    """The validated control side of one generate() call."""
+
+    pixels: list[list[np.ndarray]]  # [item][net] HxWx3 uint8, resized
+    scales: list[list[float]]  # [item][net]
+    starts: list[list[float]]
+    ends: list[list[float]]
+
+    def bind(self, cond, indices: list[int], size: int, calls: int, guided: bool, device, dtype):
+        """``cond`` with the :class:`ControlBatch` of the micro-batch ``indices`` (padded to
+        ``size``) for a sampler that calls the model ``calls`` times."""
+        return dataclasses.replace(cond, control=ControlBatch.build(self, indices, size, calls, guided, device, dtype))
+
+
+def check_control(family, control_images, settings: dict, n: int, width: int, height: int,
+                  img2img: bool = False) -> ControlRequest | None:
+    """Validate ``generate()``'s control arguments (``settings``: the given entries of
+    :data:`CONTROL_SETTINGS`); None when neither ControlNets nor control arguments are present.
+    The default scale is diffusers': 1.0, and 0.8 for img2img (``img2img``)."""
+    k = controlnet_count(family)
+    given = {name: v for name, v in settings.items() if v is not None}
+    if k == 0:
+        if control_images is not None:
+            raise ValueError("control_images: no ControlNet is loaded; load the model with "
+                             "load_pipeline(..., controlnets=[...]) to use control images")
+        if given:
+            raise ValueError(f"{next(iter(given))}: no ControlNet is loaded; pass it only with "
+                             f"load_pipeline(..., controlnets=[...]) and control_images")
+        return None
+    nets = f"{k} ControlNet{'s' if k > 1 else ''}"
+    if control_images is None:
+        raise ValueError(f"control_images: this pipeline has {nets} loaded; pass one control image per prompt"
+                         + (f" (a list of {k} images per prompt)" if k > 1 else ""))
+    if isinstance(control_images, (str, bytes)) or not isinstance(control_images, Sequence):
+        raise ValueError(f"control_images: expected a list of {n} images (one per prompt), got "
+                         f"{type(control_images).__name__}")
+    if len(control_images) != n:
+        raise ValueError(f"control_images: expected {n} entries (one per prompt), got {len(control_images)}")
+    pixels = []
+    for i, entry in enumerate(control_images):
+        if entry is None:
+            raise ValueError(f"control_images[{i}]: missing; every prompt needs a control image when ControlNets "
+                             f"are loaded")
+        if k > 1:
+            if not isinstance(entry, (list, tuple)) or len(entry) != k:
+                got = f"{len(entry)} entries" if isinstance(entry, (list, tuple)) else type(entry).__name__
+                raise ValueError(f"control_images[{i}]: expected a list of {k} images (one per ControlNet), got {got}")
+            pixels.append([control_pixels(img, width, height, f"control_images[{i}][{j}]")
+                           for j, img in enumerate(entry)])
+        else:
+            if isinstance(entry, (list, tuple)):
+                if len(entry) != 1:
+                    raise ValueError(f"control_images[{i}]: one ControlNet is loaded, so one image per prompt; "
+                                     f"got a list of {len(entry)}")
+                entry = entry[0]
+            pixels.append([control_pixels(entry, width, height, f"control_images[{i}]")])
+    defaults = {**DEFAULTS, **({"controlnet_conditioning_scale": IMG2IMG_SCALE} if img2img else {})}
+    values = {name: _per_item_per_net(name, given.get(name, defaults[name]), n, k) for name in CONTROL_SETTINGS}
+    starts, ends = values["control_guidance_start"], values["control_guidance_end"]
+    for i in range(n):
+        for j in range(k):
+            if starts[i][j] >= ends[i][j]:
+                where = f"[{i}]" + (f"[{j}]" if k > 1 else "")
+                raise ValueError(f"control_guidance_start{where}: {starts[i][j]} is not below control_guidance_end "
+                                 f"{ends[i][j]}; the window [start, end] must be non-empty")
+    return ControlRequest(pixels, values["controlnet_conditioning_scale"], starts, ends)
+
+
+def keep(call: int, calls: int, start: float, end: float) -> float:
+    """diffusers' ``controlnet_keep`` of model call ``call`` out of ``calls``."""
+    return 1.0 - float(call / calls < start or (call + 1) / calls > end)
+
+
+# ---- a micro-batch -------------------------------------------------------------------------------
+
+
+class ControlBatch:
+    """The control side of one micro-batch: images per ControlNet (rows as the model batch: both
+    guidance halves), and per model call, ControlNet and row the scale x keep. Counts its calls:
+    call ``i`` of the sampler is diffusers' loop index ``i``."""
+
+    def __init__(self, images: list[torch.Tensor], scales: torch.Tensor):
+        self.images = images  # per net: (rows, 3, H, W)
+        self.scales = scales  # (calls, nets, rows) float32 on the CPU
+        self._device_scales = None
+        self.call = 0
+
+    @classmethod
+    def build(cls, req: ControlRequest, indices: list[int], size: int, calls: int, guided: bool, device,
+              dtype) -> "ControlBatch":
+        pad = size - len(indices)
+        k = len(req.pixels[indices[0]])
+        images = []
+        for j in range(k):
+            rows = [req.pixels[i][j] for i in indices]
+            rows += [np.zeros_like(rows[0])] * pad
+            # diffusers: pil_to_numpy (/255 in float32), numpy_to_pt (an NCHW view of NHWC data),
+            # repeat_interleave, .to(device, dtype), torch.cat for the guidance halves.
+            batch = np.stack([r.astype(np.float32) / 255.0 for r in rows])
+            image = torch.from_numpy(batch.transpose(0, 3, 1, 2)).repeat_interleave(1, dim=0)
+            image = image.to(device=device, dtype=dtype)
+            images.append(torch.cat([image] * 2) if guided else image)
+        table = np.zeros((calls, k, size), dtype=np.float32)
+        for row, i in enumerate(indices):
+            for j in range(k):
+                for call in range(calls):
+                    table[call, j, row] = req.scales[i][j] * keep(call, calls, req.starts[i][j], req.ends[i][j])
+        scales = torch.from_numpy(table)
+        if guided:
+            scales = torch.cat([scales, scales], dim=2)
+        return cls(images, scales)
+
+    def residuals(self, stack, x: torch.Tensor, t: torch.Tensor, cond) -> dict[str, Any]:
+        """The UNet's extra keyword arguments for the next model call ({} when no ControlNet acts)."""
+        if self.call >= self.scales.shape[0]:
+            raise RuntimeError(f"ControlNet: model call {self.call + 1} of a sampler planned for "
+                               f"{self.scales.shape[0]} calls")
+        scales, self.call = self.scales[self.call], self.call + 1
+        if self._device_scales is None:
+            self._device_scales = self.scales.to(x.device)
+        row_scales = self._device_scales[self.call - 1]
+        down = mid = None
+        for j, net in enumerate(stack.nets):
+            if not bool(scales[j].any()):
+                continue
+            added = {}
+            if net.uses_added_conditioning:
+                added = {"text_embeds": cond.pooled, "time_ids": cond.extra["time_ids"]}
+            d, m = net(x, t, cond.context, self.images[j], row_scales[j], **added)
+            down = d if down is None else [a + b for a, b in zip(down, d)]
+            mid = m if mid is None else mid + m
+        if down is None:
+            return {}
+        return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+
+
+def controlnet_residuals(stack, x: torch.Tensor, t: torch.Tensor, cond) -> dict[str, Any]:
+    """What a family's ``predict`` passes to its UNet: the ControlNets' residuals for this call."""
+    control = getattr(cond, "control", None)
+    if control is None:
+        return {}
+    return control.residuals(stack, x, t, cond)
+
+
+__all__ = ["CONTROL_SETTINGS", "attach_controlnets", "check_control", "controlnet_residuals", "ControlBatch",
+           "ControlRequest", "control_pixels", "keep"]
