@@ -190,9 +190,11 @@ def check_control(family, control_images, settings: dict, n: int, width: int, he
     return ControlRequest(pixels, values["controlnet_conditioning_scale"], starts, ends)
 
 
-def keep(call: int, calls: int, start: float, end: float) -> float:
-    """diffusers' ``controlnet_keep`` of model call ``call`` out of ``calls``."""
-    return 1.0 - float(call / calls < start or (call + 1) / calls > end)
+def keeps(calls: int, start: float, end: float) -> np.ndarray:
+    """diffusers' ``controlnet_keep`` of each of ``calls`` model calls: ``1.0 - float(i / calls <
+    start or (i + 1) / calls > end)``, the same float64 divisions."""
+    i = np.arange(calls, dtype=np.float64)
+    return 1.0 - ((i / calls < start) | ((i + 1) / calls > end)).astype(np.float64)
 
 
 # ---- a micro-batch -------------------------------------------------------------------------------
@@ -228,8 +230,7 @@ class ControlBatch:
         table = np.zeros((calls, k, size), dtype=np.float32)
         for row, i in enumerate(indices):
             for j in range(k):
-                for call in range(calls):
-                    table[call, j, row] = req.scales[i][j] * keep(call, calls, req.starts[i][j], req.ends[i][j])
+                table[:, j, row] = req.scales[i][j] * keeps(calls, req.starts[i][j], req.ends[i][j])
         scales = torch.from_numpy(table)
         if guided:
             scales = torch.cat([scales, scales], dim=2)
@@ -268,4 +269,4 @@ def controlnet_residuals(stack, x: torch.Tensor, t: torch.Tensor, cond) -> dict[
 
 
 __all__ = ["CONTROL_SETTINGS", "attach_controlnets", "check_control", "controlnet_residuals", "ControlBatch",
-           "ControlRequest", "control_pixels", "keep"]
+           "ControlRequest", "control_pixels", "keeps"]

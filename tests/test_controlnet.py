@@ -196,3 +196,12 @@ def test_controlnets_load_from_s3(tiny_sd1, nets, s3_server, s3_bucket, one):
     assert (load_pipeline(tiny_sd1, device="cpu", dtype=torch.float32, storage_config=cfg,
                           controlnets=[f"s3://{s3_bucket}/cn/folder"]).model_info["controlnets"][0]["sha256"]
             == one.model_info["controlnets"][0]["sha256"])
+
+
+def test_keep_table_is_diffusers_controlnet_keep():
+    from batchgen.control import keeps
+
+    for calls in (1, 3, 7, 9, 20):  # 9: Heun's 2 x 5 - 1 calls
+        for start, end in ((0.0, 1.0), (0.2, 0.7), (1 / 3, 0.9), (0.0, 0.1)):
+            want = [1.0 - float(i / calls < start or (i + 1) / calls > end) for i in range(calls)]
+            assert list(keeps(calls, start, end)) == want
