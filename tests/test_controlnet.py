@@ -81,7 +81,8 @@ def test_bad_control_requests_name_the_argument_and_item(one, kwargs, message):
 def test_several_controlnets_take_a_list_per_item_and_per_net_values(two):
     with pytest.raises(ValueError, match=r"control_images\[0\]: expected a list of 2 images \(one per ControlNet\)"):
         two.validate(["a"], [0], control_images=[IMG], **ARGS)
-    with pytest.raises(ValueError, match=r"controlnet_conditioning_scale\[1\]: expected 2 values \(one per ControlNet\)"):
+    with pytest.raises(ValueError,
+                       match=r"controlnet_conditioning_scale\[1\]: expected 2 values \(one per ControlNet\)"):
         two.validate(["a", "b", "c"], [0, 1, 2], control_images=[[IMG, IMG]] * 3,
                      controlnet_conditioning_scale=[1.0, [1.0, 2.0, 3.0], 1.0], **ARGS)
     req = two.validate(["a", "b", "c"], [0, 1, 2], control_images=[[IMG, IMG]] * 3,
