@@ -129,7 +129,8 @@ SETTINGS: tuple[Setting, ...] = (
             "[word], BREAK and prompts over 75 tokens in 75-token chunks, as the A1111 webui computes them",
             group=True, families=("sd", "sdxl"), choices=("plain", "a1111")),
     Setting("controlnet_conditioning_scale", "float", None, "ControlNet: how strongly the control image steers "
-            "(when a ControlNet is loaded: 1, img2img 0.8 as in diffusers; several ControlNets: one value each)", lo=0, hi=10),
+            "(when a ControlNet is loaded: 1, img2img 0.8 as in diffusers; several ControlNets: one value each)",
+            lo=0, hi=10),
     Setting("control_guidance_start", "float", None, "ControlNet: fraction of the model calls after which it "
             "starts acting (0 when a ControlNet is loaded)", lo=0, hi=1),
     Setting("control_guidance_end", "float", None, "ControlNet: fraction of the model calls after which it "

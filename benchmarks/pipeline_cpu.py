@@ -1,11 +1,13 @@
 """images/s of batchgen's pipeline vs diffusers on the same tiny checkpoint and settings (CPU, fp32).
 
     python benchmarks/pipeline_cpu.py [--variant sd1] [--images 16] [--batch 4] [--steps 20] [--size 128]
-                                      [--sampler NAME]
+                                      [--sampler NAME] [--controlnet]
 
 Prints both throughputs and their ratio (batchgen / diffusers), plus the max pixel difference.
 Every tiny variant (``make-tiny-model --variant``) with an entry in REFERENCES can be measured:
-the entry names the diffusers pipeline class and how to call it.
+the entry names the diffusers pipeline class and how to call it. ``--controlnet`` (sd1, sdxl) adds
+the variant's tiny ControlNet and one control image per item on both sides (diffusers'
+``StableDiffusion(XL)ControlNetPipeline``).
 """
 
 from __future__ import annotations
@@ -43,6 +45,12 @@ def _call_dit(pipe, prompts, generators, args):
                 output_type="np").images
 
 
+def _call_control(pipe, prompts, generators, args):
+    """A ControlNet pipeline: the batch's control images as PIL images, as a user passes them."""
+    return pipe(prompts, image=args.control_images[args.batch_slice], num_inference_steps=args.steps,
+                width=args.size, height=args.size, generator=generators, output_type="np").images
+
+
 def _text_prompts(n):
     return [f"benchmark prompt number {i}, a detailed painting" for i in range(n)]
 
@@ -65,6 +73,8 @@ REFERENCES = {
     "flux-dev": ("FluxPipeline", _call_flux(512), "flow_euler"),
 }
 
+CONTROLNET_PIPELINES = {"sd1": "StableDiffusionControlNetPipeline", "sdxl": "StableDiffusionXLControlNetPipeline"}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -76,7 +86,10 @@ def main() -> None:
                         help="default: the variant's own scheduler")
     parser.add_argument("--variant", default="sd1", choices=sorted(REFERENCES))
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats; the best is reported")
+    parser.add_argument("--controlnet", action="store_true", help="sd1, sdxl: with a tiny ControlNet")
     args = parser.parse_args()
+    if args.controlnet and args.variant not in CONTROLNET_PIPELINES:
+        parser.error(f"--controlnet: for {', '.join(CONTROLNET_PIPELINES)} only")
 
     import diffusers
 
@@ -91,24 +104,39 @@ def main() -> None:
     seeds = list(range(args.images))
 
     args.sampler = args.sampler or default_sampler
-    ours = load_pipeline(path, device="cpu", dtype=torch.float32)
+    control = {}
+    if args.controlnet:
+        from PIL import Image
+
+        from batchgen.tiny.controlnet import write_controlnet
+
+        net = write_controlnet(path.parent / "controlnet", args.variant, seed=0)
+        ref_class, call = CONTROLNET_PIPELINES[args.variant], _call_control
+        control = {"controlnets": [str(net)], "model": diffusers.ControlNetModel.from_pretrained(str(net))}
+        edges = np.zeros((args.size or 128, args.size or 128, 3), dtype=np.uint8)
+        edges[::8] = 255
+        args.control_images = [Image.fromarray(np.roll(edges, i, axis=0)) for i in range(args.images)]
+    ours = load_pipeline(path, device="cpu", dtype=torch.float32, controlnets=control.get("controlnets"))
     if options.get("fixed_size"):
         if args.size not in (None, ours.default_size[0]):
             parser.error(f"--size: tiny {args.variant} renders {ours.default_size[0]} px only")
         args.size = ours.default_size[0]
     args.size = args.size or 128
-    ref = getattr(diffusers, ref_class).from_pretrained(str(path), local_files_only=True)
+    extra_parts = {"controlnet": control["model"]} if control else {}
+    ref = getattr(diffusers, ref_class).from_pretrained(str(path), local_files_only=True, **extra_parts)
     ref.scheduler = getattr(diffusers, REF_SCHEDULERS[args.sampler]).from_config(ref.scheduler.config)
     ref.set_progress_bar_config(disable=True)
 
     def run_ours():
+        images = {"control_images": args.control_images} if control else {}
         return ours.generate(prompts, seeds, sampler=args.sampler, steps=args.steps, width=args.size,
-                             height=args.size, micro_batch=args.batch)
+                             height=args.size, micro_batch=args.batch, **images)
 
     def run_ref():
         out = []
         for i in range(0, args.images, args.batch):
             gens = [torch.Generator().manual_seed(s) for s in seeds[i:i + args.batch]]
+            args.batch_slice = slice(i, i + args.batch)
             imgs = call(ref, prompts[i:i + args.batch], gens, args)
             out.extend((im * 255).round().astype(np.uint8) for im in imgs)
         return out
@@ -129,7 +157,8 @@ def main() -> None:
     rate_ref, rate_ours = args.images / min(times_ref), args.images / min(times_ours)
     diff = max(int(np.abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(imgs_ours, imgs_ref))
     print(f"settings: {args.images} images, {args.size}x{args.size}, {args.steps} steps, {args.sampler}, "
-          f"micro-batch {args.batch}, tiny {args.variant}, torch threads {torch.get_num_threads()}")
+          f"micro-batch {args.batch}, tiny {args.variant}{' + ControlNet' if control else ''}, "
+          f"torch threads {torch.get_num_threads()}")
     print(f"diffusers: {rate_ref:.2f} images/s")
     print(f"batchgen:  {rate_ours:.2f} images/s")
     print(f"ratio batchgen/diffusers: {rate_ours / rate_ref:.3f}")

@@ -81,7 +81,8 @@ def test_bad_control_requests_name_the_argument_and_item(one, kwargs, message):
 def test_several_controlnets_take_a_list_per_item_and_per_net_values(two):
     with pytest.raises(ValueError, match=r"control_images\[0\]: expected a list of 2 images \(one per ControlNet\)"):
         two.validate(["a"], [0], control_images=[IMG], **ARGS)
-    with pytest.raises(ValueError, match=r"controlnet_conditioning_scale\[1\]: expected 2 values \(one per ControlNet\)"):
+    with pytest.raises(ValueError,
+                       match=r"controlnet_conditioning_scale\[1\]: expected 2 values \(one per ControlNet\)"):
         two.validate(["a", "b", "c"], [0, 1, 2], control_images=[[IMG, IMG]] * 3,
                      controlnet_conditioning_scale=[1.0, [1.0, 2.0, 3.0], 1.0], **ARGS)
     req = two.validate(["a", "b", "c"], [0, 1, 2], control_images=[[IMG, IMG]] * 3,
@@ -196,3 +197,44 @@ def test_controlnets_load_from_s3(tiny_sd1, nets, s3_server, s3_bucket, one):
     assert (load_pipeline(tiny_sd1, device="cpu", dtype=torch.float32, storage_config=cfg,
                           controlnets=[f"s3://{s3_bucket}/cn/folder"]).model_info["controlnets"][0]["sha256"]
             == one.model_info["controlnets"][0]["sha256"])
+
+
+def test_keep_table_is_diffusers_controlnet_keep():
+    from batchgen.control import keeps
+
+    for calls in (1, 3, 7, 9, 20):  # 9: Heun's 2 x 5 - 1 calls
+        for start, end in ((0.0, 1.0), (0.2, 0.7), (1 / 3, 0.9), (0.0, 0.1)):
+            want = [1.0 - float(i / calls < start or (i + 1) / calls > end) for i in range(calls)]
+            assert list(keeps(calls, start, end)) == want
+
+
+@pytest.mark.parametrize("base, extra", [("sd1", {}), ("sd2", {"controlnet_conditioning_channel_order": "bgr"}),
+                                         ("sdxl", {}), ("sdxl", {"mid_block_type": "UNetMidBlock2D"})])
+def test_controlnet_module_equals_diffusers(base, extra):
+    """Module level: diffusers' ControlNetModel and ours with the same (perturbed) weights give the
+    same residuals, exactly; a per-row scale equals diffusers' scalar scale row by row."""
+    diffusers = pytest.importorskip("diffusers")
+    from batchgen.models.controlnet import ControlNetModel
+    from batchgen.tiny.controlnet import controlnet_config
+    from tests.module_parity import max_diff, module_pair
+
+    config = {**controlnet_config(base), **extra}
+    ref, ours = module_pair(diffusers.ControlNetModel, ControlNetModel, config, seed=3)
+    assert sorted(ref.state_dict()) == sorted(ours.state_dict())
+    gen = torch.Generator().manual_seed(0)
+    x, image = torch.randn(2, 4, 8, 8, generator=gen), torch.rand(2, 3, 64, 64, generator=gen)
+    context = torch.randn(2, 7, config["cross_attention_dim"], generator=gen)
+    added, ref_added = {}, {}
+    if config.get("addition_embed_type"):
+        added = {"text_embeds": torch.randn(2, 32, generator=gen),
+                 "time_ids": torch.tensor([[64.0, 48, 0, 0, 64, 48]] * 2)}
+        ref_added = {"added_cond_kwargs": added}
+    with torch.no_grad():
+        down_ref, mid_ref = ref(x, torch.tensor(501.0), context, image, conditioning_scale=0.7, return_dict=False,
+                                **ref_added)
+        down, mid = ours(x, torch.tensor(501.0), context, image, conditioning_scale=0.7, **added)
+        down_rows, mid_rows = ours(x, torch.tensor(501.0), context, image,
+                                   conditioning_scale=torch.tensor([0.7, 0.7]), **added)
+    assert len(down) == len(down_ref)
+    assert max(max_diff(a, b) for a, b in zip(down, down_ref)) == 0 and max_diff(mid, mid_ref) == 0
+    assert all(torch.equal(a, b) for a, b in zip(down, down_rows)) and torch.equal(mid, mid_rows)

@@ -197,3 +197,28 @@ def test_single_file_renders_equal_to_its_folder(tiny_sd1, nets, ours, tmp_path)
         assert info["format"] == layout and len(info["sha256"]) == 64
         got = pipe.generate(PROMPTS[:2], SEEDS[:2], **kwargs)
         assert all(np.array_equal(x, y) for x, y in zip(got, folder)), name
+
+
+def test_sd2_controlnet_single_file_matches_diffusers(tiny_sd2, tmp_path):
+    """SD 2.x (v-prediction, linear projections, upcast attention, per-block heads): a single file in
+    the original layout, whose config is read off its shapes and the UNet, against diffusers'
+    pipeline with the ControlNet folder."""
+    from PIL import Image
+
+    from batchgen.tiny.controlnet import write_controlnet, write_ldm_single_file
+
+    folder = write_controlnet(tmp_path / "cn-sd2", "sd2", 3)
+    single = write_ldm_single_file(folder, tmp_path / "control_sd21_tiny.safetensors")
+    ours = load_pipeline(tiny_sd2, device="cpu", dtype=torch.float32, controlnets=[str(single)])
+    ref = diffusers.StableDiffusionControlNetPipeline.from_pretrained(
+        str(tiny_sd2), controlnet=aligned_module(diffusers.ControlNetModel.from_pretrained(str(folder))),
+        safety_checker=None, requires_safety_checker=False, local_files_only=True)
+    ref.set_progress_bar_config(disable=True)
+    ref.scheduler = diffusers.DDIMScheduler.from_config(ref.scheduler.config)
+    images = control_images(2, seed=8)
+    expected = ref(PROMPTS[:2], negative_prompt=NEGATIVES[:2], image=[Image.fromarray(i) for i in images],
+                   num_inference_steps=STEPS, width=SIZE, height=SIZE, output_type="np",
+                   generator=[torch.Generator().manual_seed(s) for s in SEEDS[:2]]).images
+    got = ours.generate(PROMPTS[:2], SEEDS[:2], negative_prompts=NEGATIVES[:2], sampler="ddim", steps=STEPS,
+                        width=SIZE, height=SIZE, control_images=images)
+    assert _levels(got, expected) <= 1

@@ -215,11 +215,14 @@ def describe(config: dict) -> str:
 def check_controlnet_fits(config: dict, unet_config: dict, latent_channels: int, where: str) -> None:
     """CheckpointError naming ``where`` unless a ControlNet of (resolved) ``config`` can condition a
     UNet of (resolved) ``unet_config``: its residuals must match the UNet's skips one to one."""
-    def first(value):
-        return value[0] if isinstance(value, (list, tuple)) and len(set(value)) == 1 else value
+    def first(value):  # a per-block list of one value == that value; lists and tuples alike
+        if isinstance(value, (list, tuple)):
+            return value[0] if len(set(value)) == 1 else list(value)
+        return value
 
     problems = []
-    for key in ("cross_attention_dim", "block_out_channels", "layers_per_block", "projection_class_embeddings_input_dim"):
+    for key in ("cross_attention_dim", "block_out_channels", "layers_per_block",
+                "projection_class_embeddings_input_dim"):
         mine, theirs = first(config.get(key)), first(unet_config.get(key))
         if mine != theirs:
             problems.append(f"{key} {mine!r} (the model's UNet has {theirs!r})")

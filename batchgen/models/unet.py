@@ -530,7 +530,8 @@ class TimeConditioning:
         missing = [name for name, v in (("text_embeds", text_embeds), ("time_ids", time_ids)) if v is None]
         if missing:
             raise ValueError(
-                f"{' and '.join(missing)} missing: this {self.kind}'s config has addition_embed_type 'text_time' (SDXL), "
+                f"{' and '.join(missing)} missing: this {self.kind}'s config has addition_embed_type 'text_time' "
+                "(SDXL), "
                 "so forward needs text_embeds (B, pooled_dim), the pooled text embedding, and time_ids (B, n), "
                 "the micro-conditioning numbers (6 for the base, 5 for the refiner)"
             )

@@ -12,8 +12,8 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-# ControlNet variant -> the tiny UNet preset it copies.
-BASES = ("sd1", "sdxl")
+# The tiny UNet presets a ControlNet can copy (sd2: not a builtin; tests use it).
+BASES = ("sd1", "sd2", "sdxl")
 _SHARED = ("in_channels", "down_block_types", "block_out_channels", "layers_per_block", "cross_attention_dim",
            "attention_head_dim", "norm_num_groups", "norm_eps", "act_fn", "flip_sin_to_cos", "freq_shift",
            "use_linear_projection", "upcast_attention", "transformer_layers_per_block", "addition_embed_type",
@@ -24,12 +24,12 @@ EMBEDDING_CHANNELS = [8, 8, 16, 16]
 
 def controlnet_config(base: str) -> dict:
     """The tiny ControlNet config for the tiny ``base`` (sd1 or sdxl) UNet."""
-    from ..models import UNET_SD1_TINY
+    from ..models import UNET_SD1_TINY, UNET_SD2_TINY
     from ..models.unet import UNET_SDXL_TINY
 
     if base not in BASES:
         raise ValueError(f"base: expected one of {', '.join(BASES)}, got {base!r}")
-    unet = UNET_SD1_TINY if base == "sd1" else UNET_SDXL_TINY
+    unet = {"sd1": UNET_SD1_TINY, "sd2": UNET_SD2_TINY, "sdxl": UNET_SDXL_TINY}[base]
     config = {"_class_name": "ControlNetModel", "_diffusers_version": "0.42.1"}
     config.update({k: copy.deepcopy(unet[k]) for k in _SHARED if k in unet})
     config["conditioning_channels"] = 3
