@@ -196,3 +196,31 @@ def test_conditioned_jobs_from_s3(tmp_path, s3_server, s3_bucket, ray_local, bui
     assert rows["o0"]["mask_image"] is None and rows["o0"]["strength"] == 1.0
     data, _ = rerender_item(str(out2), "m1", s3_server)
     assert data == (out2 / "images" / "m1.png").read_bytes()
+
+
+def test_controlnet_synthetic_walkthrough(tmp_path, ray_local, monkeypatch):
+    """jobs/controlnet_synthetic.yaml: source images -> Canny -> 4 variations each -> WebDataset with
+    the source label and the control image."""
+    import runpy
+
+    import yaml
+
+    from batchgen.export import export_output
+
+    repo = Path(__file__).resolve().parent.parent
+    make_input = runpy.run_path(str(repo / "jobs" / "controlnet" / "make_input.py"))["make_input"]
+    for label in ("cat", "dog"):
+        (tmp_path / "src" / label).mkdir(parents=True)
+        for i in range(2):
+            _png(tmp_path / "src" / label / f"{i}.png", size=(96, 96), seed=hash(label) % 100 + i)
+    monkeypatch.chdir(tmp_path)
+    assert make_input(tmp_path / "src", "out/controlnet/input.parquet") == 4
+    spec = yaml.safe_load((repo / "jobs" / "controlnet_synthetic.yaml").read_text())
+    result = run_job(spec_from_dict(spec))
+    assert result.all_ok and result.total == 16
+    export_output("out/controlnet/render", "webdataset", "out/controlnet/wds", with_conditioning=True)
+    with tarfile.open("out/controlnet/wds/000000.tar") as tar:
+        names = tar.getnames()
+        sample = json.loads(tar.extractfile("cat-0-3.json").read())
+    assert {"cat-0-3.png", "cat-0-3.control.png", "dog-1-0.control.png"} <= set(names)
+    assert sample["class_name"] == "cat" and sample["control_preprocess"] == "canny" and sample["source"] == "0.png"

@@ -260,14 +260,14 @@ def check_controlnets(spec, model, cfg) -> dict[str, str]:
     return hashes
 
 
-def verify_controlnets(info: list[dict], expected: dict[str, str]) -> None:
-    """A worker's loaded ControlNets (``model_info["controlnets"]``) must be the bytes the
-    pre-flight digested; FileChanged naming the file otherwise."""
+def verify_digests(info: list[dict], expected: dict[str, str], what: str) -> None:
+    """A worker's loaded files (``[{"uri", "sha256"}]``: its LoRAs, ``model_info["controlnets"]``)
+    must be the bytes the pre-flight digested; FileChanged naming the file otherwise."""
     for item in info or []:
         want = expected.get(item["uri"])
         if want is not None and item.get("sha256") != want:
             raise FileChanged(
-                f"ControlNet {item['uri']} changed since the pre-flight (sha256 {want[:12]} in job.json, the worker "
+                f"{what} {item['uri']} changed since the pre-flight (sha256 {want[:12]} in job.json, the worker "
                 f"read {str(item.get('sha256'))[:12]}); restore the file and run the same command again to resume, "
                 "or start over with --overwrite")
 
@@ -345,4 +345,4 @@ class ConditionFiles:
 
 __all__ = ["FILE_COLUMNS", "FileChanged", "ConditionFiles", "RowInputs", "check_changed", "check_controlnets", "conditioning_pngs",
            "control_uris", "image_header", "load_conditions", "open_header", "read_image", "recorded_digests",
-           "verify_controlnets"]
+           "verify_digests"]

@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 
 from ..nullmodel import NullRenderer, is_null_model
 from ..columns import CONDITION_SHA
-from .conditioning import FileChanged, _TooLarge, load_conditions, open_header, read_image, verify_controlnets  # noqa: F401
+from .conditioning import FileChanged, _TooLarge, load_conditions, open_header, read_image, verify_digests  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ class GeneratorActor:
         self.nets = len(self.renderer.model_info.get("controlnets") or [])
         self.load_error = None  # a ControlNet whose bytes changed: every item fails, naming it
         try:
-            verify_controlnets(self.renderer.model_info.get("controlnets"), dict(controlnet_sha256 or {}))
+            verify_digests(self.renderer.model_info.get("controlnets"), dict(controlnet_sha256 or {}), "ControlNet")
         except FileChanged as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
         self.job_loras = json.dumps([{"uri": x["uri"], "scale": float(x.get("scale", 1.0))}
@@ -399,13 +399,7 @@ def check_lora_digests(applied: list[dict], expected: dict[str, str]) -> None:
     """Every LoRA a worker fused must be the bytes the pre-flight read (``expected``: uri -> sha256,
     as job.json records it): a file replaced while the job runs would otherwise mix versions in
     one output. Raised before anything is rendered with it: the group's items fail, naming the file."""
-    for item in applied:
-        want = expected.get(item["uri"])
-        if want is not None and item.get("sha256") != want:
-            raise FileChanged(
-                f"LoRA {item['uri']} changed since the pre-flight (sha256 {want[:12]} in job.json, the worker read "
-                f"{str(item.get('sha256'))[:12]}); restore the file and run the same command again to resume, or "
-                "start over with --overwrite")
+    verify_digests(applied, expected, "LoRA")
 
 
 class EncodeAndStore:
