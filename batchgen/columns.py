@@ -15,6 +15,16 @@ ROW_HEAD = [("item_id", pa.string()), ("source_file", pa.string()), ("source_row
             ("image_index", pa.int32()), ("prompt", pa.string())]
 
 
+# Conditioning columns of an input row beside the settings table (the job reads these files and
+# derives control images; generate() takes images, not URIs): see batchgen.job.conditioning.
+# ``control_image`` is one URI, or a JSON list of URIs with several ControlNets.
+CONDITION_ROW = [("control_image", pa.string()), ("mask_image", pa.string()), ("control_preprocess", pa.string()),
+                 ("canny_low", pa.int32()), ("canny_high", pa.int32())]
+# The sha256 of each conditioning file as the worker read it (several control images: a JSON list).
+CONDITION_SHA = [("init_image_sha256", pa.string()), ("control_image_sha256", pa.string()),
+                 ("mask_image_sha256", pa.string())]
+
+
 def setting_type(setting) -> pa.DataType:
     """The Arrow type a setting has in rows and the manifest."""
     if setting.type == "str":
@@ -31,6 +41,7 @@ def manifest_schema(passthrough: pa.Schema | list | None = None) -> pa.Schema:
     from .settings import ROW_SETTINGS
 
     fields = list(ROW_HEAD) + [(s.name, setting_type(s)) for s in ROW_SETTINGS]
+    fields += CONDITION_ROW + CONDITION_SHA
     fields += [
         ("sampler", pa.string()),
         ("sampler_options", pa.string()),

@@ -162,6 +162,22 @@ def differing_settings(b: dict, c: dict, ignore) -> dict:
     return out
 
 
+# Conditioning files an item was rendered from (a column of URIs -> the column of their sha256).
+CONDITIONING_DIGESTS = {"control_image": "control_image_sha256", "mask_image": "mask_image_sha256",
+                        "init_image": "init_image_sha256"}
+
+
+def conditioning_note(b: dict, c: dict) -> str:
+    """Names every conditioning file whose bytes differ between the two renders (its sha256
+    changed), also when the generated pixels are equal: "" when none did."""
+    notes = []
+    for column, sha in CONDITIONING_DIGESTS.items():
+        bs, cs = b.get(sha), c.get(sha)
+        if bs and cs and bs != cs:
+            notes.append(f"{column} {c.get(column) or b.get(column)} changed (sha256 {bs[:12]} -> {cs[:12]})")
+    return "; ".join(notes)
+
+
 def _job_settings(out) -> dict | None:
     """An output's recorded spec settings (job.json ``digest_fields``), or None when it has none."""
     try:
@@ -219,7 +235,7 @@ def _score_pair(job) -> ItemResult:
     from .metrics import image_metrics
 
     res, b_loc, c_loc, b_sha, c_sha, thresholds = job
-    notes = []
+    notes = [res.note] if res.note else []  # a changed conditioning file, named already
     try:
         b_bytes, c_bytes = b_loc.read_bytes(), c_loc.read_bytes()
         for name, data, sha in (("baseline", b_bytes, b_sha), ("candidate", c_bytes, c_sha)):
@@ -238,9 +254,9 @@ def _score_pair(job) -> ItemResult:
         m = image_metrics(a, b)
         res.max_abs_diff, res.psnr, res.ssim = m["max_abs_diff"], m["psnr"], m["ssim"]
         fails = thresholds.failures(m)
-        res.status = "changed" if fails or notes else "within_tolerance"
+        res.status = "changed" if fails or len(notes) > bool(res.note) else "within_tolerance"
         notes.extend(fails)
-        if m["max_abs_diff"] == 0 and not notes:
+        if m["max_abs_diff"] == 0 and len(notes) == bool(res.note) and not fails:
             notes.append("metadata only: every pixel is identical, the image files' embedded metadata differs")
     res.note = "; ".join(notes)
     return res
@@ -273,7 +289,7 @@ def compare_outputs(
     def record(res: ItemResult):
         nonlocal seen
         counts[res.status] += 1
-        if res.status != "identical":
+        if res.status != "identical" or res.note:
             items.append(res)
         for col in res.settings:
             settings_differ[col] = settings_differ.get(col, 0) + 1
@@ -296,6 +312,7 @@ def compare_outputs(
             res = ItemResult(item_id=item_id, status="identical", prompt=(b or c).get("prompt"))
             if b is not None and c is not None:
                 res.settings = differing_settings(b, c, ignore_settings)
+                res.note = conditioning_note(b, c)
             if b_ok and c_ok:
                 if b.get("image_sha256") and b.get("image_sha256") == c.get("image_sha256"):
                     record(res)  # identical bytes: the images are not read

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .errors import InputError, StorageError
-from .columns import LABEL_COLUMNS, ROW_HEAD, reserved_name_error, setting_type  # noqa: F401
+from .columns import CONDITION_ROW, LABEL_COLUMNS, ROW_HEAD, reserved_name_error, setting_type  # noqa: F401
 from .noise import SEED_LIMIT, derive_seed
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def row_schema(passthrough: dict[str, pa.DataType] | None = None) -> pa.Schema:
     """Normalized rows: head, one column per row setting, loras, group, then passthrough columns."""
     from .settings import ROW_SETTINGS
 
-    fields = ROW_HEAD + [(s.name, setting_type(s)) for s in ROW_SETTINGS]
+    fields = ROW_HEAD + [(s.name, setting_type(s)) for s in ROW_SETTINGS] + CONDITION_ROW
     fields += [("loras", pa.string()), ("group", pa.string())]
     fields += list((passthrough or {}).items())
     return pa.schema(fields)
@@ -96,6 +96,8 @@ def row_settings(spec, resolved: dict[str, Any] | None = None) -> dict[str, Any]
         "images_per_prompt": spec.sampling.images_per_prompt,
         "family": resolved.get("family"),
         "loras": canonical_loras([lora.model_dump() for lora in spec.model.loras]),
+        "controlnets": len(spec.model.controlnets),
+        "strength_set": "strength" in spec.sampling.model_fields_set,
         "values": {s.name: values.get(s.name, getattr(spec.sampling, s.name) if s.spec else None)
                    for s in ROW_SETTINGS},
         "passthrough": {name: str(typ) for name, typ in (resolved.get("passthrough") or {}).items()},
@@ -281,7 +283,7 @@ def int_columns() -> list[str]:
     """The input columns read as integers: integer settings and ``n``."""
     from .settings import ROW_SETTINGS
 
-    return [s.name for s in ROW_SETTINGS if s.type == "int"] + ["n"]
+    return [s.name for s in ROW_SETTINGS if s.type == "int"] + ["canny_low", "canny_high", "n"]
 
 
 def normalize_batch(
@@ -335,16 +337,19 @@ def normalize_batch(
                  for s, i in zip(cols["seed"].to_pylist(), ids.to_pylist())]
         cols["seed"] = pa.array(seeds, pa.int64())
     img2img = pc.is_valid(cols["init_image"])
+    cond, kinds = _conditioning(table, file_uri, first_row, settings, cols)
     cols["strength"] = pc.if_else(img2img, cols["strength"], pa.scalar(None, pa.float64()))
     loras = _loras(table, file_uri, first_row, settings, n)
     group_parts = [_key_text(cols[s.name]) for s in ROW_SETTINGS if s.group and not s.img2img]
     group_parts.append(pc.if_else(img2img, _key_text(cols["strength"]), pa.scalar("txt2img")))
+    group_parts.append(kinds)
     group_parts.append(loras)
     group = pc.binary_join_element_wise(*group_parts, "|")
 
     columns = {"item_id": ids, "source_file": pa.array([file_uri] * n, pa.string()), "source_row": rows,
                "image_index": pa.array([0] * n, pa.int32()), "prompt": prompt}
     columns.update({s.name: cols[s.name] for s in ROW_SETTINGS})
+    columns.update(cond)
     columns.update(loras=loras, group=group)
     passthrough = {name: pa.type_for_alias(typ) if isinstance(typ, str) else typ
                    for name, typ in settings.get("passthrough", {}).items()}
@@ -353,6 +358,90 @@ def normalize_batch(
     schema = row_schema(passthrough)
     out = pa.table({f.name: _cast(columns[f.name], f.type) for f in schema}, schema=schema)
     return _expand(out, table, file_uri, first_row, settings)
+
+
+def _conditioning(table: pa.Table, file_uri: str, first_row: int, settings: dict,
+                  cols: dict[str, pa.Array]) -> tuple[dict[str, pa.Array], pa.Array]:
+    """The conditioning columns of a slice (``control_image`` canonical: one URI, or a compact JSON
+    list with several ControlNets) and each row's model-call kind for the group key (mask,
+    outpaint, control), checked against the spec's ControlNets; errors name file, row and column.
+    Inpainting rows (mask or outpaint_*) without a strength of their own start from pure noise
+    (strength 1.0, diffusers' inpainting default) unless the spec sets sampling.strength."""
+    import json
+
+    from .canny import DEFAULT_HIGH, DEFAULT_LOW, MAX_THRESHOLD, PREPROCESSORS
+    from .outpaint import OUTPAINT_SETTINGS
+
+    n = table.num_rows
+    nets = int(settings.get("controlnets") or 0)
+    raw = {name: _column(table, name, "int" if typ == pa.int32() else "string", file_uri, first_row)
+           for name, typ in CONDITION_ROW}
+    raw = {name: (col.to_pylist() if col is not None else [None] * n) for name, col in raw.items()}
+    init = cols["init_image"].to_pylist()
+    outpaint = [any(v is not None for v in vals) for vals in zip(*(cols[k].to_pylist() for k in OUTPAINT_SETTINGS))]
+    strength_col = _column(table, "strength", "float", file_uri, first_row)
+    own_strength = strength_col.to_pylist() if strength_col is not None else [None] * n
+    strength = cols["strength"].to_pylist()
+    control, kinds = [], []
+    for i in range(n):
+        row = first_row + i
+
+        def fail(column: str, message: str) -> InputError:
+            return _fail(file_uri, row, column, message)
+
+        value, mask, pre = raw["control_image"][i], raw["mask_image"][i], raw["control_preprocess"][i]
+        low, high = raw["canny_low"][i], raw["canny_high"][i]
+        if value is not None:
+            text = value.strip()
+            if text.startswith("["):
+                try:
+                    uris = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    raise fail("control_image", f"not a JSON list of URIs ({exc.msg} at character {exc.pos})") from None
+            else:
+                uris = [text]
+            if not isinstance(uris, list) or not uris or not all(isinstance(u, str) and u.strip() for u in uris):
+                raise fail("control_image", f"expected a URI or a JSON list of URIs, got {value!r}")
+            if nets == 0:
+                raise fail("control_image", "the row has a control image but the spec's model has no controlnets: "
+                                            "add model.controlnets, or leave the column empty")
+            if len(uris) != nets:
+                raise fail("control_image", f"{len(uris)} control image(s) for {nets} ControlNet(s) in "
+                                            f"model.controlnets: give one per ControlNet"
+                                            + (" as a JSON list" if nets > 1 else ""))
+            value = uris[0] if nets == 1 else json.dumps(uris, separators=(",", ":"))
+        elif nets:
+            raise fail("control_image", f"model.controlnets has {nets} ControlNet(s): every row needs a control "
+                                        f"image (a URI{', or a JSON list of one per ControlNet' if nets > 1 else ''})")
+        if pre is not None:
+            if pre not in PREPROCESSORS:
+                raise fail("control_preprocess", f"{pre!r} is not one of {', '.join(PREPROCESSORS)}")
+            if value is None:
+                raise fail("control_preprocess", "needs a control_image (the source image the control image is "
+                                                 "derived from)")
+            low = DEFAULT_LOW if low is None else low
+            high = DEFAULT_HIGH if high is None else high
+            for name, t in (("canny_low", low), ("canny_high", high)):
+                if not 0 <= t <= MAX_THRESHOLD:
+                    raise fail(name, f"{t} must be in [0, {MAX_THRESHOLD}]")
+            if low > high:
+                raise fail("canny_low", f"{low} is above canny_high {high}")
+        elif low is not None or high is not None:
+            raise fail("canny_low" if low is not None else "canny_high",
+                       "a Canny threshold needs control_preprocess: canny in the same row")
+        if mask is not None and init[i] is None:
+            raise fail("mask_image", "a mask needs an init_image in the same row (the image to repaint)")
+        inpaint = mask is not None or outpaint[i]
+        if inpaint and init[i] is not None and own_strength[i] is None and not settings.get("strength_set"):
+            strength[i] = 1.0
+        control.append(value)
+        raw["canny_low"][i], raw["canny_high"][i] = low, high
+        kinds.append("+".join(k for k, on in (("mask", mask is not None), ("outpaint", outpaint[i]),
+                                               ("control", value is not None)) if on) or "plain")
+    cols["strength"] = pa.array(strength, pa.float64())
+    out = {name: pa.array(raw[name], typ) for name, typ in CONDITION_ROW}
+    out["control_image"] = pa.array(control, pa.string())
+    return out, pa.array(kinds, pa.string())
 
 
 def _ids(table: pa.Table, file_uri: str, rel: str, first_row: int, settings: dict) -> pa.Array:
@@ -668,7 +757,7 @@ def _duplicate_message(key: str, first: str, second: str, files: list[InputFile]
 
 
 def scan_inputs(spec, storage_cfg, committed=None, resolved: dict | None = None, check_prompt=None,
-                notes: bool = True) -> ScanResult:
+                notes: bool = True, on_rows=None) -> ScanResult:
     """Streaming pre-flight pass: every file readable, every row valid, item ids unique (the final
     ids: after ``-<k>`` image numbers and positional ids, across files), integer columns written as
     floats named once, the spec settings the input overrides named and counted.
@@ -678,7 +767,8 @@ def scan_inputs(spec, storage_cfg, committed=None, resolved: dict | None = None,
     this input are already done or failed. ``resolved`` carries the pre-flight's model facts
     (family, family defaults); ``check_prompt(prompt) -> message | None`` vets every prompt
     (a DiT model: class names). ``notes=False``: no log lines about the input (a first pass that
-    another pass repeats: the notes come once, with that pass).
+    another pass repeats: the notes come once, with that pass). ``on_rows(rows, file_uri)`` sees
+    every normalized slice (the pre-flight collects the conditioning files there).
     """
     from .storage import Location
 
@@ -719,6 +809,8 @@ def scan_inputs(spec, storage_cfg, committed=None, resolved: dict | None = None,
                     rows = normalize_batch(table, f.uri, f.rel, first, settings)
                     if check_prompt is not None:
                         _check_prompts(rows, check_prompt, f.uri, settings["prompt_column"])
+                    if on_rows is not None:
+                        on_rows(rows, f.uri)
                     ids = rows.column("item_id")
                     dupes.add_rows(rows, fi, expanded)
                     input_rows += table.num_rows

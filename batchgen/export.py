@@ -75,7 +75,7 @@ def sample_key(item_id: str) -> str:
 
 
 PROVENANCE = ("keep", "relative", "drop")
-PROVENANCE_COLUMNS = ("source_file", "image_uri", "init_image", "model_uri", "worker")
+PROVENANCE_COLUMNS = ("source_file", "image_uri", "init_image", "mask_image", "control_image", "model_uri", "worker")
 
 
 @dataclasses.dataclass
@@ -308,9 +308,15 @@ def public_row(row: dict, provenance: str, root_uri: str, inputs: dict[str, str]
     prefix = root_uri.rstrip("/") + "/"
     if uri is not None:
         out["image_uri"] = uri[len(prefix):] if uri.startswith(prefix) else posixpath.basename(uri)
-    for key in ("init_image", "model_uri"):
+    for key in ("init_image", "mask_image", "model_uri"):
         if _is_local_path(row.get(key)):
             out[key] = posixpath.basename(row[key].rstrip("/"))
+    control = row.get("control_image")
+    if isinstance(control, str) and control.startswith("["):
+        out["control_image"] = json.dumps([posixpath.basename(u) if _is_local_path(u) else u
+                                           for u in json.loads(control)], separators=(",", ":"))
+    elif _is_local_path(control):
+        out["control_image"] = posixpath.basename(control.rstrip("/"))
     out["worker"] = None
     return out
 
@@ -398,11 +404,27 @@ def _log_done(sel: Selection, shards: int, t0: float) -> None:
              sel.rows.num_rows, shards, time.monotonic() - t0, sel.failed, sel.filtered)
 
 
+def _conditioning(sel: Selection, row: dict, storage_config) -> dict[str, bytes]:
+    """The conditioning images of one row as PNG bytes by sample extension ({} when none)."""
+    if not (row.get("control_image") or row.get("mask_image")):
+        return {}
+    from .job.conditioning import conditioning_pngs
+
+    limit = ((sel.output.job or {}).get("spec") or {}).get("input", {}).get("max_init_image_pixels")
+    try:
+        return conditioning_pngs(row, storage_config, limit)
+    except (InputError, StorageError, ValueError) as exc:
+        raise InputError(f"item {row['item_id']!r}: its conditioning images cannot be exported: {exc}") from None
+
+
 def export_webdataset(output: str, to: str, shard_size: int = 1000, storage_config=None,
                       overwrite: bool = False, provenance: str = "keep", where: str | None = None,
                       min_score: float | None = None, label_column: str | None = "auto",
-                      label_names_column: str | None = "auto") -> dict:
-    """Write WebDataset shards of a job output's selected ok items; returns the counts."""
+                      label_names_column: str | None = "auto", with_conditioning: bool = False) -> dict:
+    """Write WebDataset shards of a job output's selected ok items; returns the counts.
+    ``with_conditioning``: each conditioned sample also gets the images it was conditioned on,
+    at its size: ``<key>.control.png`` (``control.0.png`` ... with several ControlNets) and
+    ``<key>.mask.png`` (see :func:`batchgen.job.conditioning.conditioning_pngs`)."""
     import pyarrow as pa
 
     from .manifest import EXPORT_FIELDS
@@ -439,6 +461,9 @@ def export_webdataset(output: str, to: str, shard_size: int = 1000, storage_conf
                 if labels is not None:
                     _tar_add(tar, f"{key}.cls", str(int(r[labels.column])).encode("ascii"))
                 _tar_add(tar, f"{key}.txt", (r.get("prompt") or "").encode("utf-8"))
+                if with_conditioning:
+                    for cname, cdata in _conditioning(sel, r, storage_config).items():
+                        _tar_add(tar, f"{key}.{cname}", cdata)
                 _tar_add(tar, f"{key}.json", _json_row(public_row(r, provenance, sel.root.uri, inputs)))
         dest.join(f"{name}.tar").write_bytes(buf.getvalue())
         shard_rows = pa.Table.from_pylist(
@@ -539,14 +564,19 @@ def _check_shard_size(shard_size) -> None:
 def export_output(output: str, fmt: str, to: str, shard_size: int = 1000, storage_config=None,
                   overwrite: bool = False, provenance: str = "keep", where: str | None = None,
                   min_score: float | None = None, label_column: str | None = "auto",
-                  label_names_column: str | None = "auto") -> dict:
+                  label_names_column: str | None = "auto", with_conditioning: bool = False) -> dict:
     """Export a job output in ``fmt`` ("webdataset" or "parquet") to ``to``."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    extra = {}
+    if with_conditioning:
+        if fmt != "webdataset":
+            raise ValueError("with_conditioning: the conditioning images are exported with --format webdataset only")
+        extra["with_conditioning"] = True
     fn = export_webdataset if fmt == "webdataset" else export_parquet
     return fn(output, to, shard_size=shard_size, storage_config=storage_config, overwrite=overwrite,
               provenance=provenance, where=where, min_score=min_score, label_column=label_column,
-              label_names_column=label_names_column)
+              label_names_column=label_names_column, **extra)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -574,6 +604,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label-names-column", default="auto", metavar="NAME",
                         help="class-name column that makes the HF 'label' a ClassLabel (default auto: "
                              "'class_name'; none: a plain integer)")
+    parser.add_argument("--with-conditioning", action="store_true",
+                        help="webdataset: add each conditioned sample's control image (<key>.control.png) and "
+                             "mask (<key>.mask.png) as the model used them, at the image's size")
 
 
 def run(args) -> int:
@@ -583,7 +616,8 @@ def run(args) -> int:
                            storage_config=StorageConfig(endpoint_url=args.endpoint_url),
                            overwrite=args.overwrite, provenance=args.provenance, where=args.where,
                            min_score=args.min_score, label_column=args.label_column,
-                           label_names_column=args.label_names_column)
+                           label_names_column=args.label_names_column,
+                           with_conditioning=getattr(args, "with_conditioning", False))
     print(json.dumps(counts, sort_keys=True))
     return 0
 

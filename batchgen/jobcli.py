@@ -255,7 +255,8 @@ def rerender_item(output: str, item_id: str, endpoint_url: str | None = None) ->
     from .images import encode_image
     from .manifest import image_parameters
     from .outputs import Output
-    from .job.stages import apply_render_env, env_differences, generate_kwargs, load_renderer, read_init_image, render_env
+    from .job.conditioning import load_conditions, recorded_digests
+    from .job.stages import apply_render_env, env_differences, generate_kwargs, load_renderer, render_env
     from .storage import StorageConfig
 
     cfg = StorageConfig(endpoint_url=endpoint_url)
@@ -296,8 +297,16 @@ def rerender_item(output: str, item_id: str, endpoint_url: str | None = None) ->
             print(f"warning: model fingerprint {fp[:12]} differs from the manifest's "
                   f"{row['model_fingerprint'][:12]}", file=sys.stderr)
         limit = spec.get("input", {}).get("max_init_image_pixels")
-        init = [read_init_image(row["init_image"], cfg, limit)] if row["init_image"] else None
+        # the item's conditioning files, read and prepared as the worker did; bytes other than the
+        # manifest's sha256 are refused, naming the file
+        nets = len(renderer.model_info.get("controlnets") or [])
+        got = load_conditions(row, cfg, limit, recorded_digests(row), nets)
+        init = [got.init] if row.get("init_image") else None
         kwargs = generate_kwargs([row], row.get("model_family"))
+        if row.get("mask_image"):
+            kwargs["mask_images"] = [got.mask]
+        if row.get("control_image"):
+            kwargs["control_images"] = [got.control]
         arrays = renderer.generate(
             [row["prompt"]], [row["seed"]], sampler=row["sampler"], init_images=init, micro_batch=row["batch_size"],
             sampler_options=json.loads(row["sampler_options"] or "{}") or None, item_ids=[row["item_id"]],

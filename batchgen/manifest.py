@@ -43,7 +43,8 @@ def image_parameters(row: dict[str, Any]) -> dict[str, Any]:
     fields that decide its pixels (no timings or workers, so any renderer writes the same bytes)."""
     from .settings import SETTINGS
 
-    fields = ("item_id", "prompt", *(s.name for s in SETTINGS), "sampler", "sampler_options", "batch_size",
+    fields = ("item_id", "prompt", *(s.name for s in SETTINGS), "control_image", "mask_image", "control_preprocess",
+              "canny_low", "canny_high", "sampler", "sampler_options", "batch_size",
               "loras", "model_fingerprint", "model_family", "class_name")
     params = {k: row.get(k) for k in fields}
     if params.get("loras") == "[]":

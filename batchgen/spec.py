@@ -73,6 +73,13 @@ class LoraSpec(_Section):
     scale: float = Field(1.0, ge=-10.0, le=10.0, allow_inf_nan=False, description="strength of the LoRA")
 
 
+class ControlNetSpec(_Section):
+    """One ControlNet loaded beside the model (rows then need a ``control_image``)."""
+
+    uri: str = Field(description="a ControlNet folder (config.json + safetensors) or single .safetensors file, "
+                                 "local, s3:// or builtin:")
+
+
 class ModelSpec(_Section):
     """Which checkpoint renders the images, and how it is loaded. The whole block is part of the
     resume digest: any change is a different job."""
@@ -98,13 +105,17 @@ class ModelSpec(_Section):
         None, description="cpu: keep the text encoders in host memory (FLUX on 24 GB GPUs)")
     fp8: list[str] = Field(default_factory=list, description="components stored in float8 e4m3 (e.g. "
                                                              "[transformer]); upcast at each matmul")
+    controlnets: list[ControlNetSpec] = Field(
+        default_factory=list, description="ControlNets (SD 1.x/2.x, SDXL); every row then needs a control_image "
+                                          "(a JSON list of URIs, one per ControlNet, when there are several)")
 
     def load_options(self) -> dict[str, Any]:
         """The keyword arguments of load_pipeline this block stands for (besides uri and dtype)."""
         return {"variant": self.variant, "allow_pickle": self.allow_pickle, "vae": self.vae,
                 "text_encoders": self.text_encoders, "tokenizers": self.tokenizers,
                 "prediction_type": self.prediction_type, "text_encoder_device": self.text_encoder_device,
-                "fp8": tuple(self.fp8), "loras": [lora.model_dump() for lora in self.loras]}
+                "fp8": tuple(self.fp8), "loras": [lora.model_dump() for lora in self.loras],
+                "controlnets": [c.uri for c in self.controlnets]}
 
 
 class _SamplingBase(_Section):

@@ -236,16 +236,14 @@ def check_controlnet_fits(config: dict, unet_config: dict, latent_channels: int,
                               f"this base model")
 
 
-def load_controlnet(source: ControlNetFile, unet_config: dict, latent_channels: int,
-                    dtype: torch.dtype | None = None):
-    """Build and strictly load the ControlNet at ``source`` for a UNet of ``unet_config``."""
-    from ..models.controlnet import ControlNetModel, resolve_controlnet_config
-    from .components import ModelClass
+def controlnet_config(source: ControlNetFile, unet_config: dict, latent_channels: int) -> dict:
+    """The config of the ControlNet at ``source`` (config.json, or read off a single file's header),
+    checked to fit a UNet of ``unet_config``; no weights are read (the job's pre-flight uses it)."""
+    from ..models.controlnet import resolve_controlnet_config
 
     where = str(source.path)
     if source.layout == "diffusers":
         config = source.config
-        state = None
     else:
         header = read_header(source.path)
         shapes = {k: v[1] for k, v in header.items()}
@@ -258,6 +256,17 @@ def load_controlnet(source: ControlNetFile, unet_config: dict, latent_channels: 
     except CheckpointError as exc:
         raise CheckpointError(f"{where}: {exc}") from None
     check_controlnet_fits(resolved, unet_config, latent_channels, where)
+    return config
+
+
+def load_controlnet(source: ControlNetFile, unet_config: dict, latent_channels: int,
+                    dtype: torch.dtype | None = None):
+    """Build and strictly load the ControlNet at ``source`` for a UNet of ``unet_config``."""
+    from ..models.controlnet import ControlNetModel
+    from .components import ModelClass
+
+    where = str(source.path)
+    config = controlnet_config(source, unet_config, latent_channels)
     module = ModelClass(ControlNetModel).checked_build(config, where)
     module = (module if dtype is None else module.to(dtype)).to_empty(device="cpu")
     if source.layout == "diffusers":
@@ -277,5 +286,5 @@ def load_controlnet(source: ControlNetFile, unet_config: dict, latent_channels: 
     return module.eval().requires_grad_(False), config
 
 
-__all__ = ["ControlNetFile", "open_controlnet", "load_controlnet", "check_controlnet_fits", "config_from_shapes",
+__all__ = ["ControlNetFile", "open_controlnet", "controlnet_config", "load_controlnet", "check_controlnet_fits", "config_from_shapes",
            "from_ldm_controlnet", "to_ldm_controlnet", "describe"]

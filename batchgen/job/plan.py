@@ -42,6 +42,8 @@ class Plan:
     resolved: dict = field(default_factory=dict)  # family defaults filled in (preflight.resolve)
     rendered_again: dict = field(default_factory=dict)  # finished items whose image was missing / wrong
     lora_sha256: dict = field(default_factory=dict)  # uri -> sha256 the pre-flight read; workers verify theirs
+    controlnet_sha256: dict = field(default_factory=dict)  # model.controlnets: uri -> sha256, as for LoRAs
+    condition_sha256: dict = field(default_factory=dict)  # control images, masks (+ their init images) likewise
 
     @property
     def todo(self) -> int:

@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 
 from ..errors import BatchgenError, CheckpointError, InputError, StorageError
 from ..manifest import JOB_FILE, MANIFEST_FILE, PARTS_DIR, SUMMARY_FILE, read_json, write_json
+from .conditioning import ConditionFiles, check_changed, check_controlnets
 from .plan import Plan, max_failures_for
 
 log = logging.getLogger(__name__)
@@ -64,14 +65,23 @@ def prepare(spec, *, overwrite: bool = False, max_failures: int | None = None, v
         t_inputs = _phase(t_output, f"inputs: {len(first.files)} files, {first.total_rows} items")
         check_sampler(spec)
         model = check_model(spec, cfg)
+        controlnets = check_controlnets(spec, model, cfg)
         t_model = _phase(t_inputs, f"model {spec.model.uri}: " + (model.family if model is not None else "seeded noise, no weights"))
         resolved = resolve(spec, model)
-        scan = scan_inputs(spec, cfg, committed, resolved, model.check_prompt if model is not None else None)
+        files = ConditionFiles()
+        scan = scan_inputs(spec, cfg, committed, resolved, model.check_prompt if model is not None else None,
+                           on_rows=files.add)
         inputs = check_inputs(out, spec, previous if resume else None, scan, committed)
+        conditions = files.check(cfg, spec.input.max_init_image_pixels) if len(files) else {}
+        if len(files):
+            _phase(t_model, f"conditioning files: {len(conditions)} read and digested")
         loras = check_sampling(spec, model, scan, resolved)
         check_lora_files(out, previous if resume else None, loras)
+        check_changed(out, (previous or {}).get("controlnet_sha256") if resume else None, controlnets, "ControlNet")
+        check_changed(out, (previous or {}).get("condition_sha256") if resume else None, conditions,
+                      "conditioning file")
         removed = prepare_output(out, spec, scan, previous if resume else None, remove, resolved,
-                                          loras, images)
+                                          loras, images, controlnets, conditions)
     except BaseException:
         lease.release()
         if created:
@@ -82,7 +92,8 @@ def prepare(spec, *, overwrite: bool = False, max_failures: int | None = None, v
     timings = {"preflight_output": round(t_output - t0, 3), "preflight_inputs": round(t_inputs - t_output, 3),
                "preflight_model": round(t_model - t_inputs, 3), "preflight_scan": round(time.perf_counter() - t_model, 3)}
     return Plan(spec, cfg, out, scan, committed, lease, limit, previous if resume else None, removed,
-                inputs, timings, resolved, images.as_dict(), lora_sha256=loras)
+                inputs, timings, resolved, images.as_dict(), lora_sha256=loras, controlnet_sha256=controlnets,
+                condition_sha256=conditions)
 
 
 def _phase(since: float, what: str) -> float:
@@ -161,6 +172,12 @@ def check_sampling(spec, model, scan, resolved: dict) -> dict[str, str]:
     for _group, (file_uri, row, values) in sorted(scan.group_cases.items(), key=lambda kv: kv[1][:2]):
         kwargs = generate_kwargs([values], model.family)
         init = [np.zeros((8, 8, 3), np.uint8)] if values.get("init_image") is not None else None
+        if values.get("mask_image") is not None:  # the files themselves are checked by ConditionFiles
+            kwargs["mask_images"] = [np.zeros((8, 8), np.uint8)]
+        if values.get("control_image") is not None:
+            nets = len(spec.model.controlnets)
+            gray = np.zeros((8, 8, 3), np.uint8)
+            kwargs["control_images"] = [[gray] * nets if nets > 1 else gray]
         try:
             pipe.validate([values["prompt"]], [values["seed"]], sampler=sampler,
                           sampler_options=spec.sampling.sampler_options or None, init_images=init, **kwargs)
@@ -506,7 +523,8 @@ def _written_ids(out) -> pa.Array:
 
 def prepare_output(out, spec, scan, previous: dict | None, remove: list[str],
                    resolved: dict | None = None, lora_sha256: dict[str, str] | None = None,
-                   images=None) -> list[str]:
+                   images=None, controlnet_sha256: dict[str, str] | None = None,
+                   condition_sha256: dict[str, str] | None = None) -> list[str]:
     """Remove what ``--overwrite`` replaces (only what the earlier job wrote, never through links;
     anything else is left and named, in one warning), write job.json, and return what was
     removed, described. ``images``: the resume's :class:`~batchgen.manifest.ImageCheck`."""
@@ -527,6 +545,8 @@ def prepare_output(out, spec, scan, previous: dict | None, remove: list[str],
         "torch_threads": spec.compute.torch_threads,
         "resolved": resolved,
         "lora_sha256": {**((keep or {}).get("lora_sha256") or {}), **(lora_sha256 or {})},
+        "controlnet_sha256": {**((keep or {}).get("controlnet_sha256") or {}), **(controlnet_sha256 or {})},
+        "condition_sha256": {**((keep or {}).get("condition_sha256") or {}), **(condition_sha256 or {})},
         "passthrough": scan.settings.get("passthrough", {}),
         # spec settings the input's own columns replace: {"sampling.steps": {"column", "rows", "of"}}
         "overridden_by_input": getattr(scan, "overridden_by_input", {}),

@@ -23,12 +23,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..errors import InputError
 from ..nullmodel import NullRenderer, is_null_model
+from ..columns import CONDITION_SHA
+from .conditioning import FileChanged, _TooLarge, load_conditions, open_header, read_image, verify_digests  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 _REF_CACHE: dict[str, Any] = {}
+CONDITION_SHA_COLUMNS = tuple(name for name, _ in CONDITION_SHA)
 
 
 def _cached_get(ref):
@@ -92,6 +94,9 @@ def load_renderer(model: dict | str, dtype: str | None = None, storage_cfg=None,
     options = {k: model.get(k) for k in ("variant", "vae", "text_encoders", "tokenizers", "prediction_type",
                                          "allow_pickle", "text_encoder_device")}
     options = {k: v for k, v in options.items() if v not in (None, False)}
+    controlnets = [c["uri"] if isinstance(c, dict) else c for c in model.get("controlnets") or []]
+    if controlnets:
+        options["controlnets"] = controlnets
     fp8 = tuple(model.get("fp8") or ())
     # load_pipeline resolves builtin:, local and s3:// URIs (cached once per node) and dtype "auto".
     return load_pipeline(model["uri"], device=device, dtype=dtype or model.get("dtype"), storage_config=storage_cfg,
@@ -118,6 +123,8 @@ def generate_kwargs(rows: list[dict], family: str | None) -> dict[str, Any]:
     """The generate() arguments for one settings group's rows (normalized input rows): group
     settings from the first row, per-item settings as lists, settings the rows leave null (family
     defaults) left out. The pre-flight validates every group with exactly this."""
+    from ..control import DEFAULTS as CONTROL_DEFAULTS
+    from ..control import IMG2IMG_SCALE
     from ..settings import GENERATE_ARGUMENTS, ROW_SETTINGS
 
     first = rows[0]
@@ -136,6 +143,11 @@ def generate_kwargs(rows: list[dict], family: str | None) -> dict[str, Any]:
         values = [r.get(setting.name) for r in rows]
         if all(v is None for v in values):
             continue
+        if setting.name in CONTROL_DEFAULTS:  # generate() takes no None inside a list of ControlNet values
+            default = CONTROL_DEFAULTS[setting.name]
+            if setting.name == "controlnet_conditioning_scale" and first.get("init_image") is not None:
+                default = IMG2IMG_SCALE
+            values = [default if v is None else v for v in values]
         kwargs[setting.name] = values[0] if setting.group else values
     return kwargs
 
@@ -213,63 +225,10 @@ def read_init_image(uri: str, storage_cfg, max_pixels: int | None = None):
     limit) is refused from its header, before anything is decoded (a 20 KB PNG can decode to
     gigabytes). Thread-safe: no process-wide state (``PIL.Image.MAX_IMAGE_PIXELS``, warning
     filters) is changed; the limit is this call's own."""
-    from ..spec import DEFAULT_MAX_INIT_IMAGE_PIXELS
-    from ..storage import Location
-
-    limit = DEFAULT_MAX_INIT_IMAGE_PIXELS if max_pixels is None else max_pixels
-    if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1:
-        raise ValueError(f"max_init_image_pixels must be a whole number of pixels >= 1, got {max_pixels!r}")
-    limit = int(limit)
-    data = Location.parse(uri, storage_cfg).read_bytes()
-    try:
-        img = _open_header(data)
-        width, height = img.size
-        if width * height > limit:
-            raise _TooLarge(f"init_image {uri}: {width}x{height} pixels ({width * height / 1e6:.1f} Mpx) is more "
-                            f"than input.max_init_image_pixels ({limit / 1e6:g} Mpx); not decoded")
-        return img.convert("RGB")
-    except _TooLarge as exc:
-        raise ValueError(str(exc)) from None
-    except Exception as exc:  # noqa: BLE001 - any decoder error is the item's failure
-        raise ValueError(f"init_image {uri}: not a readable image ({exc})") from None
+    return read_image(uri, storage_cfg, max_pixels, "init_image")[0].convert("RGB")
 
 
-def _open_header(data: bytes):
-    """``PIL.Image.open(data)`` (lazy: reads the header only) without Pillow's own pixel check.
-
-    Pillow checks ``PIL.Image.MAX_IMAGE_PIXELS`` there, a process-wide setting: turning it off
-    for one call would turn it off for every thread. The caller checks ``img.size`` against its
-    own limit instead, before anything is decoded (Pillow checks nothing when decoding). This is
-    Image.open's format probing, through the plugin registry ``register_open`` fills."""
-    import struct
-
-    from PIL import Image, UnidentifiedImageError
-
-    fp = io.BytesIO(data)
-    prefix = data[:16]
-    tried: set[str] = set()
-    for load_plugins in (Image.preinit, Image.init):
-        load_plugins()
-        for fmt in list(Image.ID):
-            if fmt in tried:
-                continue
-            tried.add(fmt)
-            factory, accept = Image.OPEN[fmt]
-            accepted = accept(prefix) if accept else True
-            if not accepted or isinstance(accepted, str):  # a str: "this format, but unsupported"
-                continue
-            fp.seek(0)
-            try:
-                return factory(fp, "")
-            except (SyntaxError, IndexError, TypeError, struct.error):  # what Image.open skips too
-                continue
-    raise UnidentifiedImageError("cannot identify image file")
-
-
-class _TooLarge(Exception):
-    pass
-
-
+_open_header = open_header  # the names other modules used
 _read_init_image = read_init_image  # the name rerender used
 
 
@@ -289,8 +248,10 @@ class GeneratorActor:
     def __init__(self, model: dict, storage_cfg, batch_size: int, sampler: str, sampler_options: dict,
                  torch_threads: int = 1, max_init_pixels: int | None = None,
                  quiet: bool = False, compile: str = "none", deterministic: bool = False, scoring: dict | None = None,
-                 lora_sha256: dict[str, str] | None = None):
+                 lora_sha256: dict[str, str] | None = None, controlnet_sha256: dict[str, str] | None = None,
+                 condition_sha256: dict[str, str] | None = None):
         self.lora_sha256 = dict(lora_sha256 or {})  # the pre-flight's digests (job.json's lora_sha256)
+        self.condition_sha256 = dict(condition_sha256 or {})  # conditioning file uri -> sha256 (pre-flight)
         self.batch_size = batch_size
         self.sampler = sampler
         self.sampler_options = sampler_options
@@ -302,6 +263,12 @@ class GeneratorActor:
         self.renderer = load_renderer(model, None, storage_cfg, torch_threads, compile=compile,
                                       deterministic=deterministic)
         self.family = getattr(getattr(self.renderer, "family", None), "name", None)
+        self.nets = len(self.renderer.model_info.get("controlnets") or [])
+        self.load_error = None  # a ControlNet whose bytes changed: every item fails, naming it
+        try:
+            verify_digests(self.renderer.model_info.get("controlnets"), dict(controlnet_sha256 or {}), "ControlNet")
+        except FileChanged as exc:
+            self.load_error = f"{type(exc).__name__}: {exc}"
         self.job_loras = json.dumps([{"uri": x["uri"], "scale": float(x.get("scale", 1.0))}
                                      for x in (model.get("loras") or [])], separators=(",", ":"))
         self.fingerprint = self.renderer.model_info["fingerprint"]
@@ -323,6 +290,7 @@ class GeneratorActor:
         out: dict[str, list] = {
             "image": [None] * n, "error": [None] * n, "render_ms": [0.0] * n, "warmup_ms": [0.0] * n,
             "applied_loras": [None] * n, "clip_score": [None] * n,
+            **{c: [None] * n for c in CONDITION_SHA_COLUMNS},
             # labels passed through from the input, unless the model names them itself (DiT)
             "class_id": [r.get("class_id") for r in rows], "class_name": [r.get("class_name") for r in rows],
         }
@@ -330,11 +298,15 @@ class GeneratorActor:
         for i, r in enumerate(rows):
             groups.setdefault(r["group"], []).append(i)
         for members in groups.values():
+            if self.load_error is not None:
+                for i in members:
+                    out["error"][i] = self.load_error
+                continue
             self._render_group(rows, members, out)
         status = ["ok" if e is None else "failed" for e in out["error"]]
         types = {"image": pa.binary(), "error": pa.string(), "render_ms": pa.float64(), "warmup_ms": pa.float64(),
                  "applied_loras": pa.string(), "class_id": pa.int64(), "class_name": pa.string(),
-                 "clip_score": pa.float64()}
+                 "clip_score": pa.float64(), **{c: pa.string() for c in CONDITION_SHA_COLUMNS}}
         result = batch.drop_columns([c for c in batch.column_names if c in types or c == "status"])
         for name, typ in types.items():
             result = result.append_column(name, pa.array(out[name], typ))
@@ -347,25 +319,33 @@ class GeneratorActor:
     def _render_group(self, rows, members, out) -> None:
         errors = out["error"]
         first = rows[members[0]]
-        init_images = None
-        if first["init_image"] is not None:
-            init_images, ok = [], []
-            for i in members:
-                try:
-                    init_images.append(read_init_image(rows[i]["init_image"], self.storage_cfg, self.max_init_pixels))
-                    ok.append(i)
-                except Exception as exc:  # noqa: BLE001 - becomes the item's failed row
-                    errors[i] = f"{type(exc).__name__}: {exc}"
-            members = ok
-            if not members:
-                return
+        inputs, ok = [], []
+        for i in members:  # the conditioning files: fetched, digested, verified, decoded
+            try:
+                inputs.append(load_conditions(rows[i], self.storage_cfg, self.max_init_pixels, self.condition_sha256,
+                                              self.nets))
+                ok.append(i)
+            except Exception as exc:  # noqa: BLE001 - becomes the item's failed row
+                errors[i] = f"{type(exc).__name__}: {exc}"
+        members = ok
+        if not members:
+            return
+        for i, got in zip(members, inputs):
+            for column, sha in got.sha.items():
+                out[column][i] = sha
+        init_images = [x.init for x in inputs] if first["init_image"] is not None else None
+        conditions = {}
+        if first.get("mask_image") is not None:
+            conditions["mask_images"] = [x.mask for x in inputs]
+        if first.get("control_image") is not None:
+            conditions["control_images"] = [x.control for x in inputs]
         group_rows = [rows[i] for i in members]
         prompts = [r["prompt"] for r in group_rows]
         try:
             applied = self._set_loras(first.get("loras") or "[]")
             kwargs = dict(generate_kwargs(group_rows, self.family), sampler=self.sampler,
                           sampler_options=self.sampler_options or None, micro_batch=self.batch_size,
-                          init_images=init_images)
+                          init_images=init_images, **conditions)
             warmup = self._warm_up(first["group"], kwargs)
             start = time.perf_counter()
             arrays = self.renderer.generate(prompts, [r["seed"] for r in group_rows],
@@ -406,28 +386,20 @@ class GeneratorActor:
         if self.compile == "none" or isinstance(self.renderer, NullRenderer) or group in self.warmed:
             return 0.0
         self.warmed.add(group)
-        options = {k: v for k, v in kwargs.items() if k not in ("negative_prompts", "micro_batch", "init_images")}
+        images = ("init_images", "mask_images", "control_images")
+        options = {k: v for k, v in kwargs.items() if k not in ("negative_prompts", "micro_batch", *images)}
         options = {k: (v[0] if isinstance(v, list) else v) for k, v in options.items()}
-        if kwargs.get("init_images"):
-            options["init_images"] = kwargs["init_images"][:1] * self.batch_size
+        for name in images:
+            if kwargs.get(name):
+                options[name] = kwargs[name][:1] * self.batch_size
         return self.renderer.warmup(self.batch_size, **options) * 1000.0
-
-
-class FileChanged(InputError):
-    """A file the job uses holds other bytes on a worker than the pre-flight digested."""
 
 
 def check_lora_digests(applied: list[dict], expected: dict[str, str]) -> None:
     """Every LoRA a worker fused must be the bytes the pre-flight read (``expected``: uri -> sha256,
     as job.json records it): a file replaced while the job runs would otherwise mix versions in
     one output. Raised before anything is rendered with it: the group's items fail, naming the file."""
-    for item in applied:
-        want = expected.get(item["uri"])
-        if want is not None and item.get("sha256") != want:
-            raise FileChanged(
-                f"LoRA {item['uri']} changed since the pre-flight (sha256 {want[:12]} in job.json, the worker read "
-                f"{str(item.get('sha256'))[:12]}); restore the file and run the same command again to resume, or "
-                "start over with --overwrite")
+    verify_digests(applied, expected, "LoRA")
 
 
 class EncodeAndStore:
