@@ -2,8 +2,9 @@
 
 Part files (``manifest/part-<run>-<seq>.parquet``) are written atomically as work completes; after
 a crash they may overlap. Consolidation keeps one row per item: ``ok`` beats ``failed``, then the
-highest attempt, then the newest part. Small manifests are consolidated in memory; large ones with a
-Ray Data sort, streamed into ``manifest.parquet`` batch by batch (driver memory stays flat).
+highest attempt, then the newest part. Small manifests are consolidated in memory; large ones
+through sorted runs on local disk and a k-way merge, streamed into ``manifest.parquet`` row group
+by row group (driver memory stays flat).
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ MANIFEST_FILE = "manifest.parquet"
 SUMMARY_FILE = "summary.json"
 JOB_FILE = "job.json"
 IN_MEMORY_CONSOLIDATE_ROWS = 50_000
-SORT_ROWS_PER_BLOCK = 50_000  # Ray sort partitions: blocks the driver streams one at a time
 
 
 
@@ -251,18 +251,19 @@ def check_images(out_loc, done: pa.Array, ext: str, verify: bool = False, worker
     bad = done.filter(pc.invert(pc.is_in(expected, value_set=names))) if len(done) else done
     missing, wrong, first = len(bad), 0, [f"{i}: images/{i}.{ext} is missing" for i in bad.slice(0, 5).to_pylist()]
     if verify and len(done):
-        rows = _newest_ok_rows(out_loc, ["item_id", "status", "attempt", "image_bytes", "image_sha256"])
-        rows = rows.filter(pc.is_in(rows.column("item_id"), value_set=done))
-        rows = rows.filter(pc.is_in(pc.binary_join_element_wise(rows.column("item_id"), ext, "."), value_set=names))
         suspects: list[tuple[str, str | None, str]] = []
-        for item_id, size, sha in zip(rows.column("item_id").to_pylist(), rows.column("image_bytes").to_pylist(),
-                                      rows.column("image_sha256").to_pylist()):
-            listed = sizes[f"{item_id}.{ext}"]
-            if size is not None and size != listed:
-                suspects.append((item_id, None, f"{item_id}: images/{item_id}.{ext} has {listed} bytes, the "
-                                                f"manifest says {size}"))
-            elif sha:
-                suspects.append((item_id, sha, ""))
+        for rows in _newest_ok_rows(out_loc, ["item_id", "status", "attempt", "image_bytes", "image_sha256"]):
+            rows = rows.filter(pc.is_in(rows.column("item_id"), value_set=done))
+            rows = rows.filter(pc.is_in(pc.binary_join_element_wise(rows.column("item_id"), ext, "."),
+                                        value_set=names))
+            for item_id, size, sha in zip(rows.column("item_id").to_pylist(), rows.column("image_bytes").to_pylist(),
+                                          rows.column("image_sha256").to_pylist()):
+                listed = sizes[f"{item_id}.{ext}"]
+                if size is not None and size != listed:
+                    suspects.append((item_id, None, f"{item_id}: images/{item_id}.{ext} has {listed} bytes, the "
+                                                    f"manifest says {size}"))
+                elif sha:
+                    suspects.append((item_id, sha, ""))
 
         def judge(case: tuple[str, str | None, str]) -> str | None:
             item_id, sha, why = case
@@ -297,18 +298,18 @@ def check_images(out_loc, done: pa.Array, ext: str, verify: bool = False, worker
     return ImageCheck(bad, attempts, by_file, missing, wrong, first)
 
 
-def _newest_ok_rows(out_loc, columns: list[str]) -> pa.Table:
-    """The ok row of each item that consolidation would keep (highest attempt, then newest part)."""
-    tables = [_with_rank(t.filter(pc.equal(t.column("status"), "ok")), i) for i, t in iter_parts(out_loc, columns)]
-    if not tables:
-        return conform(MANIFEST_SCHEMA.empty_table(), columns)
-    table, _ = _first_per_item(pa.concat_tables(tables).sort_by(_ORDER), None)
-    return table.drop_columns(["_ok", "_part"])
+def _newest_ok_rows(out_loc, columns: list[str]) -> Iterator[pa.Table]:
+    """The ok row of each item that consolidation would keep (highest attempt, then newest part),
+    sorted by item id, a table at a time (bounded memory: :mod:`batchgen.sorted_runs`)."""
+    from .sorted_runs import sorted_unique
+
+    ranked = (_with_rank(t.filter(pc.equal(t.column("status"), "ok")), i) for i, t in iter_parts(out_loc, columns))
+    for table in sorted_unique(ranked, "item_id", _ORDER):
+        yield table.drop_columns(["_ok", "_part"])
 
 
 # ----------------------------------------------------------------------------- consolidation
 
-_RANK = ["item_id", "_ok", "attempt", "_part"]
 _ORDER = [("item_id", "ascending"), ("_ok", "descending"), ("attempt", "descending"), ("_part", "descending")]
 
 
@@ -319,12 +320,9 @@ def _with_rank(table: pa.Table, part_index: int) -> pa.Table:
 
 def _first_per_item(table: pa.Table, carry_id: str | None) -> tuple[pa.Table, str | None]:
     """Rows of a sorted table that start a new item_id (dropping a continuation of ``carry_id``)."""
-    if table.num_rows == 0:
-        return table, carry_id
-    ids = table.column("item_id").combine_chunks()
-    prev = pa.concat_arrays([pa.array([carry_id], pa.string()), ids.slice(0, len(ids) - 1)])
-    keep = pc.fill_null(pc.not_equal(ids, prev), True)
-    return table.filter(keep), ids[len(ids) - 1].as_py()
+    from .sorted_runs import first_per_key
+
+    return first_per_key(table, "item_id", carry_id)
 
 
 class FailureSummary:
@@ -367,7 +365,13 @@ def error_kind(error: str | None) -> str:
 def consolidate(out_loc, in_memory_limit: int = IN_MEMORY_CONSOLIDATE_ROWS,
                 failures: FailureSummary | None = None) -> dict[str, int]:
     """Write ``manifest.parquet``: one row per item, sorted by item_id. Returns status counts
-    (and adds the failed rows to ``failures`` when given)."""
+    (and adds the failed rows to ``failures`` when given).
+
+    Small manifests are sorted in memory; larger ones stream through sorted runs on local disk
+    and a k-way merge (:mod:`batchgen.sorted_runs`), written row group by row group: the memory
+    it takes does not grow with the number of rows, and no Ray is needed."""
+    from .sorted_runs import sorted_unique
+
     parts = part_locations(out_loc)
     total_rows = 0
     for loc in parts:
@@ -389,7 +393,17 @@ def consolidate(out_loc, in_memory_limit: int = IN_MEMORY_CONSOLIDATE_ROWS,
         if failures is not None:
             failures.add(table)
         return counts
-    _consolidate_with_ray(out_loc, parts, target, counts, max(2, -(-total_rows // SORT_ROWS_PER_BLOCK)), failures)
+    first = next((t for _, t in iter_parts(out_loc)), None)
+    schema = first.schema if first is not None else MANIFEST_SCHEMA  # the job's columns, extras included
+    ranked = (_with_rank(t, i) for i, t in iter_parts(out_loc))
+    # published only when complete (storage's atomic writer: temp + rename, or a completed multipart)
+    with target.open_atomic() as stream, pq.ParquetWriter(stream, schema, compression="zstd") as writer:
+        for batch in sorted_unique(ranked, "item_id", _ORDER):
+            batch = batch.drop_columns(["_ok", "_part"]).select(schema.names).cast(schema)
+            writer.write_table(batch)
+            _count(batch, counts)
+            if failures is not None:
+                failures.add(batch)
     return counts
 
 
@@ -397,52 +411,6 @@ def _count(table: pa.Table, counts: dict[str, int]) -> None:
     vc = pc.value_counts(table.column("status"))
     for value, n in zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist()):
         counts[value] = counts.get(value, 0) + n
-
-
-def _consolidate_with_ray(out_loc, parts, target, counts, partitions: int, failures=None) -> None:
-    import ray
-
-    if not ray.is_initialized():  # a resumed run with nothing left to render has not started Ray
-        from .ray_session import ensure_ray
-
-        ensure_ray()
-
-    ctx = ray.data.DataContext.get_current()
-    saved = ctx.default_hash_shuffle_parallelism
-    ctx.default_hash_shuffle_parallelism = partitions  # the sort's partition count (default 200)
-    try:
-        _sorted_write(ray, out_loc, parts, target, counts, failures)
-    finally:
-        ctx.default_hash_shuffle_parallelism = saved
-
-
-def _sorted_write(ray, out_loc, parts, target, counts, failures=None) -> None:
-    fs, _ = out_loc.pyarrow_fs()
-    paths = [p.pyarrow_fs()[1] for p in parts]
-    index = {path: i for i, path in enumerate(paths)}
-
-    def rank(batch: pa.Table) -> pa.Table:
-        # include_paths gives each row its part file, hence the part order
-        part = [index.get(p, 0) for p in batch.column("path").to_pylist()]
-        batch = conform(batch.drop_columns(["path"]))  # parts of an older batchgen lack new columns
-        batch = batch.append_column("_ok", pc.cast(pc.equal(batch.column("status"), "ok"), pa.int8()))
-        return batch.append_column("_part", pa.array(part, pa.int32()))
-
-    ds = ray.data.read_parquet(paths, filesystem=fs, include_paths=True)
-    ds = ds.map_batches(rank, batch_format="pyarrow")
-    ds = ds.sort(key=_RANK, descending=[False, True, True, True])
-    first = next((t for _, t in iter_parts(out_loc)), None)
-    schema = first.schema if first is not None else MANIFEST_SCHEMA  # the job's columns, extras included
-    carry = None
-    # published only when complete (storage's atomic writer: temp + rename, or a completed multipart)
-    with target.open_atomic() as stream, pq.ParquetWriter(stream, schema, compression="zstd") as writer:
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=16384, prefetch_batches=0):
-            batch, carry = _first_per_item(batch, carry)
-            batch = batch.drop_columns(["_ok", "_part"]).select(schema.names).cast(schema)
-            writer.write_table(batch)
-            _count(batch, counts)
-            if failures is not None:
-                failures.add(batch)
 
 
 def read_manifest(out_loc) -> pa.Table | None:

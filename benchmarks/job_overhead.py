@@ -9,11 +9,11 @@
    subclass whose ``encode_and_put`` returns the raw pixels (batchgen itself has no such switch),
    so it measures read, validation, resume filter, actor pool, manifest parts and consolidation;
    ``--store write`` keeps the real stage. ``--part-rows`` sets the rows per manifest part
-   (patched into the job's module constant; default 65536 as measured so far, the product's is 2048).
+   (patched into the job's module constant; default: the product's, ``PART_MAX_ROWS``).
 3. batch invariance: the same items rendered at micro-batch 1, 2, 4, 8: how many stay identical.
 
     python benchmarks/job_overhead.py [--items 48] [--rows 1000000] [--skip-control-plane]
-        [--store skip|write] [--part-rows 65536]
+        [--store skip|write] [--part-rows N]
 """
 
 from __future__ import annotations
@@ -83,13 +83,15 @@ def _no_store_stage():
     return EncodeAndStore
 
 
-def control_plane(tmp: Path, rows: int, store: str = "skip", part_rows: int = 65536) -> None:
+def control_plane(tmp: Path, rows: int, store: str = "skip", part_rows: int | None = None) -> None:
     import batchgen.job.commit
     import batchgen.job.stages
     from batchgen.job.run import run_job
     from batchgen.spec import spec_from_dict
 
-    batchgen.job.commit.PART_MAX_ROWS = part_rows
+    if part_rows:
+        batchgen.job.commit.PART_MAX_ROWS = part_rows
+    part_rows = batchgen.job.commit.PART_MAX_ROWS
     if store == "skip":
         batchgen.job.stages.EncodeAndStore = _no_store_stage()
 
@@ -144,7 +146,8 @@ def main() -> None:
     parser.add_argument("--skip-control-plane", action="store_true")
     parser.add_argument("--store", choices=["skip", "write"], default="skip",
                         help="control plane: skip encoding and storing images (default) or write them")
-    parser.add_argument("--part-rows", type=int, default=65536, help="control plane: rows per manifest part")
+    parser.add_argument("--part-rows", type=int, default=0,
+                        help="control plane: rows per manifest part (default: the product's)")
     parser.add_argument("--part", choices=["job", "control", "invariance"], default=None,
                         help="run one part in this process (default: each part in its own process)")
     args = parser.parse_args()
@@ -163,16 +166,16 @@ def main() -> None:
     if args.part == "invariance":
         batch_invariance()
         return
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    import ray
-
-    ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory(prefix="batchgen-bench-") as tmp:
         if args.part == "job":
+            os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+            import ray
+
+            ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)
             bare_vs_job(Path(tmp), args.items, args.size, args.steps, args.batch, per_call=2)
-        else:
+            ray.shutdown()
+        else:  # the job starts (and stops) its private local Ray, as a user's run does
             control_plane(Path(tmp), args.rows, args.store, args.part_rows)
-    ray.shutdown()
 
 
 if __name__ == "__main__":

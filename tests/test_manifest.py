@@ -55,8 +55,16 @@ def test_consolidate_keeps_one_row_per_item(tmp_path):
     assert sorted(state.done.to_pylist()) == ["a", "b", "c"] and state.attempts == {"d": 2}
 
 
-def test_consolidate_with_ray_matches_in_memory(tmp_path, ray_local):
-    mem, big = Location.parse(tmp_path / "mem"), Location.parse(tmp_path / "ray")
+def test_consolidate_streamed_matches_in_memory(tmp_path, monkeypatch):
+    """Above the in-memory limit the manifest streams through sorted runs and a k-way merge (here
+    with runs of 700 rows merged 2 at a time, so several merge passes run): same bytes of rows."""
+    import batchgen.sorted_runs as sr
+
+    monkeypatch.setattr(sr, "RUN_ROWS", 700)
+    monkeypatch.setattr(sr, "FAN_IN", 2)
+    monkeypatch.setattr(sr, "BATCH_ROWS", 64)
+    monkeypatch.setattr(sr, "OUT_ROWS", 500)
+    mem, big = Location.parse(tmp_path / "mem"), Location.parse(tmp_path / "big")
     ids = [f"i{i:05d}" for i in range(3000)]
     tables = [_rows(ids[::-1][:2000], tag="x"), _rows(ids[:1000], status="failed", attempt=2),
               _rows(ids[500:2500], attempt=3, tag="y")]

@@ -23,10 +23,11 @@ import pyarrow.compute as pc
 from ..errors import BatchgenError
 from ..quiet import _isatty
 from .plan import Plan
+from .wire import from_wire
 
 log = logging.getLogger(__name__)
 
-PART_MAX_ROWS = 2048  # a part is committed when this many rows have arrived
+PART_MAX_ROWS = 65536  # a part is committed when this many rows have arrived (~4 MB of Parquet)
 PART_MAX_SECONDS = 5.0  # a part is committed at least this often while results arrive or wait
 
 
@@ -304,8 +305,9 @@ def _consume(batches, guard: _Guard, plan: Plan, parts, progress, state: _Stream
              actors) -> bool:
     """The stream loop of :func:`_stream` (True when ``max_failures`` aborted the job)."""
     try:
-        for batch in batches:
+        for block in batches:
             with guard.critical():
+                batch = from_wire(block)
                 if "warmup_ms" in batch.column_names:
                     state.warmup_ms += [w for w in batch.column("warmup_ms").to_pylist() if w]
                     batch = batch.drop_columns(["warmup_ms"])

@@ -10,11 +10,15 @@ from typing import Any
 
 from ..errors import BatchgenError
 
-# CPU the non-generator stages ask for. Ray Data's streaming repartition between them asks for one
-# whole CPU (its default), so one CPU always stays free of generator actors: then every stage can
-# be scheduled, one at a time at worst, and the job always makes progress.
-READ_CPUS = 0.5
-ENCODE_CPUS = 0.5
+# CPU the non-generator stages ask for. Ray Data's streaming repartitions ask for one whole CPU
+# (their default), so one CPU always stays free of generator actors: then every stage can be
+# scheduled, one at a time at worst, and the job always makes progress. The encode stage asks for
+# a whole CPU so that the repartition after it (one wire block per row, wire.py) fuses into its
+# tasks (Ray Data fuses only equal resource requests); reading asks for as much, so that it does
+# not hold half the free CPU while an encode task waits for all of it (the first results would
+# wait behind every read task otherwise).
+READ_CPUS = 1.0
+ENCODE_CPUS = 1.0
 RESERVED_CPUS = 1.0
 
 

@@ -120,6 +120,7 @@ def _stages(plan: Plan, actors, committed_ref, verbose: bool):
                                   scan.settings.get("passthrough")),
             batch_size=rows_per_call, batch_format="pyarrow", num_cpus=ENCODE_CPUS,
         )
+        .repartition(target_num_rows_per_block=1)  # one wire row per block: each returned inline (wire.py)
     )
 
 

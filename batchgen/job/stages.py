@@ -5,7 +5,7 @@
 - :class:`GeneratorActor`: loads the pipeline once; renders each homogeneous settings group at
   the job's fixed micro-batch; per-item failures (unreadable init image) become failed rows.
 - :class:`EncodeAndStore`: CPU stage; encodes each image with its parameters embedded, writes
-  ``images/<item_id>.<ext>`` and returns manifest rows.
+  ``images/<item_id>.<ext>`` and returns manifest rows (as small Parquet blocks: :mod:`.wire`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 from ..nullmodel import NullRenderer, is_null_model
 from ..columns import CONDITION_SHA
 from .conditioning import FileChanged, _TooLarge, load_conditions, open_header, read_image, verify_digests  # noqa: F401
+from .wire import to_wire
 
 log = logging.getLogger(__name__)
 
@@ -421,7 +422,8 @@ class EncodeAndStore:
         extra = [pa.field(name, pa.type_for_alias(typ)) for name, typ in (passthrough or {}).items()]
         self.schema = manifest_schema(extra)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def __call__(self, batch: pa.Table):
+        """Yields the manifest rows of ``batch`` in wire blocks (:func:`~batchgen.job.wire.to_wire`)."""
         from .. import __version__
         from ..images import EXTENSIONS
         from ..manifest import to_manifest_table
@@ -461,7 +463,8 @@ class EncodeAndStore:
             batchgen_version=[__version__] * n, sampler_options=[self.sampler_options] * n,
         )
         # warmup_ms (compile time, for the summary) rides along; the driver drops it before committing
-        return to_manifest_table(columns, self.schema).append_column("warmup_ms", batch.column("warmup_ms"))
+        table = to_manifest_table(columns, self.schema).append_column("warmup_ms", batch.column("warmup_ms"))
+        yield from to_wire(table)  # small inline blocks: never through the object store to the driver
 
     def encode_and_put(self, arr: np.ndarray, row: dict, loc) -> bytes:
         """One item: encode the image with its parameters embedded and write it to ``loc``;
