@@ -35,6 +35,7 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "dit": ("dit", "DiTPipeline"),
     "flux-schnell": ("flux", "FluxPipeline"),
     "flux-dev": ("flux", "FluxPipeline"),
+    "flux-fill": ("flux", "FluxFillPipeline"),
 }
 def make_tiny_model(directory: str | os.PathLike, variant: str = "sd1", seed: int = 0) -> Path:
     """Write a tiny random-weight checkpoint of ``variant`` in the diffusers folder layout."""
