@@ -1,11 +1,17 @@
 """Inpainting: a mask per item says what to repaint (white) and what to keep (black).
 
-Equal to diffusers' ``StableDiffusionInpaintPipeline`` and ``StableDiffusionXLInpaintPipeline``.
-A model inpaints in one of two ways (its family's ``inpaint_kind``):
+Equal to diffusers' ``StableDiffusionInpaintPipeline``, ``StableDiffusionXLInpaintPipeline`` and
+``FluxFillPipeline``. A model inpaints in one of three ways (its family's ``inpaint_kind``):
 
 - **concat** (inpainting models: the SD/SDXL 9-channel UNets): every model call gets the latents
   concatenated with the mask at latent resolution and the latents of the masked image (the init
   image with the repainted region set to 0, i.e. mid-gray);
+- **fill** (FLUX.1 Fill): the same idea in FLUX's packed tokens (the family's
+  ``inpaint_condition``: masked-image latents packed 2x2, the pixel mask cut into 8x8 blocks as 64
+  channels, then packed 2x2), prepared as FluxFillPipeline prepares it: the init image is encoded
+  and noised even at strength 1.0 (``scale_noise`` at sigma 1 gives the noise itself), and the
+  masked images (``init * (1 - mask)``) go through the VAE as one batch (the padded micro-batch,
+  so an item's latents do not depend on its batch-mates);
 - **blend** (ordinary 4-channel models): after each step the kept region of the latents is
   replaced by the init image's latents noised to the next step's level with the item's own
   starting noise; after the last step by the clean latents.
@@ -16,9 +22,9 @@ Masks are prepared as diffusers' mask processor does: (optionally blurred, as
 latents noised to the first step, like img2img.
 
 Every draw comes from the item's own generator, in diffusers' order: the init image's VAE
-posterior sample (blend, or strength < 1), the starting noise, then the masked image's posterior
-sample (always drawn, even by blend models, which do not use it: the sampler's later draws stay
-where diffusers has them). Nothing here depends on an item's batch-mates.
+posterior sample (blend and fill, or strength < 1), the starting noise, then the masked image's
+posterior sample (always drawn, even by blend models, which do not use it: the sampler's later
+draws stay where diffusers has them). Nothing here depends on an item's batch-mates.
 """
 
 from __future__ import annotations
@@ -153,6 +159,20 @@ class InpaintStart:
         return lambda x, t: denoiser(fam.with_inpaint_condition(x, condition), t)
 
 
+def masked_batch(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], size: int) -> "torch.Tensor":
+    """FluxFillPipeline's masked images ``init * (1 - mask)`` in [-1, 1], (size, 3, H, W), padded
+    with mid-gray rows (0 in [-1, 1], nothing masked). Built as diffusers' image processors build
+    them (views of (B, H, W, C) arrays), so the one VAE call sees the same memory layout."""
+    import torch
+
+    pad = size - len(images)
+    gray = np.full(images[0].shape, 0.5, np.float32)
+    pixels = np.stack([image.astype(np.float32) / 255.0 for image in images] + [gray] * pad)
+    mask = np.stack(list(masks) + [np.zeros_like(masks[0])] * pad)[..., None]
+    pixels = 2.0 * torch.from_numpy(pixels.transpose(0, 3, 1, 2)) - 1.0
+    return pixels * (1 - torch.from_numpy(mask.transpose(0, 3, 1, 2)))
+
+
 def start(fam: "Family", sampler: "Sampler", settings: dict[str, Any], images: Sequence[np.ndarray],
           masks: Sequence[np.ndarray], generators: Sequence, shape: tuple[int, ...]) -> InpaintStart:
     """Draw and encode what an inpainting micro-batch starts from (``generators``: one per row of
@@ -164,25 +184,28 @@ def start(fam: "Family", sampler: "Sampler", settings: dict[str, Any], images: S
 
     real, size = len(images), len(generators)
     kind = fam.inpaint_kind()
-    full = settings["strength"] == 1.0
+    # FluxFillPipeline always starts from scale_noise of the encoded init image (at sigma 1: the noise).
+    from_init = kind == "fill" or settings["strength"] < 1.0
     pixels = [image_pixels(image) for image in images]
     mask_px = [torch.from_numpy(m)[None, None] for m in masks]
 
-    clean = pad_rows(fam.encode_pixels(pixels, generators[:real]), size) if kind == "blend" or not full else None
+    clean = pad_rows(fam.encode_pixels(pixels, generators[:real]), size) if kind == "blend" or from_init else None
     noise = randn_items(generators, shape, fam.device, fam.dtype)
-    masked = [p * (m < 0.5) for p, m in zip(pixels, mask_px)]
-    if kind == "concat":
+    if kind == "fill":
+        masked_latents = fam.encode_pixel_batch(masked_batch(images, masks, size), generators)
+    elif kind == "concat":
+        masked = [p * (m < 0.5) for p, m in zip(pixels, mask_px)]
         masked_latents = pad_rows(fam.encode_pixels(masked, generators[:real]), size)
     else:  # unused by blend models: draw what its posterior sample draws (latent-shaped), skip the encoder
         randn_items(generators[:real], shape)
         masked_latents = None
     mask = torch.cat(mask_px + [torch.zeros_like(mask_px[0])] * (size - real))
     packed_noise = fam.pack(noise, settings)
-    if full:
-        latents = sampler.initial_latents(packed_noise)
-    else:
+    if from_init:
         latents = sampler.noised_latents(fam.pack(clean, settings), packed_noise)
-    if kind == "concat":
+    else:
+        latents = sampler.initial_latents(packed_noise)
+    if masked_latents is not None:
         return InpaintStart(latents, fam.inpaint_condition(mask, masked_latents, settings), None, fam)
     keep_latents = fam.pack(clean, settings)
     small = fam.latent_mask(mask, settings)
@@ -195,5 +218,5 @@ def start(fam: "Family", sampler: "Sampler", settings: dict[str, Any], images: S
     return InpaintStart(latents, None, blend, fam)
 
 
-__all__ = ["MASK_SETTINGS", "InpaintStart", "check_mask_fits", "mask_to_pil", "prepare_inpaint_inputs",
-           "prepare_mask", "start"]
+__all__ = ["MASK_SETTINGS", "InpaintStart", "check_mask_fits", "mask_to_pil", "masked_batch",
+           "prepare_inpaint_inputs", "prepare_mask", "start"]

@@ -273,7 +273,7 @@ class Pipeline:
         group = fam.resolve(group)
         items = fam.resolve_items(items, group, n)
         fam.check(group, items, prompts)
-        if masks is None and fam.inpaint_kind() == "concat":
+        if masks is None and fam.inpainting_model():
             raise ValueError("mask_images: this is an inpainting model (its denoiser takes a mask and a masked image); "
                              "pass init_images and mask_images (diffusers' inpainting pipelines require them too)")
         control = check_control(fam, control_images, control_settings, n, group["width"], group["height"],
@@ -298,7 +298,7 @@ class Pipeline:
             raise ValueError(f"{arg}: applies to inpainting items only; pass mask_images (or outpaint_* settings)")
         if fam.inpaint_kind() is None:
             raise ValueError(f"{arg}: this {fam.name} model cannot inpaint (batchgen inpaints with SD 1.x/2.x and "
-                             f"SDXL models, ordinary or 9-channel inpainting UNets); use one of those")
+                             f"SDXL models, ordinary or 9-channel inpainting UNets, and FLUX.1 Fill); use one of those")
         group["strength"] = BY_NAME["strength"].check(1.0 if strength is None else strength, "strength")
         items = {k: per_item_values(k, v, n) for k, v in settings.items()}
         outpaint = [any(v[i] is not None for k, v in items.items() if k in OUTPAINT_SETTINGS) for i in range(n)]

@@ -432,8 +432,8 @@ def test_unknown_and_unsupported_files_raise_checkpoint_error():
         sf.detect({}, source="empty.safetensors")
     _, unet = _unet(UNET_SD1_TINY, 1)
     inpaint = sf.to_single_file({"unet": unet}, "sd1")
-    inpaint[DM + "input_blocks.0.0.weight"] = torch.zeros(32, 9, 3, 3)
-    with pytest.raises(CheckpointError, match="9 input channels"):
+    inpaint[DM + "input_blocks.0.0.weight"] = torch.zeros(32, 8, 3, 3)  # instruct-pix2pix (9: inpainting, read)
+    with pytest.raises(CheckpointError, match="8 input channels"):
         sf.detect(inpaint)
 
 

@@ -324,9 +324,11 @@ def _detect(shapes: dict[str, tuple[int, ...]]) -> Detected:
                 )
             family = _unet_family(shapes, prefix)
             variant = {"sd1": "sd1", "sd2": "sd2", "sdxl": "sdxl-base", "sdxl_refiner": "sdxl-refiner"}[family]
+            if _inpainting_unet(shapes, prefix, family):
+                variant = {"sd1": "sd1-inpaint", "sd2": "sd2-inpaint", "sdxl": "sdxl-inpaint"}[family]
             if v_pred:
                 prediction = "v_prediction"
-            elif family == "sd2":
+            elif variant == "sd2":
                 prediction = None  # 512-base (epsilon) and 768-v cannot be told apart from the shapes
             else:
                 prediction = "epsilon"
@@ -345,10 +347,11 @@ def _detect(shapes: dict[str, tuple[int, ...]]) -> Detected:
 
 def _flux_variant(shapes: dict, prefix: str) -> str:
     in_features = shapes.get(prefix + "img_in.weight", (0, 0))[-1]
-    if in_features in (384, 128):
-        kind = "Fill" if in_features == 384 else "Depth"
-        raise CheckpointError(f"single-file checkpoint is FLUX.1 {kind} ('{prefix}img_in.weight' takes {in_features} "
-                              "channels); only text-to-image FLUX.1 dev / schnell are supported")
+    if in_features == 384:
+        return "flux-fill"  # latents + masked-image latents + packed 8x8 mask blocks (64 + 64 + 256)
+    if in_features == 128:
+        raise CheckpointError(f"single-file checkpoint is FLUX.1 Canny/Depth ('{prefix}img_in.weight' takes 128 "
+                              "channels, FluxControlPipeline); only FLUX.1 dev / schnell / Fill are supported")
     return "flux-dev" if prefix + "guidance_in.in_layer.weight" in shapes else "flux-schnell"
 
 
@@ -360,14 +363,25 @@ def _sd3_variant(keys: set, prefix: str) -> str:
     return "sd3-medium"
 
 
+def _inpainting_unet(shapes: dict, prefix: str, family: str) -> bool:
+    """Whether the UNet is an inpainting one (9 input channels: latents, mask, masked-image latents,
+    as sd-v1-5-inpainting / 512-inpainting-ema / sd_xl_base_1.0_inpainting_0.1) rather than a
+    text-to-image one (4); other widths (instruct-pix2pix 8, the x4 upscaler 7) are refused."""
+    key = prefix + "input_blocks.0.0.weight"
+    channels = shapes[key][1] if len(shapes[key]) == 4 else 4
+    if channels == 9 and family != "sdxl_refiner":
+        return True
+    if channels != 4:
+        raise CheckpointError(
+            f"single-file UNet takes {channels} input channels ('{key}'): an instruct-pix2pix, upscaler or other "
+            "image-conditioned model; supported are text-to-image UNets (4 latent channels) and SD 1.x / 2.x / SDXL "
+            "inpainting UNets (9: latents, mask, masked-image latents)"
+        )
+    return False
+
+
 def _unet_family(shapes: dict, prefix: str) -> str:
     keys = shapes.keys()
-    conv_in = shapes[prefix + "input_blocks.0.0.weight"]
-    if len(conv_in) == 4 and conv_in[1] != 4:
-        raise CheckpointError(
-            f"single-file UNet takes {conv_in[1]} input channels ('{prefix}input_blocks.0.0.weight'): an inpainting, "
-            "instruct-pix2pix or upscaler model; only text-to-image UNets (4 latent channels) are supported"
-        )
 
     def has(te_prefix: str) -> bool:
         return any(k.startswith(te_prefix) for k in keys)
@@ -1097,6 +1111,7 @@ _FLUX_DEV = {
     "joint_attention_dim": 4096, "pooled_projection_dim": 768, "guidance_embeds": True, "axes_dims_rope": [16, 56, 56],
 }
 _FLUX_SCHNELL = {**_FLUX_DEV, "guidance_embeds": False}
+_FLUX_FILL = {**_FLUX_DEV, "in_channels": 384, "out_channels": 64}  # black-forest-labs/FLUX.1-Fill-dev
 
 _T = ("transformers", "CLIPTokenizer")
 _PIPELINES: dict[str, dict] = {
@@ -1114,12 +1129,28 @@ _PIPELINES: dict[str, dict] = {
                  "text_encoder": _CLIP_L_PROJ, "text_encoder_2": _OPENCLIP_BIGG, "text_encoder_3": _T5_XXL,
                  "tokenizers": {"tokenizer": _T, "tokenizer_2": _T, "tokenizer_3": ("transformers", "T5TokenizerFast")}}
        for variant, config in (("sd3-medium", _SD3_MEDIUM), ("sd3.5-medium", _SD35_MEDIUM), ("sd3.5-large", _SD35_LARGE))},
-    **{variant: {"class": "FluxPipeline", "transformer": config, "vae": _VAE_FLUX, "scheduler": sched,
+    **{variant: {"class": cls, "transformer": config, "vae": _VAE_FLUX, "scheduler": sched,
                  "text_encoder": _CLIP_L, "text_encoder_2": _T5_XXL,
                  "tokenizers": {"tokenizer": _T, "tokenizer_2": ("transformers", "T5TokenizerFast")}}
-       for variant, config, sched in (("flux-dev", _FLUX_DEV, _SCHED_FLUX_DEV),
-                                      ("flux-schnell", _FLUX_SCHNELL, _SCHED_FLUX_SCHNELL))},
+       for variant, cls, config, sched in (("flux-dev", "FluxPipeline", _FLUX_DEV, _SCHED_FLUX_DEV),
+                                           ("flux-schnell", "FluxPipeline", _FLUX_SCHNELL, _SCHED_FLUX_SCHNELL),
+                                           ("flux-fill", "FluxFillPipeline", _FLUX_FILL, _SCHED_FLUX_DEV))},
 }
+
+
+def _inpainting(base: str, cls: str, **unet) -> dict:
+    """An inpainting file's pipeline: its text-to-image variant's configs with a 9-channel UNet."""
+    spec = _PIPELINES[base]
+    return {**spec, "class": cls, "unet": {**spec["unet"], "in_channels": 9, **unet}}
+
+
+_PIPELINES.update({
+    "sd1-inpaint": _inpainting("sd1", "StableDiffusionInpaintPipeline"),
+    # 512-inpainting-ema (stabilityai/stable-diffusion-2-inpainting): epsilon at 512 px, like SD 2.1-base
+    "sd2-inpaint": {**_inpainting("sd2", "StableDiffusionInpaintPipeline", sample_size=64, upcast_attention=False),
+                    "vae": {**_VAE_SD, "sample_size": 512}, "scheduler": {**_SCHED_SD2, "prediction_type": "epsilon"}},
+    "sdxl-inpaint": _inpainting("sdxl-base", "StableDiffusionXLInpaintPipeline"),
+})
 _MODEL_COMPONENTS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 
@@ -1134,7 +1165,9 @@ def standard_configs(detected: Detected, prediction_type: str | None = None) -> 
 
     ``prediction_type`` overrides the detected one (UNet families). SD 2.x with an unknown type
     gets SD 2.1's v-prediction at 768 px; ``"epsilon"`` gives SD 2.1-base (512 px, no attention
-    upcast). A ``ztsnr`` marker sets the scheduler's ``rescale_betas_zero_snr``.
+    upcast); SD 2.x inpainting is epsilon at 512 px. A ``ztsnr`` marker sets the scheduler's
+    ``rescale_betas_zero_snr``. Inpainting variants (``*-inpaint``: 9-channel UNets; ``flux-fill``)
+    get the inpainting pipeline class and a denoiser config with those input channels.
     """
     if detected.variant not in _PIPELINES:
         raise CheckpointError(f"no standard config for variant '{detected.variant}' (known: {', '.join(_PIPELINES)})")
@@ -1170,7 +1203,7 @@ def standard_configs(detected: Detected, prediction_type: str | None = None) -> 
     model_index["scheduler"] = ["diffusers", spec["scheduler"]["_class_name"]]
     if detected.family in ("sd1", "sd2"):
         model_index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
-    elif detected.variant == "sdxl-base":
+    elif detected.variant in ("sdxl-base", "sdxl-inpaint"):
         model_index.update(force_zeros_for_empty_prompt=True)
     elif detected.variant == "sdxl-refiner":  # 5 time ids with the aesthetic score (the refiner's model_index.json)
         model_index.update(requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)

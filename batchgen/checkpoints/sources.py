@@ -688,10 +688,10 @@ def open_source(path: str | Path, *, vae=None, text_encoders=None, tokenizers=No
 def single_file_family(folder: CheckpointFolder) -> str:
     """The single-file layout (:data:`single_file.FAMILIES`) of a diffusers folder."""
     cls = folder.pipeline_class
-    if cls in ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"):
+    if cls in ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"):
         unet = folder.read_json("unet/config.json")
         return "sd2" if unet.get("use_linear_projection") else "sd1"
-    if cls in ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"):
+    if cls in ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline"):
         return "sdxl_refiner" if folder.model_index.get("requires_aesthetics_score") else "sdxl"
     if cls.startswith("StableDiffusion3"):
         return "sd3"

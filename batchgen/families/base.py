@@ -245,7 +245,7 @@ class Family:
                 "prediction_type": self.scheduler_config.get("prediction_type", "epsilon")}
         if self.fp8:
             info["fp8"] = list(self.fp8)
-        if self.inpaint_kind() == "concat":
+        if self.inpainting_model():
             info["inpainting_model"] = True
         return info
 
@@ -337,7 +337,15 @@ class Family:
         latents = []
         for item, gen in zip(pixels, generators):
             latents.append(self.vae.encode(item.to(self.device, self.vae_dtype)).sample([gen]))
-        out = torch.cat(latents).to(self.dtype)
+        return self._model_space(torch.cat(latents))
+
+    def encode_pixel_batch(self, pixels: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+        """A batch of images in [-1, 1] (B, 3, H, W) -> latents in model space in one VAE call (each
+        row's posterior sample from its own generator): FluxFillPipeline encodes its masked images so."""
+        return self._model_space(self.vae.encode(pixels.to(self.device, self.vae_dtype)).sample(generators))
+
+    def _model_space(self, latents: torch.Tensor) -> torch.Tensor:
+        out = latents.to(self.dtype)
         shift = self.vae.shift_factor
         return (out - shift) * self.vae.scaling_factor if shift else self.vae.scaling_factor * out
 
@@ -351,13 +359,18 @@ class Family:
     # ---------------------------------------------------------------------------- inpainting
     def inpaint_kind(self) -> str | None:
         """How this model inpaints (:mod:`batchgen.inpaint`): "concat" (an inpainting model: the
-        denoiser takes latents + mask + masked-image latents), "blend" (an ordinary model: the kept
-        region is blended back after each step), None: not at all (yet). UNet families
-        (``inpaints``): 4 input channels blend, 2 x 4 + 1 concat."""
+        denoiser takes latents + mask + masked-image latents), "fill" (the same, prepared as
+        FluxFillPipeline does), "blend" (an ordinary model: the kept region is blended back after
+        each step), None: not at all (yet). UNet families (``inpaints``): 4 input channels blend,
+        2 x 4 + 1 concat."""
         if not self.inpaints:
             return None
         channels, latent = int(self.parts[self.denoiser_name].config["in_channels"]), self.latent_channels
         return {latent: "blend", 2 * latent + 1: "concat"}.get(channels)
+
+    def inpainting_model(self) -> bool:
+        """An inpainting model: its denoiser takes a mask and a masked image, so every item needs them."""
+        return self.inpaint_kind() in ("concat", "fill")
 
     def latent_mask(self, mask: torch.Tensor, settings: dict[str, Any]) -> torch.Tensor:
         """Pixel masks (B, 1, H, W) -> latent resolution (nearest, as diffusers), model device and dtype."""

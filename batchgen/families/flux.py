@@ -19,9 +19,14 @@ Equal to diffusers' ``FluxPipeline`` / ``FluxImg2ImgPipeline``:
   (``true_cfg_scale`` > 1) runs the negative prompt as extra rows of the same call
   (``neg + scale * (pos - neg)``; diffusers makes two calls, which may differ in the last bits);
 - **img2img**: FluxImg2ImgPipeline's cut ``t_start = int(steps - steps * strength)`` on the same
-  sigmas (the flow samplers' strength handling) and ``scale_noise`` of the encoded image.
+  sigmas (the flow samplers' strength handling) and ``scale_noise`` of the encoded image;
+- **FLUX.1 Fill** (``FluxFillPipeline``): the transformer takes the packed latents, the packed
+  masked-image latents and the mask packed as FluxFillPipeline packs it (each 8x8 pixel block as
+  64 channels, then 2x2 patches: 4 x 64), 64 + 64 + 256 = 384 input channels at full size;
+  inpainting only (:mod:`batchgen.inpaint`, kind "fill"); defaults 50 steps, guidance 30.
 
-Which variant a folder holds is read from the transformer config (``guidance_embeds``). Memory
+Which variant a folder holds is read from the transformer config (``guidance_embeds``; Fill by
+its input channels, which must agree with a ``FluxFillPipeline`` model_index). Memory
 plans: the two text encoders may live on the CPU (``text_encoders``), and the transformer's block
 Linears may be stored in float8 (``fp8_keep`` lists what stays in bf16); see load_pipeline.
 """
@@ -34,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import CheckpointError
 from ..models.flux import latent_image_ids, pack_latents, unpack_latents
 from ..models.fp8 import FLUX_TRANSFORMER_KEEP
 from ..models.text import ClipEncoder, T5Encoder
@@ -42,15 +48,16 @@ from .base import CLIP_TOKENIZER, SCHEDULER, T5_TOKENIZER, VAE, Batch, Component
 
 log = logging.getLogger(__name__)
 
-SEQUENCE_DEFAULTS = {"flux-schnell": 256, "flux-dev": 512}
-STEP_DEFAULTS = {"flux-schnell": 4, "flux-dev": 28}  # FluxPipeline's 28; schnell is distilled for 1-4
-GUIDANCE_DEFAULTS = {"flux-schnell": 0.0, "flux-dev": 3.5}
+SEQUENCE_DEFAULTS = {"flux-schnell": 256, "flux-dev": 512, "flux-fill": 512}
+# FluxPipeline's 28 (schnell is distilled for 1-4); FluxFillPipeline's 50 steps and guidance 30.
+STEP_DEFAULTS = {"flux-schnell": 4, "flux-dev": 28, "flux-fill": 50}
+GUIDANCE_DEFAULTS = {"flux-schnell": 0.0, "flux-dev": 3.5, "flux-fill": 30.0}
 DECODE_PIXELS = 1024 * 1024  # most pixels one VAE decode call renders (see Flux.decode)
 
 
 class Flux(Family):
     name = "flux"
-    pipeline_classes = ("FluxPipeline", "FluxImg2ImgPipeline")
+    pipeline_classes = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxFillPipeline")
     components = {
         "transformer": Component(("FluxTransformer2DModel",)),
         "vae": VAE,
@@ -72,6 +79,30 @@ class Flux(Family):
         self.clip = ClipEncoder(parts["tokenizer"], parts["text_encoder"])
         self.t5 = T5Encoder(parts["tokenizer_2"], parts["text_encoder_2"])
         self._warned_guidance = False
+        self.fill = self._is_fill()
+
+    def _is_fill(self) -> bool:
+        """FLUX.1 Fill (True) or an ordinary FLUX.1 transformer (False), from its input channels;
+        any other transformer, or a FluxFillPipeline folder without a Fill transformer, is refused."""
+        config = self.transformer.config
+        channels, latent = int(config["in_channels"]), 4 * self.latent_channels
+        fill = 2 * latent + 4 * self.vae_scale_factor**2
+        where = f"{self.folder.where}: transformer"
+        if channels == fill:
+            if int(config["out_channels"]) != latent:
+                raise CheckpointError(f"{where} takes {channels} input channels (FLUX.1 Fill) but has out_channels "
+                                      f"{config['out_channels']}; a FLUX.1 Fill transformer predicts the {latent} "
+                                      f"packed latent channels (set out_channels: {latent} in its config.json)")
+            return True
+        if channels != latent:
+            raise CheckpointError(f"{where} takes {channels} input channels: neither FLUX.1 ({latent}, the packed "
+                                  f"latents) nor FLUX.1 Fill ({fill}: latents, masked-image latents and mask); "
+                                  f"FLUX.1 Canny/Depth ({2 * latent}, FluxControlPipeline) are not supported")
+        if self.folder.pipeline_class == "FluxFillPipeline":
+            raise CheckpointError(f"{self.folder.where}: model_index.json names FluxFillPipeline but the transformer "
+                                  f"takes {channels} input channels (an ordinary FLUX.1 transformer; FLUX.1 Fill's "
+                                  f"takes {fill}); use the FLUX.1 Fill transformer, or name FluxPipeline")
+        return False
 
     # ------------------------------------------------------------------------------- describing
     @property
@@ -80,6 +111,8 @@ class Flux(Family):
         return bool(self.transformer.config["guidance_embeds"])
 
     def variant(self) -> str:
+        if self.fill:
+            return "flux-fill"
         return "flux-dev" if self.distilled_guidance else "flux-schnell"
 
     def info(self) -> dict[str, Any]:
@@ -118,6 +151,10 @@ class Flux(Family):
             if settings[key] % m:
                 raise ValueError(f"{key}: {settings[key]} is not a multiple of {m} (FLUX packs 2x2 latent patches of "
                                  f"a {self.vae_scale_factor}x VAE); use e.g. {settings[key] // m * m or m}")
+        if self.fill and settings["true_cfg_scale"] > 1.0:
+            raise ValueError(f"true_cfg_scale: {settings['true_cfg_scale']} asks for true CFG, which FLUX.1 Fill "
+                             f"(diffusers' FluxFillPipeline) does not have; leave it at 1.0 and steer with "
+                             f"guidance_scale (the Fill model's default is 30)")
         length = settings["max_sequence_length"]
         if length > self.max_tokens:
             raise ValueError(f"max_sequence_length: {length} is more than this model's T5 tokenizer takes "
@@ -154,6 +191,23 @@ class Flux(Family):
 
     def unpack(self, latents: torch.Tensor, settings: dict[str, Any]) -> torch.Tensor:
         return unpack_latents(latents, settings["height"], settings["width"], self.vae_scale_factor)
+
+    def inpaint_kind(self) -> str | None:
+        return "fill" if self.fill else None
+
+    def inpaint_condition(self, mask: torch.Tensor, masked_latents: torch.Tensor,
+                          settings: dict[str, Any]) -> torch.Tensor:
+        """FluxFillPipeline's condition tokens: the masked-image latents packed 2x2, then the pixel
+        mask (B, 1, H, W) with each f x f block as f*f channels ((dy, dx) order) packed 2x2."""
+        f = self.vae_scale_factor
+        b, _, height, width = mask.shape
+        h, w = height // f, width // f
+        blocks = mask[:, 0].reshape(b, h, f, w, f).permute(0, 2, 4, 1, 3).reshape(b, f * f, h, w)
+        return torch.cat([pack_latents(masked_latents), pack_latents(blocks).to(self.device, self.dtype)], dim=2)
+
+    def with_inpaint_condition(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """Packed tokens: the condition's channels follow the latents' in every token."""
+        return torch.cat([x, condition], dim=2)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """The base decode, at most :data:`DECODE_PIXELS` per VAE call: at 1024x1024 one image at a

@@ -1,5 +1,8 @@
-"""Tiny FLUX.1 checkpoints: ``flux-schnell`` (no guidance input, static shift) and ``flux-dev``
-(guidance-distilled, dynamic shifting), in the layout diffusers' ``FluxPipeline`` loads.
+"""Tiny FLUX.1 checkpoints: ``flux-schnell`` (no guidance input, static shift), ``flux-dev``
+(guidance-distilled, dynamic shifting) and ``flux-fill`` (FLUX.1 Fill: dev's, with a transformer
+taking latents + masked-image latents + packed mask, 64 + 64 + 256 input channels, 64 out), in the
+layouts diffusers' ``FluxPipeline`` / ``FluxFillPipeline`` load. Every tensor but the Fill
+transformer's ``x_embedder.weight`` equals ``flux-dev``'s of the same seed.
 
 Components as the published black-forest-labs folders have them, at toy width: the FLUX_TINY_*
 transformer, a 16-channel 8x VAE with FLUX's scaling/shift factors, a tiny CLIP-L-style
@@ -24,6 +27,7 @@ SCHEDULERS = {
                  "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
                  "base_image_seq_len": 256, "max_image_seq_len": 4096},
 }
+SCHEDULERS["flux-fill"] = SCHEDULERS["flux-dev"]  # FLUX.1-Fill-dev publishes dev's scheduler config
 
 
 def build(out: FolderWriter, variant: str) -> None:
@@ -33,7 +37,9 @@ def build(out: FolderWriter, variant: str) -> None:
     from ..models.flux import FLUX_TINY_DEV, FLUX_TINY_SCHNELL, FluxTransformer2DModel
     from ..models.vae import FLUX_VAE_CONFIG, VAE_TINY_16CH, AutoencoderKL
 
-    transformer_config = copy.deepcopy(FLUX_TINY_DEV if variant == "flux-dev" else FLUX_TINY_SCHNELL)
+    transformer_config = copy.deepcopy(FLUX_TINY_SCHNELL if variant == "flux-schnell" else FLUX_TINY_DEV)
+    if variant == "flux-fill":  # FLUX.1-Fill-dev's transformer config: 384 in, 64 out (16 latent channels, 8x VAE)
+        transformer_config.update(in_channels=384, out_channels=64)
     vae_config = {**copy.deepcopy(VAE_TINY_16CH), "scaling_factor": FLUX_VAE_CONFIG["scaling_factor"],
                   "shift_factor": FLUX_VAE_CONFIG["shift_factor"]}
     clip_tok = clip_tokenizer_files()
@@ -43,8 +49,9 @@ def build(out: FolderWriter, variant: str) -> None:
     t5_vocab = len(json.loads(t5_tok["tokenizer.json"])["model"]["vocab"])
     t5 = t5_config(t5_vocab, d_model=transformer_config["joint_attention_dim"])
 
-    for name in ("image_encoder", "feature_extractor"):
-        out.entry(name, None, None)
+    if variant != "flux-fill":  # FluxPipeline's optional IP-Adapter parts; FluxFillPipeline has none
+        for name in ("image_encoder", "feature_extractor"):
+            out.entry(name, None, None)
     out.scheduler(copy.deepcopy(SCHEDULERS[variant]))
     out.tokenizer("tokenizer", "CLIPTokenizer", clip_tok)
     out.tokenizer("tokenizer_2", "T5TokenizerFast", t5_tok)
