@@ -448,13 +448,9 @@ def _to_rgb_array(image, width: int, height: int, where: str) -> np.ndarray:
     """A PIL image or HxWx3/HxWx4 uint8 array -> HxWx3 uint8 of (height, width) (Lanczos resize)."""
     from PIL import Image
 
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (3, 4):
-            raise ValueError(f"{where}: expected an HxWx3 uint8 array, got shape {image.shape} dtype {image.dtype}")
-        image = Image.fromarray(image)
-    if not isinstance(image, Image.Image):
-        raise ValueError(f"{where}: expected a PIL image or uint8 array, got {type(image).__name__}")
-    image = image.convert("RGB")
+    from .inpaint import _as_pil_rgb
+
+    image = _as_pil_rgb(image, where)
     if image.size != (width, height):
         image = image.resize((width, height), resample=Image.LANCZOS)
     return np.asarray(image, dtype=np.uint8)
