@@ -452,9 +452,9 @@ def _heads_key(cfg: dict) -> str:
     return "num_attention_heads" if cfg["num_attention_heads"] is not None else "attention_head_dim"
 
 
-def encoder_blocks(cfg: dict, temb_ch: int) -> tuple[nn.ModuleList, nn.Module | None]:
-    """The down blocks and the cross-attention mid block of a resolved config: the half of the
-    UNet a ControlNet copies (:mod:`batchgen.models.controlnet`)."""
+def _blocks_layout(cfg: dict) -> tuple:
+    """Per-block settings of a resolved config, as the UNet and its ControlNet copy build blocks:
+    (channels, n, heads_key, heads, cross_dims, layers, tlayers, groups, eps, linear, upcast)."""
     channels = list(cfg["block_out_channels"])
     n = len(channels)
     heads_key = _heads_key(cfg)
@@ -464,6 +464,13 @@ def encoder_blocks(cfg: dict, temb_ch: int) -> tuple[nn.ModuleList, nn.Module | 
     tlayers = _per_block(cfg, "transformer_layers_per_block", n)
     groups, eps = cfg["norm_num_groups"], cfg["norm_eps"]
     linear, upcast = bool(cfg["use_linear_projection"]), bool(cfg["upcast_attention"])
+    return channels, n, heads_key, heads, cross_dims, layers, tlayers, groups, eps, linear, upcast
+
+
+def encoder_blocks(cfg: dict, temb_ch: int) -> tuple[nn.ModuleList, nn.Module | None]:
+    """The down blocks and the cross-attention mid block of a resolved config: the half of the
+    UNet a ControlNet copies (:mod:`batchgen.models.controlnet`)."""
+    channels, n, heads_key, heads, cross_dims, layers, tlayers, groups, eps, linear, upcast = _blocks_layout(cfg)
     down_blocks = nn.ModuleList()
     out_ch = channels[0]
     for i, kind in enumerate(cfg["down_block_types"]):
@@ -574,15 +581,8 @@ class UNet2DConditionModel(TimeConditioning, ModelModule):
         super().__init__()
         cfg = resolve_unet_config(config)
         self.config = cfg
-        channels = list(cfg["block_out_channels"])
-        n = len(channels)
-        heads_key = _heads_key(cfg)
-        heads = _per_block(cfg, heads_key, n)
-        cross_dims = _per_block(cfg, "cross_attention_dim", n)
-        layers = _per_block(cfg, "layers_per_block", n)
-        tlayers = _per_block(cfg, "transformer_layers_per_block", n)
-        groups, eps = cfg["norm_num_groups"], cfg["norm_eps"]
-        linear, upcast = bool(cfg["use_linear_projection"]), bool(cfg["upcast_attention"])
+        channels, n, heads_key, heads, cross_dims, layers, tlayers, groups, eps, linear, upcast = (
+            _blocks_layout(cfg))
 
         self.conv_in = nn.Conv2d(cfg["in_channels"], channels[0], cfg["conv_in_kernel"],
                                  padding=(cfg["conv_in_kernel"] - 1) // 2)
