@@ -27,8 +27,8 @@ def test_blocks_stay_below_the_inline_limit_and_round_trip():
 
 
 def test_wide_rows_are_halved_until_they_fit_and_an_empty_table_travels():
-    table = _rows(300, width=20_000)  # ~20 KB of prompt per row (compresses), plus a digest
-    blocks = list(to_wire(table, max_bytes=30_000))
+    table = _rows(1500).append_column("note", pa.array([os.urandom(100).hex() for _ in range(1500)]))
+    blocks = list(to_wire(table, max_bytes=30_000))  # the first 1024-row chunk is ~300 KB: halved until it fits
     assert all(len(b.column(COLUMN)[0].as_py()) <= 30_000 for b in blocks)
     assert pa.concat_tables([from_wire(b) for b in blocks]).equals(table)
     empty = _rows(0)
