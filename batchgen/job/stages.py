@@ -250,7 +250,7 @@ class GeneratorActor:
                  torch_threads: int = 1, max_init_pixels: int | None = None,
                  quiet: bool = False, compile: str = "none", deterministic: bool = False, scoring: dict | None = None,
                  lora_sha256: dict[str, str] | None = None, controlnet_sha256: dict[str, str] | None = None,
-                 condition_sha256: dict[str, str] | None = None):
+                 condition_sha256: dict[str, str] | None = None, model_fingerprint: str | None = None):
         self.lora_sha256 = dict(lora_sha256 or {})  # the pre-flight's digests (job.json's lora_sha256)
         self.condition_sha256 = dict(condition_sha256 or {})  # conditioning file uri -> sha256 (pre-flight)
         self.batch_size = batch_size
@@ -265,9 +265,11 @@ class GeneratorActor:
                                       deterministic=deterministic)
         self.family = getattr(getattr(self.renderer, "family", None), "name", None)
         self.nets = len(self.renderer.model_info.get("controlnets") or [])
-        self.load_error = None  # a ControlNet whose bytes changed: every item fails, naming it
+        self.load_error = None  # a model or ControlNet whose bytes changed: every item fails, naming it
         try:
             verify_digests(self.renderer.model_info.get("controlnets"), dict(controlnet_sha256 or {}), "ControlNet")
+            verify_digests([{"uri": model["uri"], "sha256": self.renderer.model_info["fingerprint"]}],
+                           {model["uri"]: model_fingerprint} if model_fingerprint else {}, "model")
         except FileChanged as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
         self.job_loras = json.dumps([{"uri": x["uri"], "scale": float(x.get("scale", 1.0))}
