@@ -162,6 +162,15 @@ def test_conditioned_jobs_from_s3(tmp_path, s3_server, s3_bucket, ray_local, bui
         edges = np.asarray(Image.open(io.BytesIO(tar.extractfile("i3.control.png").read())))
     assert {"i0.png", "i0.control.png", "i3.control.png"} <= names
     assert edges.shape == (64, 64, 3) and set(np.unique(edges)) <= {0, 255}
+    # the Parquet export: an Image column named as diffusers' ControlNet training scripts read it
+    hf = tmp_path / "hf"
+    export_output(str(out), "parquet", str(hf), storage_config=cfg, with_conditioning=True)
+    table = pq.read_table(hf / "data" / "train-00000-of-00001.parquet")
+    features = json.loads(table.schema.metadata[b"huggingface"])["info"]["features"]
+    assert features["conditioning_image"] == {"_type": "Image"} and "mask" not in table.column_names
+    by_id = {r["item_id"]: r for r in table.to_pylist()}
+    with tarfile.open(wds / "000000.tar") as tar:
+        assert by_id["i3"]["conditioning_image"]["bytes"] == tar.extractfile("i3.control.png").read()
 
     # compare: a copy whose manifest records another control image sha (equal pixels) names it
     import shutil
@@ -199,6 +208,12 @@ def test_conditioned_jobs_from_s3(tmp_path, s3_server, s3_bucket, ray_local, bui
     assert rows["o0"]["mask_image"] is None and rows["o0"]["strength"] == 1.0
     data, _ = rerender_item(str(out2), "m1", s3_server)
     assert data == (out2 / "images" / "m1.png").read_bytes()
+    export_output(str(out2), "parquet", str(tmp_path / "hf2"), storage_config=cfg, with_conditioning=True)
+    table = pq.read_table(tmp_path / "hf2" / "data" / "train-00000-of-00001.parquet")
+    masks = {r["item_id"]: r["mask"] for r in table.to_pylist()}
+    assert "conditioning_image" not in table.column_names and masks["p0"] is None and masks["o0"] is None
+    m1 = np.asarray(Image.open(io.BytesIO(masks["m1"]["bytes"])))
+    assert m1.shape == (64, 64) and set(np.unique(m1)) <= {0, 255}  # binarized after the blur, as used
 
 
 def test_controlnet_synthetic_walkthrough(tmp_path, ray_local, monkeypatch):
@@ -303,6 +318,13 @@ def test_multi_controlnet_driver_sigkill_then_resume(tmp_path, ray_local, ray_tm
     table = pq.read_table(out / "manifest.parquet")
     assert sorted(table.column("item_id").to_pylist()) == ids and set(table.column("status").to_pylist()) == {"ok"}
     assert image_digests(out) == reference
+    from batchgen.export import export_output
+
+    export_output(str(out), "parquet", str(tmp_path / "hf"), with_conditioning=True)
+    table = pq.read_table(tmp_path / "hf" / "data" / "train-00000-of-00001.parquet")
+    assert {"conditioning_image_0", "conditioning_image_1"} <= set(table.column_names)
+    row = table.slice(1, 1).to_pylist()[0]
+    assert row["conditioning_image_0"]["bytes"] != row["conditioning_image_1"]["bytes"]
 
 
 def test_workers_refuse_files_changed_after_the_preflight(tmp_path, ray_local, builtin_tiny):
