@@ -366,3 +366,23 @@ def test_workers_refuse_files_changed_after_the_preflight(tmp_path, ray_local, b
     rows = pq.read_table(out2 / "manifest.parquet").to_pylist()
     assert result.failed == 6 and {r["status"] for r in rows} == {"failed"}
     assert f"ControlNet {nets[1]} changed since the pre-flight" in rows[0]["error"]
+
+
+def test_controlnet_and_mask_in_one_row(tmp_path, ray_local, builtin_tiny):
+    """Rows with a control image and a mask (ControlNet inpainting), beside rows with a control
+    image only: they render in their own model calls, and rerender byte-identically."""
+    from batchgen.jobcli import rerender_item
+
+    init, mask = _png(tmp_path / "init.png", seed=3), _mask(tmp_path / "mask.png")
+    control = _png(tmp_path / "control.png", seed=4)
+    inp = write_prompts(tmp_path / "in.parquet", 3, id=["cm0", "cm1", "c2"], control_image=[control] * 3,
+                        init_image=[init, init, None], mask_image=[mask, mask, None],
+                        controlnet_conditioning_scale=[None, 1.2, None])
+    out = tmp_path / "out"
+    result = run_job(_spec(inp, out, (CN,)))
+    assert result.all_ok and result.total == 3
+    rows = {r["item_id"]: r for r in pq.read_table(out / "manifest.parquet").to_pylist()}
+    assert rows["cm0"]["mask_image_sha256"] and rows["cm0"]["control_image_sha256"] == rows["c2"]["control_image_sha256"]
+    for item in ("cm0", "cm1"):
+        data, _ = rerender_item(str(out), item)
+        assert data == (out / "images" / f"{item}.png").read_bytes()

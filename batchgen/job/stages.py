@@ -125,7 +125,8 @@ def generate_kwargs(rows: list[dict], family: str | None) -> dict[str, Any]:
     settings from the first row, per-item settings as lists, settings the rows leave null (family
     defaults) left out. The pre-flight validates every group with exactly this."""
     from ..control import DEFAULTS as CONTROL_DEFAULTS
-    from ..control import IMG2IMG_SCALE
+    from ..control import default_scale
+    from ..outpaint import OUTPAINT_SETTINGS
     from ..settings import GENERATE_ARGUMENTS, ROW_SETTINGS
 
     first = rows[0]
@@ -146,8 +147,10 @@ def generate_kwargs(rows: list[dict], family: str | None) -> dict[str, Any]:
             continue
         if setting.name in CONTROL_DEFAULTS:  # generate() takes no None inside a list of ControlNet values
             default = CONTROL_DEFAULTS[setting.name]
-            if setting.name == "controlnet_conditioning_scale" and first.get("init_image") is not None:
-                default = IMG2IMG_SCALE
+            if setting.name == "controlnet_conditioning_scale":
+                inpaint = first.get("mask_image") is not None or any(first.get(k) is not None
+                                                                     for k in OUTPAINT_SETTINGS)
+                default = default_scale(family, first.get("init_image") is not None, inpaint)
             values = [default if v is None else v for v in values]
         kwargs[setting.name] = values[0] if setting.group else values
     return kwargs
