@@ -65,6 +65,7 @@ class _Request:
     labels: list[str] | None
     masks: list[np.ndarray] | None = None  # inpainting: (H, W) float32, 1 = repaint (batchgen.inpaint)
     control: Any = None  # batchgen.control.ControlRequest when ControlNets are loaded
+    overlays: list | None = None  # padding_mask_crop: per item a batchgen.mask_crop.Overlay or None
 
 
 class Pipeline:
@@ -153,7 +154,9 @@ class Pipeline:
         ``init_images`` (one per prompt) start img2img at ``strength`` (default 0.8). With
         ``mask_images`` too (one per prompt, white = repaint) the items are inpainted
         (:mod:`batchgen.inpaint`; ``strength`` default 1.0); the ``outpaint_*`` settings instead
-        make the masks (:mod:`batchgen.outpaint`).
+        make the masks (:mod:`batchgen.outpaint`). ``padding_mask_crop=P`` renders an item from
+        the mask's region grown by P pixels and pastes it back: that item's image has its init
+        image's size (:mod:`batchgen.mask_crop`).
 
         With ControlNets loaded (``load_pipeline(..., controlnets=[...])``), ``control_images`` gives
         one image per prompt (several ControlNets: a list of one per ControlNet), and the settings
@@ -176,7 +179,8 @@ class Pipeline:
                 for start in range(0, len(members), size):
                     indices = members[start:start + size]
                     for i, image in zip(indices, self._render_batch(req, indices, size, settings, texts)):
-                        images[i] = image
+                        images[i] = image if req.overlays is None or req.overlays[i] is None else \
+                            req.overlays[i].apply(image)
                     done += len(indices)
                     report(done, total)
         finally:
@@ -248,11 +252,11 @@ class Pipeline:
                  "steps": defaults["steps"] if steps is None else steps,
                  "guidance_scale": defaults["guidance_scale"] if guidance_scale is None else guidance_scale}
         group = {k: BY_NAME[k].check(v, k) for k, v in named.items()}
-        images = masks = None
+        images = masks = overlays = None
         inpaint = {k: extra.pop(k) for k in (*MASK_SETTINGS, *OUTPAINT_SETTINGS) if k in extra}
         inpaint = {k: v for k, v in inpaint.items() if v is not None}
         if mask_images is not None or inpaint:
-            images, masks = self._inpaint_inputs(init_images, mask_images, strength, inpaint, n, group)
+            images, masks, overlays = self._inpaint_inputs(init_images, mask_images, strength, inpaint, n, group)
         elif init_images is not None:
             group["strength"] = BY_NAME["strength"].check(0.8 if strength is None else strength, "strength")
             images = list(init_images)
@@ -283,7 +287,8 @@ class Pipeline:
         # Fail on a bad sampler name, option or step count before any work is done.
         get_sampler(name, fam.scheduler_config, group["steps"], strength=group.get("strength"), options=options,
                     **fam.schedule(group, name))
-        return _Request(prompts, negatives, seeds, name, options, group, items, images, labels, masks, control)
+        return _Request(prompts, negatives, seeds, name, options, group, items, images, labels, masks, control,
+                        overlays if overlays and any(o is not None for o in overlays) else None)
 
     def _inpaint_inputs(self, init_images, mask_images, strength, settings: dict, n: int, group: dict):
         """Inpainting's validation: the model can inpaint, settings per item, masks prepared."""

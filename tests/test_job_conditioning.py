@@ -98,6 +98,10 @@ def test_preflight_refuses_bad_conditioning_inputs(tmp_path):
     msg = _refused(tmp_path, dict(id=ids, init_image=[good, good], mask_image=[mask, str(tmp_path / "nomask.png")]),
                    controlnets=())
     assert "row 1, column 'mask_image'" in msg and "nomask.png" in msg
+    half = _mask(tmp_path / "half.png", size=(32, 32))
+    msg = _refused(tmp_path, dict(id=ids, init_image=[good, good], mask_image=[mask, half], padding_mask_crop=[None, 8]),
+                   controlnets=())
+    assert "row 1, column 'mask_image'" in msg and "padding_mask_crop finds its region on the mask" in msg
     msg = _refused(tmp_path, dict(id=ids, control_image=[good, good]), controlnets=("builtin:tiny-sdxl-controlnet",))
     assert "model.controlnets[0] 'builtin:tiny-sdxl-controlnet'" in msg and "does not fit the model" in msg
 
@@ -374,15 +378,19 @@ def test_controlnet_and_mask_in_one_row(tmp_path, ray_local, builtin_tiny):
     from batchgen.jobcli import rerender_item
 
     init, mask = _png(tmp_path / "init.png", seed=3), _mask(tmp_path / "mask.png")
+    photo, photo_mask = _png(tmp_path / "photo.png", size=(96, 72), seed=5), _mask(tmp_path / "pm.png", (96, 72))
     control = _png(tmp_path / "control.png", seed=4)
-    inp = write_prompts(tmp_path / "in.parquet", 3, id=["cm0", "cm1", "c2"], control_image=[control] * 3,
-                        init_image=[init, init, None], mask_image=[mask, mask, None],
-                        controlnet_conditioning_scale=[None, 1.2, None])
+    inp = write_prompts(tmp_path / "in.parquet", 4, id=["cm0", "cm1", "c2", "cp3"], control_image=[control] * 4,
+                        init_image=[init, init, None, photo], mask_image=[mask, mask, None, photo_mask],
+                        controlnet_conditioning_scale=[None, 1.2, None, None],
+                        padding_mask_crop=[None, None, None, 4])
     out = tmp_path / "out"
     result = run_job(_spec(inp, out, (CN,)))
-    assert result.all_ok and result.total == 3
+    assert result.all_ok and result.total == 4
     rows = {r["item_id"]: r for r in pq.read_table(out / "manifest.parquet").to_pylist()}
     assert rows["cm0"]["mask_image_sha256"] and rows["cm0"]["control_image_sha256"] == rows["c2"]["control_image_sha256"]
-    for item in ("cm0", "cm1"):
+    # padding_mask_crop: rendered from the mask's region, pasted back: the photo's size
+    assert Image.open(out / "images" / "cp3.png").size == (96, 72) and rows["cp3"]["padding_mask_crop"] == 4
+    for item in ("cm0", "cm1", "cp3"):
         data, _ = rerender_item(str(out), item)
         assert data == (out / "images" / f"{item}.png").read_bytes()

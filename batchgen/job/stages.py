@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import socket
+import struct
 import time
 from typing import Any
 
@@ -118,6 +119,19 @@ def set_deterministic() -> None:
     torch.set_float32_matmul_precision("highest")
 
 
+
+
+def pixels_to_bytes(arr: np.ndarray) -> bytes:
+    """A rendered HxWx3 uint8 image as it travels from the generator to the encoder: its height and
+    width (two little-endian uint32) then the raw pixels. The size rides along because it is not
+    always the row's width x height (``padding_mask_crop`` gives the init image's size)."""
+    arr = np.ascontiguousarray(arr, dtype=np.uint8)
+    return struct.pack("<II", arr.shape[0], arr.shape[1]) + arr.tobytes()
+
+
+def bytes_to_pixels(data: bytes) -> np.ndarray:
+    height, width = struct.unpack_from("<II", data)
+    return np.frombuffer(data, np.uint8, offset=8).reshape(height, width, 3)
 
 
 def generate_kwargs(rows: list[dict], family: str | None) -> dict[str, Any]:
@@ -365,7 +379,7 @@ class GeneratorActor:
                 errors[i] = f"render failed: {type(exc).__name__}: {exc}"
             return
         for k, (i, arr) in enumerate(zip(members, arrays)):
-            out["image"][i] = np.ascontiguousarray(arr, dtype=np.uint8).tobytes()
+            out["image"][i] = pixels_to_bytes(arr)
             out["render_ms"][i] = per_item
             out["applied_loras"][i] = applied
             for name, values in labels.items():
@@ -450,7 +464,7 @@ class EncodeAndStore:
             sha = size = None
             if status[i] == "ok":
                 try:
-                    arr = np.frombuffer(images[i], np.uint8).reshape(row["height"], row["width"], 3)
+                    arr = bytes_to_pixels(images[i])
                     data = self.encode_and_put(arr, row, loc)
                     sha, size = hashlib.sha256(data).hexdigest(), len(data)
                 except Exception as exc:  # noqa: BLE001 - e.g. storage failure: a failed row
