@@ -152,6 +152,7 @@ def test_builtins_and_what_keeps_working(tmp_path):
     xl = load_pipeline("builtin:tiny-sdxl", device="cpu", dtype=torch.float32, ip_adapter="builtin:tiny-sdxl-ip-adapter")
     assert xl.model_info["ip_adapter"]["uri"] == "builtin:tiny-sdxl-ip-adapter"
     xl.generate(["a"], [1], ip_adapter_images=refs(1), **KW)
+    assert xl.warmup(2, width=SIZE, height=SIZE) > 0  # the actors' warm-up: a gray reference image per item
     pipe = load_pipeline("builtin:tiny", device="cpu", dtype=torch.float32, ip_adapter="builtin:tiny-sd1-ip-adapter")
     args = (["a cat"], [3])
     kwargs = dict(ip_adapter_images=refs(1, seed=4), ip_adapter_scale=0.8, **KW)
