@@ -169,3 +169,34 @@ def test_builtins_and_what_keeps_working(tmp_path):
     fp8 = load_pipeline("builtin:tiny", device="cpu", dtype=torch.float32, fp8=("unet",),
                         ip_adapter="builtin:tiny-sd1-ip-adapter")
     assert fp8.generate(*args, **kwargs)[0].std() > 0
+
+
+def test_from_s3_with_the_encoder_found_beside_it(tiny_sd1, sd1_adapter, s3_server, s3_bucket, tmp_path):
+    """An s3:// IP-Adapter: its encoder is looked for at the same places under the URI; the SDXL
+    layout's other encoder (sdxl_models/image_encoder) does not fit a Plus file, models/ does."""
+    from batchgen.checkpoints.ip_adapter import find_image_encoder, open_ip_adapter
+    from batchgen.storage import StorageConfig
+    from tests.fixtures_s3 import s3_client
+
+    client = s3_client(s3_server)
+    plus = write_ip_adapter(tmp_path / "models", "sd1", "plus", 2, encoder=False)
+    encoder = sd1_adapter.parent / "image_encoder"
+    uploads = {"models/ip-adapter_sd15.safetensors": sd1_adapter, "sdxl_models/plus.safetensors": plus}
+    uploads.update({f"models/image_encoder/{p.name}": p for p in encoder.iterdir()})
+    uploads.update({f"sdxl_models/image_encoder/{p.name}": p for p in _narrow_encoder(tmp_path).iterdir()})
+    for key, path in uploads.items():
+        client.put_object(Bucket=s3_bucket, Key=key, Body=path.read_bytes())
+    cfg = StorageConfig(endpoint_url=s3_server)
+    uri = f"s3://{s3_bucket}/models/ip-adapter_sd15.safetensors"
+    pipe = load_pipeline(tiny_sd1, device="cpu", dtype=torch.float32, storage_config=cfg, ip_adapter=uri)
+    info = pipe.model_info["ip_adapter"]
+    assert info["uri"] == uri and info["image_encoder"]["uri"] == f"s3://{s3_bucket}/models/image_encoder"
+    local = load_pipeline(tiny_sd1, device="cpu", dtype=torch.float32, ip_adapter=str(sd1_adapter))
+    assert info["sha256"] == local.model_info["ip_adapter"]["sha256"]
+    assert info["image_encoder"]["sha256"] == local.model_info["ip_adapter"]["image_encoder"]["sha256"]
+    from batchgen.builtin import resolve_model_uri
+
+    resolve = lambda u: resolve_model_uri(u, cfg)  # noqa: E731
+    plus_uri = f"s3://{s3_bucket}/sdxl_models/plus.safetensors"
+    where, _folder = find_image_encoder(plus_uri, open_ip_adapter(resolve(plus_uri)), resolve)
+    assert where == f"s3://{s3_bucket}/models/image_encoder"
