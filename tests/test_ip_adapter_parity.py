@@ -5,7 +5,7 @@ test writes in the h94/IP-Adapter layout (``models/ip-adapter_sd15.safetensors``
 ``models/image_encoder/``, ``sdxl_models/...``): SD 1.x plain and Plus, SDXL plain and Plus (the
 ``*_vit-h`` file, whose encoder is found in ``models/image_encoder``), with classifier-free
 guidance, per-item scales (each item against diffusers run alone with ``set_ip_adapter_scale`` of
-its scale), txt2img, img2img and ControlNet; fixed micro-batch invariance with other reference
+its scale), txt2img, img2img, inpainting and ControlNet; fixed micro-batch invariance with other reference
 images and scales among the batch-mates.
 """
 
@@ -115,7 +115,8 @@ def _each_item(pipe, sampler, items, scales, **kwargs):
     for i, scale in zip(items, scales):
         pipe.set_ip_adapter_scale(scale)
         extra = {k: [v[i]] if isinstance(v, list) else v for k, v in kwargs.items()}
-        extra = {k: Image.fromarray(v[0]) if k in ("image", "control_image") else v for k, v in extra.items()}
+        extra = {k: Image.fromarray(v[0]) if k in ("image", "control_image", "mask_image") else v
+                 for k, v in extra.items()}
         out.append(pipe(PROMPTS[i], negative_prompt=NEGATIVES[i] or None, num_inference_steps=STEPS, output_type="np",
                         width=SIZE, height=SIZE, generator=torch.Generator().manual_seed(SEEDS[i]),
                         ip_adapter_image=Image.fromarray(REFS[i]), **extra).images[0])
@@ -150,6 +151,23 @@ def test_sd1_img2img_matches_diffusers(tiny_sd1, h94):
                         ip_adapter_scale=[1.2, 0.5])
     ref = _sd1(diffusers.StableDiffusionImg2ImgPipeline, tiny_sd1, h94, "sd1-plain")
     expected = _each_item(ref, "euler_a", range(2), [1.2, 0.5], image=inits, strength=0.7)
+    assert _levels(got, expected) <= 1
+
+
+def test_sd1_inpainting_with_ip_adapter_matches_diffusers(tiny_sd1, h94):
+    """An ordinary UNet inpainting (the kept region blended back each step) with reference images."""
+    inits = [np.ascontiguousarray(np.resize(i, (SIZE, SIZE, 3))) for i in references(2, seed=5)]
+    masks = []
+    for i in range(2):
+        mask = np.zeros((SIZE, SIZE), np.uint8)
+        mask[4 + 4 * i:SIZE - 6, 6:SIZE - 4 * i] = 255
+        masks.append(mask)
+    ours = _ours(tiny_sd1, h94, "sd1-plain")
+    got = ours.generate(PROMPTS[:2], SEEDS[:2], negative_prompts=NEGATIVES[:2], sampler="ddim", steps=STEPS,
+                        width=SIZE, height=SIZE, init_images=inits, mask_images=masks, ip_adapter_images=REFS[:2],
+                        ip_adapter_scale=[1.0, 0.6])
+    ref = _sd1(diffusers.StableDiffusionInpaintPipeline, tiny_sd1, h94, "sd1-plain")
+    expected = _each_item(ref, "ddim", range(2), [1.0, 0.6], image=inits, mask_image=masks, strength=1.0)
     assert _levels(got, expected) <= 1
 
 
