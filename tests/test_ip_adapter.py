@@ -200,3 +200,22 @@ def test_from_s3_with_the_encoder_found_beside_it(tiny_sd1, sd1_adapter, s3_serv
     plus_uri = f"s3://{s3_bucket}/sdxl_models/plus.safetensors"
     where, _folder = find_image_encoder(plus_uri, open_ip_adapter(resolve(plus_uri)), resolve)
     assert where == f"s3://{s3_bucket}/models/image_encoder"
+
+
+def test_preprocessor_config_of_the_encoder_folder_is_used(sd1_adapter, tmp_path):
+    """The encoder folder's preprocessor_config.json decides the pixels (and is part of its sha256);
+    without one, CLIP's standard preprocessing at the encoder's image size."""
+    import json
+    import shutil
+
+    from batchgen.checkpoints.ip_adapter import image_processor, open_image_encoder
+
+    plain = open_image_encoder(sd1_adapter.parent / "image_encoder")
+    assert image_processor(plain).crop_size == {"height": 32, "width": 32}
+    folder = shutil.copytree(sd1_adapter.parent / "image_encoder", tmp_path / "enc")
+    (folder / "preprocessor_config.json").write_text(json.dumps(
+        {"crop_size": 24, "size": 28, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+         "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "resample": 3}), encoding="utf-8")
+    given = open_image_encoder(folder)
+    pixels = image_processor(given)(refs(1)[0], return_tensors="pt").pixel_values
+    assert tuple(pixels.shape) == (1, 3, 24, 24) and given.sha256 != plain.sha256

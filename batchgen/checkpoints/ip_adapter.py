@@ -376,12 +376,9 @@ def image_processor(folder: ImageEncoderFolder):
     config_path = folder.path / "preprocessor_config.json"
     if config_path.is_file():
         try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from None
-        config = {k: v for k, v in config.items() if k not in ("image_processor_type", "feature_extractor_type",
-                                                               "processor_class")}
-        return cls(**config)
+            return cls.from_pretrained(str(folder.path), local_files_only=True)
+        except Exception as exc:  # noqa: BLE001 - transformers raises many types for a broken file
+            raise CheckpointError(f"{config_path}: cannot read the image processor config ({exc})") from None
     size = int(folder.config.get("image_size") or 224)
     return cls(size=size, crop_size=size)
 
