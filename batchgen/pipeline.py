@@ -286,10 +286,7 @@ class Pipeline:
             raise ValueError("mask_images: this is an inpainting model (its denoiser takes a mask and a masked image); "
                              "pass init_images and mask_images (diffusers' inpainting pipelines require them too)")
         control = check_control(fam, control_images, control_settings, n, group["width"], group["height"],
-                                img2img=images is not None)
-        if control is not None and masks is not None:
-            raise ValueError("control_images: ControlNet together with inpainting/outpainting (mask_images, "
-                             "outpaint_*) is not supported yet; render the items with one or the other")
+                                img2img=images is not None, inpaint=masks is not None)
         ip = check_ip_adapter(fam, ip_adapter_images, ip_scale, n)
         options = dict(sampler_options or {})
         name = sampler or fam.default_sampler
