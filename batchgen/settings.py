@@ -138,6 +138,8 @@ SETTINGS: tuple[Setting, ...] = (
             "starts acting (0 when a ControlNet is loaded)", lo=0, hi=1),
     Setting("control_guidance_end", "float", None, "ControlNet: fraction of the model calls after which it "
             "stops acting (1 when a ControlNet is loaded)", lo=0, hi=1),
+    Setting("ip_adapter_scale", "float", None, "IP-Adapter: how strongly the reference image steers (1 when an "
+            "IP-Adapter is loaded, as diffusers' set_ip_adapter_scale; 0 = not at all)", lo=0, hi=10),
     Setting("true_cfg_scale", "float", 1.0, "FLUX: true classifier-free guidance with the negative prompt "
             "(1 = off)", lo=1, hi=100, group=True, families=("flux",)),
 )
