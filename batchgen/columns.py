@@ -19,10 +19,10 @@ ROW_HEAD = [("item_id", pa.string()), ("source_file", pa.string()), ("source_row
 # derives control images; generate() takes images, not URIs): see batchgen.job.conditioning.
 # ``control_image`` is one URI, or a JSON list of URIs with several ControlNets.
 CONDITION_ROW = [("control_image", pa.string()), ("mask_image", pa.string()), ("control_preprocess", pa.string()),
-                 ("canny_low", pa.int32()), ("canny_high", pa.int32())]
+                 ("canny_low", pa.int32()), ("canny_high", pa.int32()), ("ip_adapter_image", pa.string())]
 # The sha256 of each conditioning file as the worker read it (several control images: a JSON list).
 CONDITION_SHA = [("init_image_sha256", pa.string()), ("control_image_sha256", pa.string()),
-                 ("mask_image_sha256", pa.string())]
+                 ("mask_image_sha256", pa.string()), ("ip_adapter_image_sha256", pa.string())]
 
 
 def setting_type(setting) -> pa.DataType:

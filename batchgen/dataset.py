@@ -97,6 +97,7 @@ def row_settings(spec, resolved: dict[str, Any] | None = None) -> dict[str, Any]
         "family": resolved.get("family"),
         "loras": canonical_loras([lora.model_dump() for lora in spec.model.loras]),
         "controlnets": len(spec.model.controlnets),
+        "ip_adapter": spec.model.ip_adapter is not None,
         "strength_set": "strength" in spec.sampling.model_fields_set,
         "values": {s.name: values.get(s.name, getattr(spec.sampling, s.name) if s.spec else None)
                    for s in ROW_SETTINGS},
@@ -431,6 +432,13 @@ def _conditioning(table: pa.Table, file_uri: str, first_row: int, settings: dict
                        "a Canny threshold needs control_preprocess: canny in the same row")
         if mask is not None and init[i] is None:
             raise fail("mask_image", "a mask needs an init_image in the same row (the image to repaint)")
+        reference = raw["ip_adapter_image"][i]
+        if reference is not None and not settings.get("ip_adapter"):
+            raise fail("ip_adapter_image", "the row has a reference image but the spec's model has no ip_adapter: "
+                                           "add model.ip_adapter, or leave the column empty")
+        if reference is None and settings.get("ip_adapter"):
+            raise fail("ip_adapter_image", "model.ip_adapter is set: every row needs a reference image (a URI; "
+                                           "ip_adapter_scale 0 makes it not steer the row)")
         inpaint = mask is not None or outpaint[i]
         if inpaint and init[i] is not None and own_strength[i] is None and not settings.get("strength_set"):
             strength[i] = 1.0

@@ -413,7 +413,7 @@ def _log_done(sel: Selection, shards: int, t0: float) -> None:
 
 def _conditioning(sel: Selection, row: dict, storage_config) -> dict[str, bytes]:
     """The conditioning images of one row as PNG bytes by sample extension ({} when none)."""
-    if not (row.get("control_image") or row.get("mask_image")):
+    if not (row.get("control_image") or row.get("mask_image") or row.get("ip_adapter_image")):
         return {}
     from .job.conditioning import conditioning_pngs
 
@@ -579,13 +579,16 @@ def _conditioning_columns(sel: Selection) -> dict[str, str]:
     """The Parquet export's conditioning image columns, by the file name
     :func:`batchgen.job.conditioning.conditioning_pngs` gives: ``conditioning_image`` (diffusers'
     ControlNet training scripts read that name; with several ControlNets ``conditioning_image_0``,
-    ``conditioning_image_1`` ...) and ``mask`` — only those the job can have."""
+    ``conditioning_image_1`` ...), ``mask`` and ``reference_image`` (an IP-Adapter's reference) —
+    only those the job can have."""
     model = (((sel.output.job or {}).get("spec") or {}).get("model") or {})
     nets = len(model.get("controlnets") or [])
     columns = {"control.png": "conditioning_image"} if nets == 1 else {
         f"control.{j}.png": f"conditioning_image_{j}" for j in range(nets)}
     if "mask_image" in sel.rows.schema.names and sel.rows.column("mask_image").null_count < sel.rows.num_rows:
         columns["mask.png"] = "mask"
+    if model.get("ip_adapter"):
+        columns["reference.png"] = "reference_image"
     return columns
 
 

@@ -255,7 +255,7 @@ def rerender_item(output: str, item_id: str, endpoint_url: str | None = None) ->
     from .images import encode_image
     from .manifest import image_parameters
     from .outputs import Output
-    from .job.conditioning import load_conditions, recorded_digests
+    from .job.conditioning import condition_kwargs, load_conditions, recorded_digests
     from .job.stages import apply_render_env, env_differences, generate_kwargs, load_renderer, render_env
     from .storage import StorageConfig
 
@@ -301,14 +301,9 @@ def rerender_item(output: str, item_id: str, endpoint_url: str | None = None) ->
         # manifest's sha256 are refused, naming the file
         nets = len(renderer.model_info.get("controlnets") or [])
         got = load_conditions(row, cfg, limit, recorded_digests(row), nets)
-        init = [got.init] if row.get("init_image") else None
-        kwargs = generate_kwargs([row], row.get("model_family"))
-        if row.get("mask_image"):
-            kwargs["mask_images"] = [got.mask]
-        if row.get("control_image"):
-            kwargs["control_images"] = [got.control]
+        kwargs = {**generate_kwargs([row], row.get("model_family")), **condition_kwargs(row, [got])}
         arrays = renderer.generate(
-            [row["prompt"]], [row["seed"]], sampler=row["sampler"], init_images=init, micro_batch=row["batch_size"],
+            [row["prompt"]], [row["seed"]], sampler=row["sampler"], micro_batch=row["batch_size"],
             sampler_options=json.loads(row["sampler_options"] or "{}") or None, item_ids=[row["item_id"]],
             progress=False, **kwargs)
     finally:

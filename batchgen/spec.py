@@ -80,6 +80,15 @@ class ControlNetSpec(_Section):
                                  "local, s3:// or builtin:")
 
 
+class IPAdapterSpec(_Section):
+    """An IP-Adapter loaded beside the model (rows then need an ``ip_adapter_image``)."""
+
+    uri: str = Field(description="an IP-Adapter weight file (h94 layout: ip-adapter_sd15.safetensors, "
+                                 "ip-adapter-plus_sdxl_vit-h.safetensors ...), local, s3:// or builtin:")
+    image_encoder: Optional[str] = Field(None, description="its CLIP image encoder folder (default: found beside "
+                                                           "the file, as diffusers' load_ip_adapter finds it)")
+
+
 class ModelSpec(_Section):
     """Which checkpoint renders the images, and how it is loaded. The whole block is part of the
     resume digest: any change is a different job."""
@@ -108,6 +117,8 @@ class ModelSpec(_Section):
     controlnets: list[ControlNetSpec] = Field(
         default_factory=list, description="ControlNets (SD 1.x/2.x, SDXL); every row then needs a control_image "
                                           "(a JSON list of URIs, one per ControlNet, when there are several)")
+    ip_adapter: Optional[IPAdapterSpec] = Field(
+        None, description="an IP-Adapter (SD 1.x/2.x, SDXL); every row then needs an ip_adapter_image")
 
     def load_options(self) -> dict[str, Any]:
         """The keyword arguments of load_pipeline this block stands for (besides uri and dtype)."""
@@ -115,7 +126,9 @@ class ModelSpec(_Section):
                 "text_encoders": self.text_encoders, "tokenizers": self.tokenizers,
                 "prediction_type": self.prediction_type, "text_encoder_device": self.text_encoder_device,
                 "fp8": tuple(self.fp8), "loras": [lora.model_dump() for lora in self.loras],
-                "controlnets": [c.uri for c in self.controlnets]}
+                "controlnets": [c.uri for c in self.controlnets],
+                "ip_adapter": self.ip_adapter.uri if self.ip_adapter else None,
+                "ip_adapter_image_encoder": self.ip_adapter.image_encoder if self.ip_adapter else None}
 
 
 class _SamplingBase(_Section):

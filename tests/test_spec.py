@@ -102,7 +102,8 @@ def test_model_block_is_digested_whole():
     changes = {"uri": "builtin:tiny-sd2", "dtype": "float16", "variant": "fp16", "loras": [{"uri": "/l.safetensors"}],
                "vae": "/vae.safetensors", "text_encoders": {"text_encoder_2": "/t5"}, "tokenizers": {"tokenizer_2": "/t"},
                "prediction_type": "v_prediction", "allow_pickle": True, "text_encoder_device": "cpu",
-               "fp8": ["transformer"], "controlnets": [{"uri": "builtin:tiny-sd1-controlnet"}]}
+               "fp8": ["transformer"], "controlnets": [{"uri": "builtin:tiny-sd1-controlnet"}],
+               "ip_adapter": {"uri": "builtin:tiny-sd1-ip-adapter"}}
     assert set(changes) == set(ModelSpec.model_fields), "a model field without a digest check here"
     for key, value in changes.items():
         b = spec_from_dict({**base, "model": {key: value}})

@@ -1,5 +1,6 @@
-"""Conditioned items in a job: ControlNets in the model block, and the per-row conditioning files
-(``init_image``, ``mask_image``, ``control_image``), from the pre-flight to the worker.
+"""Conditioned items in a job: ControlNets and an IP-Adapter in the model block, and the per-row
+conditioning files (``init_image``, ``mask_image``, ``control_image``, ``ip_adapter_image``), from
+the pre-flight to the worker.
 
 Why here: ``generate()`` takes images, a job takes URIs. Between the two sit the checks that
 make a conditioned job safe to run and to resume:
@@ -7,7 +8,9 @@ make a conditioned job safe to run and to resume:
 - **pre-flight** (:func:`check_controlnets`, :class:`ConditionFiles`): every ControlNet of
   ``model.controlnets`` opens and fits the base model (no weights loaded: config and header
   only, built on the meta device beside the skeleton pipeline, so the settings groups are
-  validated with them); every control image, mask (and the init image of a masked row) exists,
+  validated with them); ``model.ip_adapter`` likewise (:func:`check_ip_adapter`: its keys and
+  shapes against the UNet, its image encoder found and fitting); every control image, reference
+  image, mask (and the init image of a masked row) exists,
   has a decodable header within ``input.max_init_image_pixels``, and a mask has its init image's
   aspect ratio. Errors name the file, row and column; nothing is written. The sha256 of each
   file goes into job.json; a resume refuses a file whose bytes changed (:func:`check_changed`).
@@ -31,7 +34,7 @@ from ..errors import CheckpointError, InputError, StorageError
 
 # The row columns holding URIs of files the job reads, and the manifest column of their sha256.
 FILE_COLUMNS = {"init_image": "init_image_sha256", "mask_image": "mask_image_sha256",
-                "control_image": "control_image_sha256"}
+                "control_image": "control_image_sha256", "ip_adapter_image": "ip_adapter_image_sha256"}
 
 
 class FileChanged(InputError):
@@ -129,6 +132,41 @@ def read_image(uri: str, storage_cfg, max_pixels=None, column: str = "init_image
     return img, sha
 
 
+def check_ip_adapter(spec, model, cfg) -> dict[str, str]:
+    """Check ``model.ip_adapter`` (the weight file's keys and shapes against the base model's UNet,
+    its image encoder's width) without loading weights, attach it (meta device, with its image
+    processor) to the pre-flight's skeleton pipeline, and return {uri: sha256} of the weight file
+    and of the image encoder folder (as the workers' ``model_info["ip_adapter"]`` names them)."""
+    ip = spec.model.ip_adapter
+    if ip is None:
+        return {}
+    if model is None:
+        raise InputError("model.ip_adapter: builtin:null renders seeded noise and takes no IP-Adapter")
+    from ..builtin import resolve_model_uri
+    from ..checkpoints.ip_adapter import (build_ip_adapter, check_encoder_fits, find_image_encoder, image_processor,
+                                          open_image_encoder, open_ip_adapter)
+    from ..ip_adapter import IP_FAMILIES, IPAdapter
+
+    fam = model.pipeline.family
+    if fam.name not in IP_FAMILIES or not hasattr(fam, "unet"):
+        raise CheckpointError(f"model.ip_adapter: the model {spec.model.uri} is a {fam.name} model; batchgen loads "
+                              f"IP-Adapters for SD 1.x/2.x and SDXL models")
+    resolve = lambda uri: resolve_model_uri(uri, cfg)  # noqa: E731
+    allow = spec.model.allow_pickle
+    try:
+        source = open_ip_adapter(resolve(ip.uri), allow_pickle=allow)
+        module = build_ip_adapter(source, fam.unet)
+        if ip.image_encoder is not None:
+            where, folder = ip.image_encoder, open_image_encoder(resolve(ip.image_encoder), allow_pickle=allow)
+            check_encoder_fits(source, folder)
+        else:
+            where, folder = find_image_encoder(ip.uri, source, resolve, allow_pickle=allow)
+        fam.parts["ip_adapter"] = IPAdapter(module, None, image_processor(folder))
+    except (CheckpointError, StorageError, OSError) as exc:
+        raise CheckpointError(f"model.ip_adapter {ip.uri!r}: {exc}") from None
+    return {ip.uri: source.sha256, where: folder.sha256}
+
+
 def control_uris(value: str | None) -> list[str]:
     """A row's canonical ``control_image`` (one URI or a JSON list) as a list of URIs."""
     if value is None:
@@ -146,6 +184,7 @@ class RowInputs:
     init: Any = None
     mask: Any = None
     control: Any = None  # one image, or a list with several ControlNets
+    reference: Any = None  # the IP-Adapter's reference image
     sha: dict[str, str | None] = field(default_factory=dict)
 
 
@@ -164,6 +203,9 @@ def load_conditions(row: dict, storage_cfg, max_pixels, expected: dict[str, str]
     if row.get("mask_image"):
         out.mask, out.sha["mask_image_sha256"] = read_image(row["mask_image"], storage_cfg, max_pixels,
                                                             "mask_image", expected.get(row["mask_image"]))
+    if row.get("ip_adapter_image"):
+        out.reference, out.sha["ip_adapter_image_sha256"] = read_image(
+            row["ip_adapter_image"], storage_cfg, max_pixels, "ip_adapter_image", expected.get(row["ip_adapter_image"]))
     uris = control_uris(row.get("control_image"))
     if uris:
         images, shas = [], []
@@ -176,6 +218,18 @@ def load_conditions(row: dict, storage_cfg, max_pixels, expected: dict[str, str]
         out.control = images if len(uris) > 1 or nets > 1 else images[0]
         out.sha["control_image_sha256"] = json.dumps(shas, separators=(",", ":")) if len(uris) > 1 else shas[0]
     return out
+
+
+def condition_kwargs(first: dict, inputs: list[RowInputs]) -> dict[str, list]:
+    """generate()'s image arguments for rows conditioned like ``first`` (a settings group's rows
+    all are): ``init_images`` (None without), ``mask_images``, ``control_images``,
+    ``ip_adapter_images``."""
+    kwargs: dict[str, Any] = {"init_images": [x.init for x in inputs] if first.get("init_image") is not None else None}
+    for column, argument, attr in (("mask_image", "mask_images", "mask"), ("control_image", "control_images", "control"),
+                                   ("ip_adapter_image", "ip_adapter_images", "reference")):
+        if first.get(column) is not None:
+            kwargs[argument] = [getattr(x, attr) for x in inputs]
+    return kwargs
 
 
 def recorded_digests(row: dict) -> dict[str, str]:
@@ -198,7 +252,8 @@ def conditioning_pngs(row: dict, storage_cfg, max_pixels=None) -> dict[str, byte
     """The images an item was conditioned on, as PNG files of the item's size, for exports:
     ``control.png`` (several ControlNets: ``control.0.png``, ``control.1.png`` ...) as the
     ControlNet saw it (a Canny map derived again), ``mask.png`` as the model used it (blurred,
-    resized, binarized: 255 = repainted). The files must still hold the bytes the manifest
+    resized, binarized: 255 = repainted), ``reference.png`` (the IP-Adapter's reference image, at
+    its own size). The files must still hold the bytes the manifest
     recorded (FileChanged naming the file otherwise)."""
     import numpy as np
     from PIL import Image
@@ -223,6 +278,8 @@ def conditioning_pngs(row: dict, storage_cfg, max_pixels=None) -> dict[str, byte
     if got.mask is not None:
         mask = prepare_mask(got.mask, width, height, row.get("mask_blur"), f"mask_image of {row['item_id']}")
         out["mask.png"] = png((mask * 255).astype(np.uint8))
+    if got.reference is not None:  # as given: the image encoder crops and resizes it itself
+        out["reference.png"] = png(np.asarray(got.reference.convert("RGB")))
     return out
 
 
@@ -296,7 +353,7 @@ class ConditionFiles:
         self.pairs: dict[tuple[str, str, bool], tuple[str, int]] = {}  # (mask, init, crop) -> (input file, row)
 
     def add(self, rows, file_uri: str) -> None:
-        cols = [c for c in ("control_image", "mask_image") if c in rows.column_names]
+        cols = [c for c in ("control_image", "mask_image", "ip_adapter_image") if c in rows.column_names]
         if not cols:
             return
         crop = ["padding_mask_crop"] if "padding_mask_crop" in rows.column_names else []
@@ -304,6 +361,8 @@ class ConditionFiles:
         for r in data:
             for uri in control_uris(r.get("control_image")):
                 self.first.setdefault(uri, (file_uri, r["source_row"], "control_image"))
+            if r.get("ip_adapter_image"):
+                self.first.setdefault(r["ip_adapter_image"], (file_uri, r["source_row"], "ip_adapter_image"))
             if r.get("mask_image"):
                 self.first.setdefault(r["mask_image"], (file_uri, r["source_row"], "mask_image"))
                 self.first.setdefault(r["init_image"], (file_uri, r["source_row"], "init_image"))
@@ -349,6 +408,7 @@ class ConditionFiles:
         return {uri: sha for uri, sha, _ in results}
 
 
-__all__ = ["FILE_COLUMNS", "FileChanged", "ConditionFiles", "RowInputs", "check_changed", "check_controlnets", "conditioning_pngs",
+__all__ = ["FILE_COLUMNS", "FileChanged", "ConditionFiles", "RowInputs", "check_changed", "check_controlnets",
+           "check_ip_adapter", "condition_kwargs", "conditioning_pngs",
            "control_uris", "image_header", "load_conditions", "open_header", "read_image", "recorded_digests",
            "verify_digests"]

@@ -48,6 +48,7 @@ class Plan:
     lora_sha256: dict = field(default_factory=dict)  # uri -> sha256 the pre-flight read; workers verify theirs
     controlnet_sha256: dict = field(default_factory=dict)  # model.controlnets: uri -> sha256, as for LoRAs
     condition_sha256: dict = field(default_factory=dict)  # control images, masks (+ their init images) likewise
+    ip_adapter_sha256: dict = field(default_factory=dict)  # model.ip_adapter: its file and image encoder folder
 
     @property
     def todo(self) -> int:

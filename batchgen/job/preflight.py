@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 
 from ..errors import BatchgenError, CheckpointError, InputError, StorageError
 from ..manifest import JOB_FILE, MANIFEST_FILE, PARTS_DIR, SUMMARY_FILE, read_json, write_json
-from .conditioning import ConditionFiles, check_changed, check_controlnets
+from .conditioning import ConditionFiles, check_changed, check_controlnets, check_ip_adapter
 from .plan import Plan, max_failures_for
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ def prepare(spec, *, overwrite: bool = False, max_failures: int | None = None, v
         check_sampler(spec)
         model = check_model(spec, cfg)
         controlnets = check_controlnets(spec, model, cfg)
+        ip_adapter = check_ip_adapter(spec, model, cfg)
         t_model = _phase(t_inputs, f"model {spec.model.uri}: " + (model.family if model is not None else "seeded noise, no weights"))
         resolved = resolve(spec, model)
         files = ConditionFiles()
@@ -78,10 +79,12 @@ def prepare(spec, *, overwrite: bool = False, max_failures: int | None = None, v
         loras = check_sampling(spec, model, scan, resolved)
         check_lora_files(out, previous if resume else None, loras)
         check_changed(out, (previous or {}).get("controlnet_sha256") if resume else None, controlnets, "ControlNet")
+        check_changed(out, (previous or {}).get("ip_adapter_sha256") if resume else None, ip_adapter,
+                      "IP-Adapter file")
         check_changed(out, (previous or {}).get("condition_sha256") if resume else None, conditions,
                       "conditioning file")
         removed = prepare_output(out, spec, scan, previous if resume else None, remove, resolved,
-                                          loras, images, controlnets, conditions)
+                                          loras, images, controlnets, conditions, ip_adapter)
     except BaseException:
         lease.release()
         if created:
@@ -93,7 +96,7 @@ def prepare(spec, *, overwrite: bool = False, max_failures: int | None = None, v
                "preflight_model": round(t_model - t_inputs, 3), "preflight_scan": round(time.perf_counter() - t_model, 3)}
     return Plan(spec, cfg, out, scan, committed, lease, limit, previous if resume else None, removed,
                 inputs, timings, resolved, images.as_dict(), lora_sha256=loras, controlnet_sha256=controlnets,
-                condition_sha256=conditions)
+                condition_sha256=conditions, ip_adapter_sha256=ip_adapter)
 
 
 def _phase(since: float, what: str) -> float:
@@ -178,6 +181,8 @@ def check_sampling(spec, model, scan, resolved: dict) -> dict[str, str]:
             nets = len(spec.model.controlnets)
             gray = np.zeros((8, 8, 3), np.uint8)
             kwargs["control_images"] = [[gray] * nets if nets > 1 else gray]
+        if values.get("ip_adapter_image") is not None:
+            kwargs["ip_adapter_images"] = [np.zeros((8, 8, 3), np.uint8)]
         try:
             pipe.validate([values["prompt"]], [values["seed"]], sampler=sampler,
                           sampler_options=spec.sampling.sampler_options or None, init_images=init, **kwargs)
@@ -524,7 +529,8 @@ def _written_ids(out) -> pa.Array:
 def prepare_output(out, spec, scan, previous: dict | None, remove: list[str],
                    resolved: dict | None = None, lora_sha256: dict[str, str] | None = None,
                    images=None, controlnet_sha256: dict[str, str] | None = None,
-                   condition_sha256: dict[str, str] | None = None) -> list[str]:
+                   condition_sha256: dict[str, str] | None = None,
+                   ip_adapter_sha256: dict[str, str] | None = None) -> list[str]:
     """Remove what ``--overwrite`` replaces (only what the earlier job wrote, never through links;
     anything else is left and named, in one warning), write job.json, and return what was
     removed, described. ``images``: the resume's :class:`~batchgen.manifest.ImageCheck`."""
@@ -547,6 +553,7 @@ def prepare_output(out, spec, scan, previous: dict | None, remove: list[str],
         "lora_sha256": {**((keep or {}).get("lora_sha256") or {}), **(lora_sha256 or {})},
         "controlnet_sha256": {**((keep or {}).get("controlnet_sha256") or {}), **(controlnet_sha256 or {})},
         "condition_sha256": {**((keep or {}).get("condition_sha256") or {}), **(condition_sha256 or {})},
+        "ip_adapter_sha256": {**((keep or {}).get("ip_adapter_sha256") or {}), **(ip_adapter_sha256 or {})},
         "passthrough": scan.settings.get("passthrough", {}),
         # spec settings the input's own columns replace: {"sampling.steps": {"column", "rows", "of"}}
         "overridden_by_input": getattr(scan, "overridden_by_input", {}),

@@ -26,7 +26,8 @@ import pyarrow.compute as pc
 
 from ..nullmodel import NullRenderer, is_null_model
 from ..columns import CONDITION_SHA
-from .conditioning import FileChanged, _TooLarge, load_conditions, open_header, read_image, verify_digests  # noqa: F401
+from .conditioning import (FileChanged, _TooLarge, condition_kwargs, load_conditions, open_header,  # noqa: F401
+                           read_image, verify_digests)
 from .wire import to_wire
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,9 @@ def load_renderer(model: dict | str, dtype: str | None = None, storage_cfg=None,
     controlnets = [c["uri"] if isinstance(c, dict) else c for c in model.get("controlnets") or []]
     if controlnets:
         options["controlnets"] = controlnets
+    if model.get("ip_adapter"):
+        options["ip_adapter"] = model["ip_adapter"]["uri"]
+        options["ip_adapter_image_encoder"] = model["ip_adapter"].get("image_encoder")
     fp8 = tuple(model.get("fp8") or ())
     # load_pipeline resolves builtin:, local and s3:// URIs (cached once per node) and dtype "auto".
     return load_pipeline(model["uri"], device=device, dtype=dtype or model.get("dtype"), storage_config=storage_cfg,
@@ -267,7 +271,8 @@ class GeneratorActor:
                  torch_threads: int = 1, max_init_pixels: int | None = None,
                  quiet: bool = False, compile: str = "none", deterministic: bool = False, scoring: dict | None = None,
                  lora_sha256: dict[str, str] | None = None, controlnet_sha256: dict[str, str] | None = None,
-                 condition_sha256: dict[str, str] | None = None, model_fingerprint: str | None = None):
+                 condition_sha256: dict[str, str] | None = None, model_fingerprint: str | None = None,
+                 ip_adapter_sha256: dict[str, str] | None = None):
         self.lora_sha256 = dict(lora_sha256 or {})  # the pre-flight's digests (job.json's lora_sha256)
         self.condition_sha256 = dict(condition_sha256 or {})  # conditioning file uri -> sha256 (pre-flight)
         self.batch_size = batch_size
@@ -285,6 +290,9 @@ class GeneratorActor:
         self.load_error = None  # a model or ControlNet whose bytes changed: every item fails, naming it
         try:
             verify_digests(self.renderer.model_info.get("controlnets"), dict(controlnet_sha256 or {}), "ControlNet")
+            ip = self.renderer.model_info.get("ip_adapter")
+            if ip:
+                verify_digests([ip, ip["image_encoder"]], dict(ip_adapter_sha256 or {}), "IP-Adapter")
             verify_digests([{"uri": model["uri"], "sha256": self.renderer.model_info["fingerprint"]}],
                            {model["uri"]: model_fingerprint} if model_fingerprint else {}, "model")
         except FileChanged as exc:
@@ -353,19 +361,14 @@ class GeneratorActor:
         for i, got in zip(members, inputs):
             for column, sha in got.sha.items():
                 out[column][i] = sha
-        init_images = [x.init for x in inputs] if first["init_image"] is not None else None
-        conditions = {}
-        if first.get("mask_image") is not None:
-            conditions["mask_images"] = [x.mask for x in inputs]
-        if first.get("control_image") is not None:
-            conditions["control_images"] = [x.control for x in inputs]
+        conditions = condition_kwargs(first, inputs)
         group_rows = [rows[i] for i in members]
         prompts = [r["prompt"] for r in group_rows]
         try:
             applied = self._set_loras(first.get("loras") or "[]")
             kwargs = dict(generate_kwargs(group_rows, self.family), sampler=self.sampler,
                           sampler_options=self.sampler_options or None, micro_batch=self.batch_size,
-                          init_images=init_images, **conditions)
+                          **conditions)
             warmup = self._warm_up(first["group"], kwargs)
             start = time.perf_counter()
             arrays = self.renderer.generate(prompts, [r["seed"] for r in group_rows],
