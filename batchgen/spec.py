@@ -118,7 +118,7 @@ class ModelSpec(_Section):
         default_factory=list, description="ControlNets (SD 1.x/2.x, SDXL); every row then needs a control_image "
                                           "(a JSON list of URIs, one per ControlNet, when there are several)")
     ip_adapter: Optional[IPAdapterSpec] = Field(
-        None, description="an IP-Adapter (SD 1.x/2.x, SDXL); every row then needs an ip_adapter_image")
+        None, description="an IP-Adapter (SD 1.x, SDXL); every row then needs an ip_adapter_image")
 
     def load_options(self) -> dict[str, Any]:
         """The keyword arguments of load_pipeline this block stands for (besides uri and dtype)."""
