@@ -16,7 +16,7 @@ FLOW = dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=1
 def test_every_documented_name_is_accepted():
     expected = {"ddim", "plms", "euler", "euler_a", "heun", "lms", "dpmpp_2m", "dpmpp_2m_sde", "unipc",
                 "flow_euler", "euler_karras", "euler_a_karras", "heun_karras", "lms_karras", "dpmpp_2m_karras",
-                "dpmpp_2m_sde_karras", "flow_heun", "flow_dpmpp_2m"}
+                "dpmpp_2m_sde_karras", "flow_heun", "flow_dpmpp_2m", "lcm", "tcd"}
     assert set(SAMPLER_NAMES) == expected
     for name in SAMPLER_NAMES:
         sampler = get_sampler(name, FLOW if name.startswith("flow_") else SD1, 4)
