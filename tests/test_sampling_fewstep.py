@@ -141,3 +141,57 @@ def test_flow_config_is_refused():
 def test_timesteps_are_on_the_distillation_grid():
     ts = get_sampler("lcm", dict(SD1), 4).plan.timesteps.numpy()
     assert ts.tolist() == [999, 759, 499, 259] and np.all(ts % 20 == 19)
+
+
+# --- explicit timesteps (sampler_options.timesteps) ------------------------------------------------
+
+
+@pytest.mark.parametrize("strength", [None, 0.5, 0.8])
+@pytest.mark.parametrize("name", ["lcm", "tcd"])
+def test_explicit_timesteps_match_diffusers(name, strength):
+    """DMD2's schedule: set_timesteps(timesteps=[999, 749, 499, 249]); img2img cuts it like get_timesteps."""
+    sampler, _ = _compare(name, steps=4, strength=strength, options={"timesteps": [999, 749, 499, 249]})
+    assert sampler.plan.timesteps.tolist() == [999, 749, 499, 249]
+
+
+@pytest.mark.parametrize("name", ["lcm", "tcd"])
+def test_timesteps_off_the_grid_and_small_scaling_match_diffusers(name):
+    """Timesteps near 0 with timestep_scaling 1: LCM's boundary scalings c_skip/c_out really act."""
+    cfg = dict(SD1, prediction_type="epsilon", timestep_scaling=1.0)
+    _compare(name, cfg=cfg, steps=4, options={"timesteps": [999, 500, 20, 3]})
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"timesteps": [999, 999, 499]}, r"strictly descending, but timesteps\[1\]=999 follows 999"),
+    ({"timesteps": [249, 499, 749]}, "strictly descending"),
+    ({"timesteps": [1000, 500, 10]}, "first timestep 1000 is not below the checkpoint's num_train_timesteps"),
+    ({"timesteps": [999, 499.5, 10]}, r"timesteps'\[1\] of 'lcm': expected an integer >= 0, got 499.5"),
+    ({"timesteps": [999, 10, -1]}, "expected an integer >= 0, got -1"),
+    ({"timesteps": []}, "expected a non-empty list"),
+    ({"timesteps": "999,499"}, "expected a non-empty list"),
+    ({"timesteps": [999, 499]}, r"2 timesteps for steps=3; set steps=2"),
+    ({"timesteps": [999, 499, 9], "original_inference_steps": 4}, "has no effect with an explicit timesteps"),
+])
+def test_bad_timesteps_are_refused(options, match):
+    with pytest.raises(ValueError, match=match):
+        get_sampler("lcm", dict(SD1), 3, options=options)
+
+
+def test_integral_floats_are_timesteps():
+    """A JSON job spec may carry 999.0: an integral float is that integer."""
+    assert get_sampler("tcd", dict(SD1), 2, options={"timesteps": [999.0, 499]}).plan.timesteps.tolist() == [999, 499]
+
+
+@pytest.mark.parametrize("name,why", [
+    ("ddim", "its diffusers scheduler's set_timesteps takes no timesteps list"),
+    ("euler_a", "its diffusers scheduler's set_timesteps takes no timesteps list"),
+    ("euler", "diffusers' EulerDiscreteScheduler accepts a timesteps list but batchgen does not reproduce"),
+    ("dpmpp_2m_karras", "DPMSolverMultistepScheduler accepts a timesteps list"),
+    ("heun", "HeunDiscreteScheduler accepts"),
+    ("flow_euler", "FlowMatchEulerDiscreteScheduler accepts"),
+])
+def test_timesteps_refused_by_other_samplers_naming_them(name, why):
+    cfg = dict(_class_name="FlowMatchEulerDiscreteScheduler", shift=3.0) if name.startswith("flow") else dict(SD1)
+    with pytest.raises(ValueError, match=f"sampler option 'timesteps' is not accepted by sampler '{name}'") as err:
+        get_sampler(name, cfg, 2, options={"timesteps": [999, 499]})
+    assert why in str(err.value) and "use lcm, tcd" in str(err.value)

@@ -324,6 +324,13 @@ def _check_int_option(name: str, key: str, value):
     return tuple(out)
 
 
+def explicit_steps(options, default: int):
+    """The step count a request means: the length of ``options["timesteps"]`` when that is a
+    non-empty list (steps left unset), else ``default``."""
+    ts = options.get("timesteps") if isinstance(options, dict) else None
+    return len(ts) if isinstance(ts, (list, tuple)) and ts else default
+
+
 def _check_timesteps(name: str, cfg: dict, steps: int, opts: dict) -> None:
     """An explicit timestep list: within the training schedule, one per step."""
     ts = opts.get("timesteps")
@@ -334,8 +341,8 @@ def _check_timesteps(name: str, cfg: dict, steps: int, opts: dict) -> None:
         raise ValueError(f"sampler option 'timesteps' of {name!r}: the first timestep {ts[0]} is not below the "
                          f"checkpoint's num_train_timesteps ({num_train})")
     if len(ts) != steps:
-        raise ValueError(f"sampler option 'timesteps' of {name!r}: {len(ts)} timesteps for steps={steps}; leave "
-                         f"steps unset (it is then the list's length) or set steps={len(ts)}")
+        raise ValueError(f"sampler option 'timesteps' of {name!r}: {len(ts)} timesteps for steps={steps}; set "
+                         f"steps={len(ts)} (generate() infers it from the list when steps is left unset)")
     if opts.get("original_inference_steps") is not None:
         raise ValueError(f"sampler options of {name!r}: original_inference_steps has no effect with an explicit "
                          f"timesteps list; pass one of them")
