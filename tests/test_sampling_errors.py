@@ -33,9 +33,11 @@ def test_unknown_name_lists_valid_names():
 
 
 @pytest.mark.parametrize("name, option, accepted", [
-    ("euler", "eta", "no options"),
+    ("euler", "eta", "it takes: timestep_spacing"),
     ("ddim", "shift", "eta"),
-    ("dpmpp_2m_sde_karras", "eta", "no options"),
+    ("dpmpp_2m_sde_karras", "eta", "it takes: timestep_spacing"),
+    ("flow_euler", "timestep_spacing", "shift"),
+    ("lcm", "timestep_spacing", "original_inference_steps, timesteps"),
     ("flow_euler", "eta", "shift"),
 ])
 def test_option_the_sampler_does_not_take(name, option, accepted):

@@ -195,3 +195,32 @@ def test_timesteps_refused_by_other_samplers_naming_them(name, why):
     with pytest.raises(ValueError, match=f"sampler option 'timesteps' is not accepted by sampler '{name}'") as err:
         get_sampler(name, cfg, 2, options={"timesteps": [999, 499]})
     assert why in str(err.value) and "use lcm, tcd" in str(err.value)
+
+
+# --- sampler_options.timestep_spacing ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spacing", ["trailing", "linspace", "leading"])
+@pytest.mark.parametrize("name", ["ddim", "plms", "euler", "euler_a_karras", "heun", "lms", "dpmpp_2m", "unipc"])
+def test_spacing_option_equals_the_config_key(name, spacing):
+    """from_config(config, timestep_spacing=X): the option gives the schedule a config with that key
+    gives (whose parity with diffusers test_sampling_parity checks)."""
+    leading = dict(SD1, prediction_type="epsilon", timestep_spacing="leading")
+    ours = get_sampler(name, leading, 4, strength=0.75, options={"timestep_spacing": spacing})
+    ref = get_sampler(name, dict(leading, timestep_spacing=spacing), 4, strength=0.75)
+    assert torch.equal(ours.plan.timesteps, ref.plan.timesteps) and ours.plan.begin == ref.plan.begin
+    for key in ("sigmas", "alphas_cumprod"):
+        a, b = getattr(ours.plan, key), getattr(ref.plan, key)
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert float(ours.init_noise_sigma) == float(ref.init_noise_sigma)
+
+
+@pytest.mark.parametrize("name,value,match", [
+    ("euler", "trailng", "expected one of leading, trailing, linspace, got 'trailng'"),
+    ("lcm", "trailing", "not accepted by sampler 'lcm'"),
+    ("flow_euler", "trailing", "not accepted by sampler 'flow_euler'"),
+])
+def test_bad_spacing_option(name, value, match):
+    cfg = dict(_class_name="FlowMatchEulerDiscreteScheduler", shift=3.0) if name.startswith("flow") else dict(SD1)
+    with pytest.raises(ValueError, match=match):
+        get_sampler(name, cfg, 4, options={"timestep_spacing": value})

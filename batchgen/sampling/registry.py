@@ -135,6 +135,14 @@ SPECS: dict[str, Spec] = {
     "flow_heun": Spec("flow_heun", options={"shift": None}),
     "flow_dpmpp_2m": Spec("flow_dpm", options={"shift": None}),
 }
+# Samplers whose diffusers scheduler spaces its timesteps by `timestep_spacing`: the option
+# overrides the config's, as ``Scheduler.from_config(config, timestep_spacing=...)`` does (the
+# step-distilled recipes: SDXL-Lightning's euler and Hyper-SD's ddim with "trailing").
+_SPACED = ("ddim", "plms", "euler", "euler_a", "heun", "lms", "dpm", "unipc")
+for _spec in SPECS.values():
+    if _spec.family in _SPACED:
+        _spec.options["timestep_spacing"] = None
+del _spec
 SAMPLER_NAMES: tuple[str, ...] = tuple(SPECS)
 FLOW_SAMPLER_NAMES: tuple[str, ...] = tuple(n for n, spec in SPECS.items() if spec.family.startswith("flow"))
 
@@ -266,6 +274,12 @@ def _check_options(name: str, spec: Spec, options: Optional[dict]) -> dict:
     for key, value in options.items():
         if key in ("timesteps", "original_inference_steps"):
             out[key] = _check_int_option(name, key, value)
+            continue
+        if key == "timestep_spacing":
+            if value is not None and value not in S.SPACINGS:
+                raise ValueError(f"sampler option 'timestep_spacing' of {name!r}: expected one of "
+                                 f"{', '.join(S.SPACINGS)}, got {value!r}")
+            out[key] = value
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"sampler option {key!r} of {name!r}: expected a number, got {value!r}")
@@ -406,6 +420,7 @@ def get_sampler(name: str, scheduler_config: dict, steps: int, strength: Optiona
 
     ``strength`` (img2img) cuts the schedule like diffusers' img2img pipelines; ``options`` are the
     sampler's own options (``eta`` for ddim and tcd, ``shift`` for the flow samplers,
+    ``timestep_spacing`` for the samplers whose diffusers scheduler reads it,
     ``original_inference_steps`` for lcm, ``timesteps`` for lcm and tcd: an explicit descending
     list of training timesteps, one per step, as ``set_timesteps(timesteps=...)`` takes it).
     ``sigmas`` and ``mu`` mirror the flow schedulers' ``set_timesteps(sigmas=..., mu=...)``:
@@ -421,6 +436,8 @@ def get_sampler(name: str, scheduler_config: dict, steps: int, strength: Optiona
     spec = SPECS[name]
     opts = _check_options(name, spec, options)
     cfg = _read_config(name, spec.family, scheduler_config)
+    if opts.get("timestep_spacing") is not None:
+        cfg["timestep_spacing"] = opts["timestep_spacing"]
     sigmas, mu = _check_schedule_args(name, spec.family, cfg, steps, opts, sigmas, mu)
     _check_timesteps(name, cfg, steps, opts)
     num_train = int(cfg["num_train_timesteps"])
