@@ -214,7 +214,7 @@ class Pipeline:
         """Check a generate() request and resolve it (family defaults filled in) without rendering:
         every error generate() would raise before its first model call is raised here. Works on a
         pipeline built on the meta device (the job's pre-flight)."""
-        from .sampling import get_sampler
+        from .sampling import explicit_steps, get_sampler
 
         fam = self.family
         if isinstance(prompts, str):
@@ -257,6 +257,8 @@ class Pipeline:
                 raise ValueError(f"{name}: pass it as generate()'s own argument")
         defaults = fam.defaults()
         default_w, default_h = fam.default_size()
+        if steps is None:  # an explicit timestep list sets the step count (lcm/tcd's sampler_options)
+            steps = explicit_steps(sampler_options, defaults["steps"])
         named = {"width": default_w if width is None else width, "height": default_h if height is None else height,
                  "steps": defaults["steps"] if steps is None else steps,
                  "guidance_scale": defaults["guidance_scale"] if guidance_scale is None else guidance_scale}

@@ -25,6 +25,7 @@ A1111_NAMES = {
     "DPM++ 2M SDE": "dpmpp_2m_sde",
     "DPM++ 2M SDE Karras": "dpmpp_2m_sde_karras",
     "UniPC": "unipc",
+    "LCM": "lcm",
 }
 
 

@@ -23,6 +23,10 @@ REFERENCE = {
     "dpmpp_2m_sde_karras": ("DPMSolverMultistepScheduler",
                             {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
     "unipc": ("UniPCMultistepScheduler", {}),
+    # TCD's eta is a step() argument: the SD pipelines pass theirs (default 0.0), TCDScheduler.step
+    # defaults to 0.3 as batchgen's `tcd` does; pass eta=<the sampler option> to the pipeline.
+    "lcm": ("LCMScheduler", {}),
+    "tcd": ("TCDScheduler", {}),
     "flow_euler": ("FlowMatchEulerDiscreteScheduler", {}),
     "flow_heun": ("FlowMatchHeunDiscreteScheduler", {}),
     # Swapped into an SD3/FLUX pipeline from its FlowMatchEuler config; also pass

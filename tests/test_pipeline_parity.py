@@ -25,7 +25,7 @@ SIZE = 48
 STEPS = 5
 
 SD1_SAMPLERS = [n for n in SAMPLER_NAMES if n not in FLOW_SAMPLER_NAMES]
-SD2_SAMPLERS = ["ddim", "euler", "euler_a", "heun_karras", "dpmpp_2m_sde_karras", "unipc", "plms"]
+SD2_SAMPLERS = ["ddim", "euler", "euler_a", "heun_karras", "dpmpp_2m_sde_karras", "unipc", "plms", "lcm", "tcd"]
 
 
 def test_every_noise_sampler_has_a_reference():
@@ -43,11 +43,25 @@ class EulerAncestralKarras(diffusers.EulerAncestralDiscreteScheduler):
         self.sigmas, self.timesteps = karras.sigmas.clone(), karras.timesteps.clone()
 
 
-def _scheduler(name, config):
-    cls_name, options = REFERENCE[name]
+class TCDWithEta(diffusers.TCDScheduler):
+    """The SD pipelines pass their own ``eta`` (default 0.0) to ``step``; batchgen's `tcd` defaults to
+    TCDScheduler.step's 0.3 (its ``eta`` option): the reference steps with ``self.eta``."""
+
+    eta = 0.3
+
+    def step(self, model_output, timestep, sample, eta=None, generator=None, return_dict=True):
+        return super().step(model_output, timestep, sample, eta=self.eta, generator=generator, return_dict=return_dict)
+
+
+def _scheduler(name, config, **options):
+    cls_name, defaults = REFERENCE[name]
     if name == "euler_a_karras":
         return EulerAncestralKarras.from_config(config)
-    return getattr(diffusers, cls_name).from_config(config, **options)
+    if name == "tcd":
+        scheduler = TCDWithEta.from_config(config)
+        scheduler.eta = options.get("eta", TCDWithEta.eta)
+        return scheduler
+    return getattr(diffusers, cls_name).from_config(config, **defaults)
 
 
 def _init_images():

@@ -16,7 +16,7 @@ FLOW = dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=1
 def test_every_documented_name_is_accepted():
     expected = {"ddim", "plms", "euler", "euler_a", "heun", "lms", "dpmpp_2m", "dpmpp_2m_sde", "unipc",
                 "flow_euler", "euler_karras", "euler_a_karras", "heun_karras", "lms_karras", "dpmpp_2m_karras",
-                "dpmpp_2m_sde_karras", "flow_heun", "flow_dpmpp_2m"}
+                "dpmpp_2m_sde_karras", "flow_heun", "flow_dpmpp_2m", "lcm", "tcd"}
     assert set(SAMPLER_NAMES) == expected
     for name in SAMPLER_NAMES:
         sampler = get_sampler(name, FLOW if name.startswith("flow_") else SD1, 4)
@@ -33,9 +33,11 @@ def test_unknown_name_lists_valid_names():
 
 
 @pytest.mark.parametrize("name, option, accepted", [
-    ("euler", "eta", "no options"),
+    ("euler", "eta", "it takes: timestep_spacing"),
     ("ddim", "shift", "eta"),
-    ("dpmpp_2m_sde_karras", "eta", "no options"),
+    ("dpmpp_2m_sde_karras", "eta", "it takes: timestep_spacing"),
+    ("flow_euler", "timestep_spacing", "shift"),
+    ("lcm", "timestep_spacing", "original_inference_steps, timesteps"),
     ("flow_euler", "eta", "shift"),
 ])
 def test_option_the_sampler_does_not_take(name, option, accepted):

@@ -240,6 +240,7 @@ class Detected:
     components: dict[str, str] = field(default_factory=dict)
     prediction_type: str | None = None
     zero_terminal_snr: bool = False
+    time_cond_proj_dim: int | None = None  # guidance-distilled UNets (LCM): width of the w-embedding
 
     @property
     def denoiser(self) -> str:
@@ -341,8 +342,12 @@ def _detect(shapes: dict[str, tuple[int, ...]]) -> Detected:
     for name, te_prefix in TEXT_ENCODER_PREFIXES[family].items():
         if any(k.startswith(te_prefix) for k in keys):
             components[name] = te_prefix
+    # A guidance-distilled UNet (LCM-Dreamshaper) converted by diffusers' own script keeps its
+    # guidance-embedding projection under the diffusers name; its width is the config key.
+    cond_proj = shapes.get(prefix + "time_embedding.cond_proj.weight") if "unet" in components else None
     return Detected(family=family, variant=variant, prefix=prefix, components=components,
-                    prediction_type=prediction, zero_terminal_snr=ztsnr)
+                    prediction_type=prediction, zero_terminal_snr=ztsnr,
+                    time_cond_proj_dim=int(cond_proj[1]) if cond_proj is not None and len(cond_proj) == 2 else None)
 
 
 def _flux_variant(shapes: dict, prefix: str) -> str:
@@ -640,6 +645,7 @@ def _unet_structure_from_diffusers(keys: set) -> tuple[list[_Level], bool, list[
 
 def _unet_rules(down: list[_Level], mid_attention: bool, up: list[_Level]) -> list[_Rule]:
     rules = [_p("time_embed.0", "time_embedding.linear_1"), _p("time_embed.2", "time_embedding.linear_2"),
+             _p("time_embedding.cond_proj", "time_embedding.cond_proj"),  # guidance-distilled UNets (see _detect)
              _p("label_emb.0.0", "add_embedding.linear_1"), _p("label_emb.0.2", "add_embedding.linear_2"),
              _p("input_blocks.0.0", "conv_in"), _p("out.0", "conv_norm_out"), _p("out.2", "conv_out")]
 
@@ -1186,6 +1192,8 @@ def standard_configs(detected: Detected, prediction_type: str | None = None) -> 
             spec["vae"]["sample_size"] = 512
     if detected.zero_terminal_snr and detected.family not in ("sd3", "flux"):
         spec["scheduler"]["rescale_betas_zero_snr"] = True
+    if detected.time_cond_proj_dim is not None and "unet" in spec:
+        spec["unet"]["time_cond_proj_dim"] = detected.time_cond_proj_dim
     model_index: dict = {"_class_name": spec["class"]}
     result: dict = {"pipeline_class": spec["class"], "model_index": model_index}
     for component in _MODEL_COMPONENTS:

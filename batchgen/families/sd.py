@@ -15,9 +15,10 @@ import torch
 from ..control import controlnet_residuals
 from ..models.text import ClipEncoder
 from .base import CLIP_TOKENIZER, SCHEDULER, VAE, Batch, Component, Conditioning, Family
+from .guidance_embed import GuidanceEmbedding
 
 
-class StableDiffusion(Family):
+class StableDiffusion(GuidanceEmbedding, Family):
     name = "sd"
     pipeline_classes = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline")
     components = {
@@ -53,8 +54,8 @@ class StableDiffusion(Family):
         context = self._encode(batch.prompts, batch, batch.labels).to(self.dtype)
         if batch.guided:
             context = torch.cat([self._encode(batch.negatives, batch).to(self.dtype), context])
-        return Conditioning(context=context)
+        return self.with_guidance_embedding(Conditioning(context=context), batch)
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        return self.unet(x, t, cond.context, ip_adapter=cond.ip,
+        return self.unet(x, t, cond.context, ip_adapter=cond.ip, timestep_cond=cond.extra.get("timestep_cond"),
                          **controlnet_residuals(self.parts.get("controlnet"), x, t, cond))

@@ -26,9 +26,10 @@ from ..control import controlnet_residuals
 from ..errors import CheckpointError
 from ..models.text import ClipEncoder
 from .base import CLIP_TOKENIZER, SCHEDULER, VAE, Batch, Component, Conditioning, Family
+from .guidance_embed import GuidanceEmbedding
 
 
-class StableDiffusionXL(Family):
+class StableDiffusionXL(GuidanceEmbedding, Family):
     name = "sdxl"
     pipeline_classes = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
                         "StableDiffusionXLInpaintPipeline")
@@ -131,8 +132,10 @@ class StableDiffusionXL(Family):
             context = torch.cat([uncond, context])
             pooled = torch.cat([uncond_pooled, pooled])
             time_ids = torch.cat([self._time_ids(batch, negative=True), time_ids])
-        return Conditioning(context=context, pooled=pooled, extra={"time_ids": time_ids})
+        return self.with_guidance_embedding(Conditioning(context=context, pooled=pooled, extra={"time_ids": time_ids}),
+                                            batch)
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         return self.unet(x, t, cond.context, text_embeds=cond.pooled, time_ids=cond.extra["time_ids"],
-                         ip_adapter=cond.ip, **controlnet_residuals(self.parts.get("controlnet"), x, t, cond))
+                         ip_adapter=cond.ip, timestep_cond=cond.extra.get("timestep_cond"),
+                         **controlnet_residuals(self.parts.get("controlnet"), x, t, cond))

@@ -90,15 +90,22 @@ class Timesteps(nn.Module):
 
 
 class TimestepEmbedding(nn.Module):
-    """Linear -> SiLU -> Linear over the sinusoidal embedding (keys ``linear_1``, ``linear_2``)."""
+    """Linear -> SiLU -> Linear over the sinusoidal embedding (keys ``linear_1``, ``linear_2``).
 
-    def __init__(self, in_channels: int, embed_dim: int):
+    ``cond_proj_dim``: a bias-free ``cond_proj`` adds a projected condition (the guidance-scale
+    embedding of guidance-distilled UNets, ``time_cond_proj_dim``) to the input first.
+    """
+
+    def __init__(self, in_channels: int, embed_dim: int, cond_proj_dim: int | None = None):
         super().__init__()
+        self.cond_proj = nn.Linear(cond_proj_dim, in_channels, bias=False) if cond_proj_dim else None
         self.linear_1 = nn.Linear(in_channels, embed_dim)
         self.act = nn.SiLU()
         self.linear_2 = nn.Linear(embed_dim, embed_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        if condition is not None:
+            x = x + self.cond_proj(condition)
         return self.linear_2(self.act(self.linear_1(x)))
 
 

@@ -208,7 +208,6 @@ _REQUIRED_VALUES = {
     "time_embedding_type": "positional",
     "time_embedding_act_fn": None,
     "timestep_post_act": None,
-    "time_cond_proj_dim": None,
     "attention_type": "default",
     "class_embeddings_concat": False,
     "cross_attention_norm": None,
@@ -242,6 +241,10 @@ def resolve_unet_config(config: dict) -> dict:
                 f"(supported: {supported!r})"
             )
     _check_addition_embed(resolved)
+    proj = resolved["time_cond_proj_dim"]
+    if proj is not None and (isinstance(proj, bool) or not isinstance(proj, int) or proj < 2):
+        raise CheckpointError(f"config key 'time_cond_proj_dim': expected null or an integer >= 2 (the width of the "
+                              f"guidance-scale embedding), got {proj!r}")
     only_cross = resolved["only_cross_attention"]
     if any(only_cross if isinstance(only_cross, (list, tuple)) else [only_cross]):
         raise CheckpointError("config key 'only_cross_attention': only False is supported")
@@ -499,8 +502,10 @@ class TimeConditioning:
     config: dict
     kind = "UNet"  # in error messages
 
-    def time_embed(self, sample: torch.Tensor, timestep) -> torch.Tensor:
-        """Timestep (number, 0-dim or (B,)/(1,) tensor, int or float) -> (B, temb) embedding."""
+    def time_embed(self, sample: torch.Tensor, timestep, timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
+        """Timestep (number, 0-dim or (B,)/(1,) tensor, int or float) -> (B, temb) embedding;
+        ``timestep_cond`` (B, time_cond_proj_dim), the guidance-scale embedding, is projected and
+        added to the sinusoids first (guidance-distilled UNets)."""
         t = timestep
         if not torch.is_tensor(t):
             if isinstance(t, bool) or not isinstance(t, numbers.Real):
@@ -517,7 +522,15 @@ class TimeConditioning:
         t = t.to(sample.device).expand(sample.shape[0])
         cfg = self.config
         emb = timestep_embedding(t, cfg["block_out_channels"][0], cfg["flip_sin_to_cos"], cfg["freq_shift"])
-        return self.time_embedding(emb.to(dtype=sample.dtype))
+        if timestep_cond is not None:
+            dim = cfg.get("time_cond_proj_dim")
+            if dim is None:
+                raise ValueError(f"timestep_cond: this {self.kind}'s config has no time_cond_proj_dim (it is not "
+                                 "guidance-distilled); do not pass it")
+            if timestep_cond.shape != (sample.shape[0], dim):
+                raise ValueError(f"timestep_cond: expected shape ({sample.shape[0]}, {dim}) (one guidance-scale "
+                                 f"embedding per item), got {tuple(timestep_cond.shape)}")
+        return self.time_embedding(emb.to(dtype=sample.dtype), timestep_cond)
 
     @property
     def uses_added_conditioning(self) -> bool:
@@ -563,8 +576,8 @@ class TimeConditioning:
         # torch.cat promotes a half text_embeds to the float32 sinusoids, as diffusers' concat does.
         return self.add_embedding(torch.cat([text_embeds, time_embeds], dim=-1).to(dtype))
 
-    def _embed_time(self, sample, timestep, text_embeds, time_ids) -> torch.Tensor:
-        temb = self.time_embed(sample, timestep)
+    def _embed_time(self, sample, timestep, text_embeds, time_ids, timestep_cond=None) -> torch.Tensor:
+        temb = self.time_embed(sample, timestep, timestep_cond)
         if self.uses_added_conditioning:
             temb = temb + self.added_embed(text_embeds, time_ids, temb.dtype)
         return temb
@@ -587,7 +600,7 @@ class UNet2DConditionModel(TimeConditioning, ModelModule):
         self.conv_in = nn.Conv2d(cfg["in_channels"], channels[0], cfg["conv_in_kernel"],
                                  padding=(cfg["conv_in_kernel"] - 1) // 2)
         temb_ch = cfg["time_embedding_dim"] or channels[0] * 4
-        self.time_embedding = TimestepEmbedding(channels[0], temb_ch)
+        self.time_embedding = TimestepEmbedding(channels[0], temb_ch, cfg["time_cond_proj_dim"])
         self.add_time_proj = self.add_embedding = None
         if cfg["addition_embed_type"] == "text_time":
             self.add_time_proj = Timesteps(cfg["addition_time_embed_dim"], cfg["flip_sin_to_cos"], cfg["freq_shift"])
@@ -646,6 +659,7 @@ class UNet2DConditionModel(TimeConditioning, ModelModule):
         down_block_additional_residuals: list[torch.Tensor] | None = None,
         mid_block_additional_residual: torch.Tensor | None = None,
         ip_adapter: tuple | None = None,
+        timestep_cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Noise (or v) prediction (B, out, H, W).
 
@@ -655,6 +669,8 @@ class UNet2DConditionModel(TimeConditioning, ModelModule):
         ``mid_block_additional_residual`` are a ControlNet's outputs, added to the skips and to the
         mid block's output as diffusers adds them. ``ip_adapter``: an IP-Adapter's image keys / values
         per cross-attention layer and per-row scales (:class:`batchgen.models.blocks.Attention`).
+        ``timestep_cond`` (B, time_cond_proj_dim): the guidance-scale embedding of a
+        guidance-distilled UNet (LCM, some DMD2 UNets), see :func:`guidance_scale_embedding`.
         """
         if sample.ndim != 4:
             raise ValueError(f"sample: expected (B, C, H, W), got shape {tuple(sample.shape)}")
@@ -668,7 +684,7 @@ class UNet2DConditionModel(TimeConditioning, ModelModule):
         forward_upsample_size = any(d % factor for d in sample.shape[-2:])
         if self.config["center_input_sample"]:
             sample = 2 * sample - 1.0
-        temb = self._embed_time(sample, timestep, text_embeds, time_ids)
+        temb = self._embed_time(sample, timestep, text_embeds, time_ids, timestep_cond)
         context = encoder_hidden_states if ip_adapter is None else (encoder_hidden_states, ip_adapter)
 
         x = self.conv_in(sample)
@@ -692,3 +708,18 @@ class UNet2DConditionModel(TimeConditioning, ModelModule):
             x = block(x, mine, temb, context, upsample_size=size)
         x = self.conv_act(self.conv_norm_out(x))
         return self.conv_out(x)
+
+
+def guidance_scale_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """(B, dim) float32 sinusoidal embedding of guidance values ``w`` (B,), as guidance-distilled
+    UNets take it (``timestep_cond``): sin then cos of ``1000 w`` at ``dim // 2`` frequencies
+    ``10000 ** (-i / (dim // 2 - 1))``, zero-padded to an odd ``dim``. diffusers' SD/SDXL/LCM
+    pipelines feed ``w = guidance_scale - 1`` (VDM's embedding, as LCM was distilled with)."""
+    if w.ndim != 1:
+        raise ValueError(f"w: expected a 1-D tensor of guidance values, got shape {tuple(w.shape)}")
+    half = dim // 2
+    step = torch.log(torch.tensor(10000.0)) / (half - 1)
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -step)
+    args = (w * 1000.0).to(torch.float32)[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    return torch.nn.functional.pad(emb, (0, 1)) if dim % 2 else emb

@@ -22,6 +22,7 @@ import torch
 from . import schedules as S
 from .alpha_samplers import sample_ddim, sample_plms
 from .common import Callback, Model, Plan, StepHook
+from .consistency import consistency_timesteps, sample_lcm, sample_tcd
 from .flow import sample_flow_euler, sample_flow_heun
 from .multistep import sample_dpmpp_2m, sample_unipc
 from .sigma_samplers import sample_euler, sample_euler_ancestral, sample_heun, sample_lms
@@ -50,6 +51,13 @@ _DEFAULTS = {
             "final_sigmas_type": "zero", "solver_type": "midpoint"},
     "unipc": {**_BASE, "rescale_betas_zero_snr": False, "solver_order": 2, "solver_type": "bh2", "lower_order_final": True,
               "disable_corrector": [], "final_sigmas_type": "zero"},
+    # LCMScheduler / TCDScheduler (both read timestep_spacing but do not use it)
+    "lcm": {**_BASE, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+            "original_inference_steps": 50, "clip_sample": False, "clip_sample_range": 1.0, "set_alpha_to_one": True,
+            "timestep_spacing": "leading", "timestep_scaling": 10.0, "rescale_betas_zero_snr": False},
+    "tcd": {**_BASE, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+            "original_inference_steps": 50, "set_alpha_to_one": True, "timestep_spacing": "leading",
+            "rescale_betas_zero_snr": False},
     # FlowMatchEulerDiscreteScheduler
     "flow": {"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False,
              "time_shift_type": "exponential"},
@@ -76,6 +84,7 @@ _FAMILY_KEYS = {  # which of _UNSUPPORTED each family's diffusers class reads
             "variance_type", "use_dynamic_shifting"},
     "unipc": {"thresholding", "use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas", "predict_x0",
               "use_dynamic_shifting", "solver_type"},
+    "lcm": {"thresholding"}, "tcd": {"thresholding"},
 }
 # Flow families: config keys whose truthy value is refused, and why. FlowMatchHeun and DPM-Solver do
 # not read FlowMatchEuler's schedule-changing keys; diffusers would silently run another schedule
@@ -120,17 +129,27 @@ SPECS: dict[str, Spec] = {
     "dpmpp_2m_sde": Spec("dpm", options={}),
     "dpmpp_2m_sde_karras": Spec("dpm", karras=True),
     "unipc": Spec("unipc"),
+    "lcm": Spec("lcm", options={"original_inference_steps": None, "timesteps": None}),
+    "tcd": Spec("tcd", options={"eta": 0.3, "timesteps": None}),
     "flow_euler": Spec("flow", options={"shift": None}),
     "flow_heun": Spec("flow_heun", options={"shift": None}),
     "flow_dpmpp_2m": Spec("flow_dpm", options={"shift": None}),
 }
+# Samplers whose diffusers scheduler spaces its timesteps by `timestep_spacing`: the option
+# overrides the config's, as ``Scheduler.from_config(config, timestep_spacing=...)`` does (the
+# step-distilled recipes: SDXL-Lightning's euler and Hyper-SD's ddim with "trailing").
+_SPACED = ("ddim", "plms", "euler", "euler_a", "heun", "lms", "dpm", "unipc")
+for _spec in SPECS.values():
+    if _spec.family in _SPACED:
+        _spec.options["timestep_spacing"] = None
+del _spec
 SAMPLER_NAMES: tuple[str, ...] = tuple(SPECS)
 FLOW_SAMPLER_NAMES: tuple[str, ...] = tuple(n for n, spec in SPECS.items() if spec.family.startswith("flow"))
 
 _LOOPS: dict[str, Callable] = {
     "ddim": sample_ddim, "plms": sample_plms, "euler": sample_euler, "euler_a": sample_euler_ancestral,
     "heun": sample_heun, "lms": sample_lms, "dpm": sample_dpmpp_2m, "unipc": sample_unipc, "flow": sample_flow_euler,
-    "flow_heun": sample_flow_heun, "flow_dpm": sample_dpmpp_2m,
+    "flow_heun": sample_flow_heun, "flow_dpm": sample_dpmpp_2m, "lcm": sample_lcm, "tcd": sample_tcd,
 }
 
 
@@ -246,19 +265,101 @@ def _check_flow_config(name: str, family: str, raw: dict, cfg: dict) -> None:
 def _check_options(name: str, spec: Spec, options: Optional[dict]) -> dict:
     options = dict(options or {})
     unknown = sorted(set(options) - set(spec.options))
+    if "timesteps" in unknown:
+        raise ValueError(timesteps_refusal(name))
     if unknown:
         takes = ", ".join(sorted(spec.options)) or "no options"
         raise ValueError(f"sampler option {unknown[0]!r} is not accepted by sampler {name!r} (it takes: {takes})")
     out = dict(spec.options)
     for key, value in options.items():
+        if key in ("timesteps", "original_inference_steps"):
+            out[key] = _check_int_option(name, key, value)
+            continue
+        if key == "timestep_spacing":
+            if value is not None and value not in S.SPACINGS:
+                raise ValueError(f"sampler option 'timestep_spacing' of {name!r}: expected one of "
+                                 f"{', '.join(S.SPACINGS)}, got {value!r}")
+            out[key] = value
+            continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"sampler option {key!r} of {name!r}: expected a number, got {value!r}")
         if key == "eta" and not 0 <= value:
             raise ValueError(f"sampler option 'eta' of {name!r}: must be >= 0, got {value}")
         if key == "shift" and not value > 0:
             raise ValueError(f"sampler option 'shift' of {name!r}: must be > 0, got {value}")
+        if key == "eta" and spec.family == "tcd" and not value <= 1:
+            raise ValueError(f"sampler option 'eta' of {name!r}: TCD's gamma must be in [0, 1], got {value}")
         out[key] = float(value)
     return out
+
+
+# diffusers schedulers whose set_timesteps takes an explicit `timesteps` list that batchgen does not
+# reproduce yet (the others take none at all).
+_TIMESTEPS_NOT_YET = {"euler": "EulerDiscreteScheduler", "heun": "HeunDiscreteScheduler",
+                      "dpm": "DPMSolverMultistepScheduler", "flow": "FlowMatchEulerDiscreteScheduler"}
+
+
+def timesteps_refusal(name: str) -> str:
+    """Why sampler ``name`` takes no ``timesteps`` option, and which samplers do."""
+    takers = ", ".join(n for n, spec in SPECS.items() if "timesteps" in spec.options)
+    family = SPECS[name].family
+    if family in _TIMESTEPS_NOT_YET:
+        why = (f"diffusers' {_TIMESTEPS_NOT_YET[family]} accepts a timesteps list but batchgen does not reproduce "
+               f"that path yet")
+    else:
+        why = "its diffusers scheduler's set_timesteps takes no timesteps list"
+    return f"sampler option 'timesteps' is not accepted by sampler {name!r} ({why}); use {takers}, or drop the option"
+
+
+def _check_int_option(name: str, key: str, value):
+    """``original_inference_steps`` (an integer >= 1) or ``timesteps`` (a list of integers >= 0)."""
+    if key == "original_inference_steps":
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"sampler option {key!r} of {name!r}: expected an integer >= 1, got {value!r}")
+        return int(value)
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__len__") or len(value) == 0:
+        raise ValueError(f"sampler option 'timesteps' of {name!r}: expected a non-empty list of integers "
+                         f"(training timesteps, descending, e.g. [999, 749, 499, 249]), got {value!r}")
+    out = []
+    for i, t in enumerate(value):
+        if isinstance(t, float) and t.is_integer():
+            t = int(t)
+        if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 0:
+            raise ValueError(f"sampler option 'timesteps'[{i}] of {name!r}: expected an integer >= 0, got {t!r}")
+        out.append(int(t))
+    for i in range(1, len(out)):
+        if out[i] >= out[i - 1]:
+            raise ValueError(f"sampler option 'timesteps' of {name!r}: must be strictly descending, but "
+                             f"timesteps[{i}]={out[i]} follows {out[i - 1]}")
+    return tuple(out)
+
+
+def explicit_steps(options, default: int):
+    """The step count a request means: the length of ``options["timesteps"]`` when that is a
+    non-empty list (steps left unset), else ``default``."""
+    ts = options.get("timesteps") if isinstance(options, dict) else None
+    return len(ts) if isinstance(ts, (list, tuple)) and ts else default
+
+
+def _check_timesteps(name: str, cfg: dict, steps: int, opts: dict) -> None:
+    """An explicit timestep list: within the training schedule, one per step."""
+    ts = opts.get("timesteps")
+    if ts is None:
+        return
+    num_train = int(cfg["num_train_timesteps"])
+    if ts[0] >= num_train:
+        raise ValueError(f"sampler option 'timesteps' of {name!r}: the first timestep {ts[0]} is not below the "
+                         f"checkpoint's num_train_timesteps ({num_train})")
+    if len(ts) != steps:
+        raise ValueError(f"sampler option 'timesteps' of {name!r}: {len(ts)} timesteps for steps={steps}; set "
+                         f"steps={len(ts)} (generate() infers it from the list when steps is left unset)")
+    if opts.get("original_inference_steps") is not None:
+        raise ValueError(f"sampler options of {name!r}: original_inference_steps has no effect with an explicit "
+                         f"timesteps list; pass one of them")
 
 
 def _check_schedule_args(name: str, family: str, cfg: dict, steps: int, opts: dict, sigmas, mu):
@@ -318,7 +419,10 @@ def get_sampler(name: str, scheduler_config: dict, steps: int, strength: Optiona
     """Build sampler ``name`` for ``steps`` steps from a checkpoint's scheduler config.
 
     ``strength`` (img2img) cuts the schedule like diffusers' img2img pipelines; ``options`` are the
-    sampler's own options (``eta`` for ddim, ``shift`` for the flow samplers).
+    sampler's own options (``eta`` for ddim and tcd, ``shift`` for the flow samplers,
+    ``timestep_spacing`` for the samplers whose diffusers scheduler reads it,
+    ``original_inference_steps`` for lcm, ``timesteps`` for lcm and tcd: an explicit descending
+    list of training timesteps, one per step, as ``set_timesteps(timesteps=...)`` takes it).
     ``sigmas`` and ``mu`` mirror the flow schedulers' ``set_timesteps(sigmas=..., mu=...)``:
     ``sigmas`` (one per step, flow_euler only) replaces the evenly spaced schedule before shifting,
     ``mu`` (flow_euler, flow_dpmpp_2m) is the dynamic shift and is required exactly when the
@@ -332,7 +436,10 @@ def get_sampler(name: str, scheduler_config: dict, steps: int, strength: Optiona
     spec = SPECS[name]
     opts = _check_options(name, spec, options)
     cfg = _read_config(name, spec.family, scheduler_config)
+    if opts.get("timestep_spacing") is not None:
+        cfg["timestep_spacing"] = opts["timestep_spacing"]
     sigmas, mu = _check_schedule_args(name, spec.family, cfg, steps, opts, sigmas, mu)
+    _check_timesteps(name, cfg, steps, opts)
     num_train = int(cfg["num_train_timesteps"])
     if steps > num_train:
         raise ValueError(f"steps: {steps} is more than the checkpoint's num_train_timesteps ({num_train})")
@@ -375,6 +482,21 @@ def _build_plms(cfg, steps, spec, opts, name):
     extra = dict(step_ratio=cfg["num_train_timesteps"] // steps,
                  final_alpha_cumprod=torch.tensor(1.0) if cfg["set_alpha_to_one"] else ac[0])
     plan = Plan(torch.from_numpy(ts.copy()), cfg["prediction_type"], alphas_cumprod=ac, extra=extra)
+    return plan, 1.0, _alpha_noiser(plan)
+
+
+def _build_consistency(cfg, steps, spec, opts, name):
+    """LCM / TCD: integer timesteps on the distillation grid (or the explicit ``timesteps`` option)."""
+    ac = S.alphas_cumprod(cfg, zero_snr=cfg["rescale_betas_zero_snr"])
+    if opts.get("timesteps") is not None:
+        ts = np.asarray(opts["timesteps"], dtype=np.int64)
+    else:
+        original = opts.get("original_inference_steps") or int(cfg["original_inference_steps"])
+        ts = consistency_timesteps(int(cfg["num_train_timesteps"]), steps, original, name)
+    extra = {"eta": opts["eta"]} if spec.family == "tcd" else {
+        "timestep_scaling": float(cfg["timestep_scaling"]), "clip_sample": cfg["clip_sample"],
+        "clip_sample_range": cfg["clip_sample_range"]}
+    plan = Plan(torch.from_numpy(ts), cfg["prediction_type"], alphas_cumprod=ac, extra=extra)
     return plan, 1.0, _alpha_noiser(plan)
 
 
@@ -504,4 +626,5 @@ def _build_flow_dpm(cfg, steps, spec, opts, name, sigmas=None, mu=None):
 
 _BUILDERS = {"ddim": _build_ddim, "plms": _build_plms, "euler": _build_sigma, "euler_a": _build_sigma,
              "heun": _build_sigma, "lms": _build_sigma, "dpm": _build_multistep, "unipc": _build_multistep,
-             "flow": _build_flow, "flow_heun": _build_flow_heun, "flow_dpm": _build_flow_dpm}
+             "flow": _build_flow, "flow_heun": _build_flow_heun, "flow_dpm": _build_flow_dpm,
+             "lcm": _build_consistency, "tcd": _build_consistency}
