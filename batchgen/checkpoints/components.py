@@ -88,6 +88,7 @@ MODEL_CLASSES: dict[str, ModelClass] = {
     "SD3Transformer2DModel": ModelClass(_lazy("..models.mmdit", "SD3Transformer2DModel")),
     "FluxTransformer2DModel": ModelClass(_lazy("..models.flux", "FluxTransformer2DModel")),
     "DiTTransformer2DModel": ModelClass(_lazy("..models.dit", "DiTTransformer2DModel")),
+    "ZImageTransformer2DModel": ModelClass(_lazy("..models.zimage", "ZImageTransformer2DModel")),
     # DiT folders on the hub name the older generic class; the config says it is a DiT.
     "Transformer2DModel": ModelClass(_lazy("..models.dit", "DiTTransformer2DModel")),
     "CLIPTextModel": ModelClass(_text_encoder("CLIPTextModel"), _convert_clip),
