@@ -39,6 +39,7 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "sd1-controlnet": ("controlnet", "ControlNetModel"),
     "sdxl-controlnet": ("controlnet", "ControlNetModel"),
     "flux-fill": ("flux", "FluxFillPipeline"),
+    "zimage": ("zimage", "ZImagePipeline"),
 }
 def make_tiny_model(directory: str | os.PathLike, variant: str = "sd1", seed: int = 0) -> Path:
     """Write a tiny random-weight checkpoint of ``variant`` in the diffusers folder layout."""
