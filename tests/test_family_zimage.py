@@ -14,9 +14,8 @@ import pytest
 import torch
 
 from batchgen import load_pipeline
-from batchgen.builtin import BUILTINS
+from batchgen.builtin import BUILTINS, builtin_model_path
 from batchgen.sampling import get_sampler
-from batchgen.tiny import make_tiny_model
 
 PROMPTS = ["a red bicycle in the rain", "portrait of an old man, oil painting, " * 3, ""]
 NEGATIVES = ["blurry", "", "low quality, " * 4]
@@ -26,8 +25,8 @@ STEPS = 4
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("zimage") / "m", variant="zimage", seed=0)
+def folder():
+    return builtin_model_path("tiny-zimage")  # built once per test session
 
 
 @pytest.fixture(scope="module")

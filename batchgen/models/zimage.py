@@ -43,6 +43,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from .blocks import ModelModule
+from .mmdit import RMSNorm  # diffusers' RMSNorm op order (float32 statistics, half-precision weight cast)
 
 SEQ_MULTIPLE = 32  # image and caption token counts are padded to a multiple of this
 ADALN_DIM = 256  # width of the modulation input: min(dim, 256)
@@ -131,23 +132,6 @@ def resolve_zimage_config(config: dict) -> dict:
 def padded_length(tokens: int) -> int:
     """``tokens`` rounded up to a multiple of :data:`SEQ_MULTIPLE` (what the model pads sequences to)."""
     return tokens + (-tokens) % SEQ_MULTIPLE
-
-
-class RMSNorm(nn.Module):
-    """diffusers' RMSNorm op order: ``x * rsqrt(mean(x^2 in float32) + eps)``, then the weight (in
-    the weight's dtype when that is half precision)."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
-        x = x * torch.rsqrt(variance + self.eps)
-        if self.weight.dtype in (torch.float16, torch.bfloat16):
-            x = x.to(self.weight.dtype)
-        return x * self.weight
 
 
 def _rope_tables(axes_dims: list[int], axes_lens: list[int], theta: float) -> list[torch.Tensor]:
