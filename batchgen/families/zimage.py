@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..models.text import _label
 from ..models.zimage import SEQ_MULTIPLE, padded_length
 from ..sampling import SPECS, flux_mu
 from .base import SCHEDULER, VAE, Batch, Component, Conditioning, Family
@@ -72,7 +73,6 @@ class ZImage(Family):
         self.transformer = parts["transformer"]
         self.text_encoder = parts["text_encoder"]
         self.tokenizer = parts["tokenizer"]
-        self._warned_truncation: set[str] = set()
 
     def info(self) -> dict[str, Any]:
         return {**super().info(), "prediction_type": "flow"}
@@ -156,14 +156,10 @@ class ZImage(Family):
         return Conditioning(context=context, extra={"lengths": lengths})
 
     def _warn_truncated(self, templated: list[str], length: int, labels) -> None:
-        for i, text in enumerate(templated):
-            label = labels[i] if labels is not None and i < len(labels) else None
-            if label is None or label in self._warned_truncation:
-                continue
-            if len(self.tokenizer(text)["input_ids"]) > length:
-                self._warned_truncation.add(label)
-                log.warning("item %s: the prompt is longer than max_sequence_length (%d Qwen3 tokens with the chat "
-                            "template) and was truncated, as ZImagePipeline truncates it", label, length)
+        for i, ids in enumerate(self.tokenizer(templated, truncation=False)["input_ids"]):
+            if len(ids) > length:
+                log.warning("%s: prompt is %d Qwen3 tokens with the chat template, longer than max_sequence_length "
+                            "%d; truncated (as ZImagePipeline truncates it)", _label(labels, i), len(ids), length)
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The transformer call at ZImagePipeline's ``(1000 - t) / 1000``, output negated."""
