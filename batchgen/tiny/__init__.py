@@ -35,11 +35,11 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "dit": ("dit", "DiTPipeline"),
     "flux-schnell": ("flux", "FluxPipeline"),
     "flux-dev": ("flux", "FluxPipeline"),
+    "zimage": ("zimage", "ZImagePipeline"),
     # a ControlNet folder (config.json + weights, no model_index.json) for the tiny sd1 / sdxl UNet
     "sd1-controlnet": ("controlnet", "ControlNetModel"),
     "sdxl-controlnet": ("controlnet", "ControlNetModel"),
     "flux-fill": ("flux", "FluxFillPipeline"),
-    "zimage": ("zimage", "ZImagePipeline"),
 }
 def make_tiny_model(directory: str | os.PathLike, variant: str = "sd1", seed: int = 0) -> Path:
     """Write a tiny random-weight checkpoint of ``variant`` in the diffusers folder layout."""
