@@ -30,6 +30,7 @@ BUILTINS = {"tiny": ("sd1", 0), "tiny-sd1": ("sd1", 0), "tiny-sd2": ("sd2", 0), 
             "tiny-sdxl-inpaint": ("sdxl-inpaint", 0)}
 BUILTINS.update({"tiny-flux-schnell": ("flux-schnell", 0), "tiny-flux-dev": ("flux-dev", 0),
                  "tiny-flux-fill": ("flux-fill", 0)})
+BUILTINS["tiny-zimage"] = ("zimage", 0)
 # ControlNets for builtin:tiny and builtin:tiny-sdxl: load_pipeline(..., controlnets=["builtin:..."])
 BUILTINS.update({"tiny-sd1-controlnet": ("sd1-controlnet", 0), "tiny-sdxl-controlnet": ("sdxl-controlnet", 0)})
 # IP-Adapters (weight file + image_encoder/) for them: load_pipeline(..., ip_adapter="builtin:...")

@@ -127,7 +127,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("negative_aesthetic_score", "float", 2.5, "SDXL refiner: aesthetic score of the negative prompt",
             lo=0, hi=10, families=("sdxl",)),
     Setting("max_sequence_length", "int", None, "T5 tokens per prompt (SD3 default 256; FLUX schnell 256, "
-            "dev 512)", lo=1, hi=512, group=True, families=("sd3", "flux")),
+            "dev 512); Z-Image: Qwen3 tokens (default 512)", lo=1, hi=512, group=True,
+            families=("sd3", "flux", "zimage")),
     Setting("prompt_syntax", "str", "plain", "plain: prompts as diffusers reads them; a1111: (word:1.2) weights, "
             "[word], BREAK and prompts over 75 tokens in 75-token chunks, as the A1111 webui computes them",
             group=True, families=("sd", "sdxl"), choices=("plain", "a1111")),

@@ -41,6 +41,12 @@ def _call_flux(max_sequence_length):
     return call
 
 
+def _call_zimage(pipe, prompts, generators, args):
+    """ZImagePipeline at batchgen's Z-Image-Turbo default guidance 0 (diffusers defaults to 5.0, CFG on)."""
+    return pipe(list(prompts), num_inference_steps=args.steps, width=args.size, height=args.size,
+                guidance_scale=0.0, generator=generators, output_type="np").images
+
+
 def _call_dit(pipe, prompts, generators, args):
     """DiTPipeline: class ids (from the same id2label names the batchgen side renders), fixed size."""
     return pipe(pipe.get_label_ids(prompts), num_inference_steps=args.steps, generator=generators,
@@ -80,6 +86,7 @@ REFERENCES = {
     "dit": ("DiTPipeline", _call_dit, "ddim", {"prompts": _class_prompts, "fixed_size": True}),
     "flux-schnell": ("FluxPipeline", _call_flux(256), "flow_euler"),
     "flux-dev": ("FluxPipeline", _call_flux(512), "flow_euler"),
+    "zimage": ("ZImagePipeline", _call_zimage, "flow_euler"),
 }
 
 CONTROLNET_PIPELINES = {"sd1": "StableDiffusionControlNetPipeline", "sdxl": "StableDiffusionXLControlNetPipeline"}

@@ -56,6 +56,14 @@ def _convert_vae(state: dict) -> dict:
     return convert_legacy_vae_keys(state)
 
 
+def _convert_qwen3(state: dict) -> dict:
+    """Qwen3 weights saved from ``Qwen3ForCausalLM`` (keys under ``model.``, plus the ``lm_head``
+    a text encoder never uses) -> ``Qwen3Model``'s names; a ``Qwen3Model`` file passes unchanged."""
+    if not any(k.startswith("model.") for k in state):
+        return state
+    return {k.removeprefix("model."): v for k, v in state.items() if not k.startswith("lm_head.")}
+
+
 @dataclass(frozen=True)
 class ModelClass:
     """A weight-bearing component class: how to build it from its config.json."""
@@ -88,13 +96,16 @@ MODEL_CLASSES: dict[str, ModelClass] = {
     "SD3Transformer2DModel": ModelClass(_lazy("..models.mmdit", "SD3Transformer2DModel")),
     "FluxTransformer2DModel": ModelClass(_lazy("..models.flux", "FluxTransformer2DModel")),
     "DiTTransformer2DModel": ModelClass(_lazy("..models.dit", "DiTTransformer2DModel")),
+    "ZImageTransformer2DModel": ModelClass(_lazy("..models.zimage", "ZImageTransformer2DModel")),
     # DiT folders on the hub name the older generic class; the config says it is a DiT.
     "Transformer2DModel": ModelClass(_lazy("..models.dit", "DiTTransformer2DModel")),
     "CLIPTextModel": ModelClass(_text_encoder("CLIPTextModel"), _convert_clip),
     "CLIPTextModelWithProjection": ModelClass(_text_encoder("CLIPTextModelWithProjection")),
     "T5EncoderModel": ModelClass(_text_encoder("T5EncoderModel")),
+    "Qwen3Model": ModelClass(_text_encoder("Qwen3Model"), _convert_qwen3),
 }
-TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast", "T5Tokenizer", "T5TokenizerFast")
+TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast", "T5Tokenizer", "T5TokenizerFast", "Qwen2Tokenizer",
+                     "Qwen2TokenizerFast")
 
 
 def register_model_class(name: str, build: Callable[[dict], torch.nn.Module],

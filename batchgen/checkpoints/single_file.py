@@ -68,7 +68,8 @@ __all__ = [
     "to_single_file",
 ]
 
-FAMILIES = ("sd1", "sd2", "sdxl", "sdxl_refiner", "sd3", "flux")
+FAMILIES = ("sd1", "sd2", "sdxl", "sdxl_refiner", "sd3", "flux", "zimage")
+TRANSFORMER_FAMILIES = ("sd3", "flux", "zimage")  # flow-matching transformers (the rest: UNets)
 DENOISER_PREFIX = "model.diffusion_model."
 VAE_PREFIXES = ("first_stage_model.", "vae.")
 MARKER_V_PRED = "v_pred"
@@ -86,13 +87,14 @@ TEXT_ENCODER_PREFIXES: dict[str, dict[str, str]] = {
         "text_encoder_3": "text_encoders.t5xxl.transformer.",
     },
     "flux": {"text_encoder": "text_encoders.clip_l.transformer.", "text_encoder_2": "text_encoders.t5xxl.transformer."},
+    "zimage": {},  # ComfyUI ships Z-Image split: the Qwen3 text encoder is its own file (an override)
 }
 
 # How each component is stored: the rule set that converts it.
 #   unet / vae / sd3 / flux: the original training code's names;
 #   clip / clip_proj: transformers' CLIPTextModel(WithProjection) names under the prefix;
 #   openclip / openclip_proj: OpenCLIP (``transformer.resblocks.N``, fused ``in_proj``);
-#   t5: transformers' T5EncoderModel names.
+#   t5: transformers' T5EncoderModel names; zimage: Z-Image's original names (fused qkv).
 COMPONENT_KINDS: dict[str, dict[str, str]] = {
     "sd1": {"unet": "unet", "vae": "vae", "text_encoder": "clip"},
     "sd2": {"unet": "unet", "vae": "vae", "text_encoder": "openclip"},
@@ -101,6 +103,7 @@ COMPONENT_KINDS: dict[str, dict[str, str]] = {
     "sd3": {"transformer": "sd3", "vae": "vae", "text_encoder": "clip_proj", "text_encoder_2": "clip_proj",
             "text_encoder_3": "t5"},
     "flux": {"transformer": "flux", "vae": "vae", "text_encoder": "clip", "text_encoder_2": "t5"},
+    "zimage": {"transformer": "zimage", "vae": "vae"},
 }
 
 
@@ -244,7 +247,7 @@ class Detected:
 
     @property
     def denoiser(self) -> str:
-        return "transformer" if self.family in ("sd3", "flux") else "unet"
+        return "transformer" if self.family in TRANSFORMER_FAMILIES else "unet"
 
 
 def _shape_of(value) -> tuple[int, ...]:
@@ -262,6 +265,7 @@ def _shapes(state: Mapping) -> dict[str, tuple[int, ...]]:
 _LOOKED_FOR = (
     f"'[{DENOISER_PREFIX}]double_blocks.0.img_attn.qkv.weight' (FLUX.1)",
     f"'[{DENOISER_PREFIX}]joint_blocks.0.x_block.attn.qkv.weight' (SD3 / SD3.5)",
+    f"'[{DENOISER_PREFIX}]layers.0.adaLN_modulation.0.weight' with 'cap_embedder.0.weight' (Z-Image)",
     f"'[{DENOISER_PREFIX}]input_blocks.0.0.weight' with 'time_embed.0.weight' (SD 1.x / 2.x / SDXL UNet)",
 )
 
@@ -296,7 +300,7 @@ def _detect(shapes: dict[str, tuple[int, ...]]) -> Detected:
                               ("control_model.time_embed.0.weight", "a ControlNet")):
         if unsupported in keys:
             raise CheckpointError(f"single-file checkpoint is {what} (key '{unsupported}'); only plain text-to-image "
-                                  f"SD 1.x / 2.x / SDXL / SD3 / FLUX.1 files are supported")
+                                  f"SD 1.x / 2.x / SDXL / SD3 / FLUX.1 / Z-Image files are supported")
 
     def find(probe: str) -> str | None:
         for prefix in (DENOISER_PREFIX, ""):
@@ -312,9 +316,12 @@ def _detect(shapes: dict[str, tuple[int, ...]]) -> Detected:
         prediction = "flow_matching"
     else:
         prefix = find("joint_blocks.0.x_block.attn.qkv.weight")
+        zimage = find("layers.0.adaLN_modulation.0.weight")
         if prefix is not None:
             family, variant = "sd3", _sd3_variant(keys, prefix)
             prediction = "flow_matching"
+        elif zimage is not None and zimage + "cap_embedder.0.weight" in keys:
+            prefix, family, variant, prediction = zimage, "zimage", _zimage_variant(keys, zimage), "flow_matching"
         else:
             prefix = find("input_blocks.0.0.weight")
             if prefix is None or prefix + "time_embed.0.weight" not in keys:
@@ -334,7 +341,7 @@ def _detect(shapes: dict[str, tuple[int, ...]]) -> Detected:
             else:
                 prediction = "epsilon"
 
-    components = {"transformer" if family in ("sd3", "flux") else "unet": prefix}
+    components = {"transformer" if family in TRANSFORMER_FAMILIES else "unet": prefix}
     for vae_prefix in VAE_PREFIXES:
         if vae_prefix + "encoder.conv_in.weight" in keys:
             components["vae"] = vae_prefix
@@ -358,6 +365,13 @@ def _flux_variant(shapes: dict, prefix: str) -> str:
         raise CheckpointError(f"single-file checkpoint is FLUX.1 Canny/Depth ('{prefix}img_in.weight' takes 128 "
                               "channels, FluxControlPipeline); only FLUX.1 dev / schnell / Fill are supported")
     return "flux-dev" if prefix + "guidance_in.in_layer.weight" in shapes else "flux-schnell"
+
+
+def _zimage_variant(keys: set, prefix: str) -> str:
+    if any(k.startswith((prefix + "siglip_embedder.", prefix + "control_")) for k in keys):
+        raise CheckpointError(f"single-file checkpoint is a Z-Image Omni or ControlNet model ('{prefix}siglip_embedder.*' "
+                              "or 'control_*' keys); only Z-Image / Z-Image-Turbo text-to-image files are supported")
+    return "zimage"
 
 
 def _sd3_variant(keys: set, prefix: str) -> str:
@@ -871,6 +885,20 @@ def _flux_rules_from(shapes: dict, side: str) -> list[_Rule]:
     return _flux_rules(len(double), len(single), inner, mlp)
 
 
+def _zimage_rules_from(keys: set, side: str) -> list[_Rule]:
+    """Z-Image's original names (ComfyUI's ``z_image_turbo_*.safetensors``) <-> diffusers': the patch
+    embedder and head under ``all_*.2-1``, each block's fused ``attention.qkv`` split into q, k, v,
+    ``attention.out`` -> ``to_out.0``, ``q_norm``/``k_norm`` -> ``norm_q``/``norm_k``; the rest as is."""
+    rules = [_p("", ""), _p("x_embedder", "all_x_embedder.2-1"), _p("final_layer", "all_final_layer.2-1")]
+    for stack in ("layers", "noise_refiner", "context_refiner"):
+        for i in _indices(keys, stack):
+            a = f"{stack}.{i}.attention"
+            rules += [_split(f"{a}.qkv.weight", [f"{a}.to_{p}.weight" for p in "qkv"]),
+                      _p(f"{a}.out", f"{a}.to_out.0"),
+                      _c(f"{a}.q_norm.weight", f"{a}.norm_q.weight"), _c(f"{a}.k_norm.weight", f"{a}.norm_k.weight")]
+    return rules
+
+
 # ---- per component -------------------------------------------------------------------------
 
 
@@ -893,6 +921,8 @@ def _rules_for(kind: str, shapes: dict, side: str) -> list[_Rule]:
         return _sd3_rules_from(keys, side)
     if kind == "flux":
         return _flux_rules_from(shapes, side)
+    if kind == "zimage":
+        return _zimage_rules_from(keys, side)
     raise AssertionError(kind)
 
 
@@ -902,6 +932,7 @@ _IGNORED = {
     "clip_proj": {"text_model.embeddings.position_ids", "logit_scale"},
     "openclip": {"logit_scale", "attn_mask"},
     "openclip_proj": {"logit_scale", "attn_mask"},
+    "zimage": {"norm_final.weight"},  # an unused norm some exports carry (diffusers drops it too)
 }
 
 
@@ -1119,6 +1150,23 @@ _FLUX_DEV = {
 _FLUX_SCHNELL = {**_FLUX_DEV, "guidance_embeds": False}
 _FLUX_FILL = {**_FLUX_DEV, "in_channels": 384, "out_channels": 64}  # black-forest-labs/FLUX.1-Fill-dev
 
+# Tongyi-MAI/Z-Image-Turbo: transformer/config.json, scheduler_config.json and the Qwen3-4B text encoder.
+_ZIMAGE_TURBO = {
+    "_class_name": "ZImageTransformer2DModel", "all_patch_size": [2], "all_f_patch_size": [1], "in_channels": 16,
+    "dim": 3840, "n_layers": 30, "n_refiner_layers": 2, "n_heads": 30, "n_kv_heads": 30, "norm_eps": 1e-05,
+    "qk_norm": True, "cap_feat_dim": 2560, "rope_theta": 256.0, "t_scale": 1000.0, "axes_dims": [32, 48, 48],
+    "axes_lens": [1024, 512, 512],
+}
+_SCHED_ZIMAGE = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
+                 "use_dynamic_shifting": False}
+_QWEN3_4B = {
+    "architectures": ["Qwen3Model"], "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 2560,
+    "intermediate_size": 9728, "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "head_dim": 128, "hidden_act": "silu", "max_position_embeddings": 40960, "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000, "attention_bias": False, "attention_dropout": 0.0, "tie_word_embeddings": True,
+    "bos_token_id": 151643, "eos_token_id": 151645, "use_cache": True,
+}
+
 _T = ("transformers", "CLIPTokenizer")
 _PIPELINES: dict[str, dict] = {
     "sd1": {"class": "StableDiffusionPipeline", "unet": _UNET_SD1, "vae": _VAE_SD, "scheduler": _SCHED_SD1,
@@ -1141,6 +1189,8 @@ _PIPELINES: dict[str, dict] = {
        for variant, cls, config, sched in (("flux-dev", "FluxPipeline", _FLUX_DEV, _SCHED_FLUX_DEV),
                                            ("flux-schnell", "FluxPipeline", _FLUX_SCHNELL, _SCHED_FLUX_SCHNELL),
                                            ("flux-fill", "FluxFillPipeline", _FLUX_FILL, _SCHED_FLUX_DEV))},
+    "zimage": {"class": "ZImagePipeline", "transformer": _ZIMAGE_TURBO, "vae": _VAE_FLUX, "scheduler": _SCHED_ZIMAGE,
+               "text_encoder": _QWEN3_4B, "tokenizers": {"tokenizer": ("transformers", "Qwen2Tokenizer")}},
 }
 
 
@@ -1179,7 +1229,7 @@ def standard_configs(detected: Detected, prediction_type: str | None = None) -> 
         raise CheckpointError(f"no standard config for variant '{detected.variant}' (known: {', '.join(_PIPELINES)})")
     spec = copy.deepcopy(_PIPELINES[detected.variant])
     prediction = prediction_type or detected.prediction_type
-    if detected.family in ("sd3", "flux"):
+    if detected.family in TRANSFORMER_FAMILIES:
         if prediction not in (None, "flow_matching"):
             raise CheckpointError(f"prediction_type '{prediction}' does not apply to {detected.variant} (flow matching)")
         prediction = None
@@ -1190,7 +1240,7 @@ def standard_configs(detected: Detected, prediction_type: str | None = None) -> 
         if detected.family == "sd2" and prediction == "epsilon":  # SD 2.1-base
             spec["unet"].update(sample_size=64, upcast_attention=False)
             spec["vae"]["sample_size"] = 512
-    if detected.zero_terminal_snr and detected.family not in ("sd3", "flux"):
+    if detected.zero_terminal_snr and detected.family not in TRANSFORMER_FAMILIES:
         spec["scheduler"]["rescale_betas_zero_snr"] = True
     if detected.time_cond_proj_dim is not None and "unet" in spec:
         spec["unet"]["time_cond_proj_dim"] = detected.time_cond_proj_dim

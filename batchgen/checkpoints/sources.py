@@ -450,6 +450,8 @@ def _convert_override_file(state: dict[str, torch.Tensor], cls: str, where: str)
         return sf.convert_component(state, kind, where)
     if cls == "T5EncoderModel":
         return sf.convert_component(_strip_common_prefix(state, _TEXT_PREFIXES), "t5", where)
+    if cls == "Qwen3Model":  # ComfyUI's qwen_3_4b.safetensors: transformers' Qwen3 names under model.
+        return MODEL_CLASSES[cls].convert(_strip_common_prefix(state, _TEXT_PREFIXES))
     raise CheckpointError(f"{where}: a weights file cannot stand in for a {cls} (only the VAE and the text "
                           "encoders can be overridden)")
 
@@ -697,8 +699,10 @@ def single_file_family(folder: CheckpointFolder) -> str:
         return "sd3"
     if cls.startswith("Flux"):
         return "flux"
+    if cls.startswith("ZImage"):
+        return "zimage"
     raise CheckpointError(f"{folder.where}: pipeline class {cls!r} has no single-file layout "
-                          "(SD 1.x / 2.x, SDXL, SD3 and FLUX.1 have one)")
+                          "(SD 1.x / 2.x, SDXL, SD3, FLUX.1 and Z-Image have one)")
 
 
 def write_single_file(folder: str | Path, path: str | Path, *, dtype: torch.dtype | None = None,

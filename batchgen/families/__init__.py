@@ -18,6 +18,7 @@ FAMILIES: dict[str, str] = {
     "sd3": "StableDiffusion3",
     "dit": "DiT",
     "flux": "Flux",
+    "zimage": "ZImage",
 }
 
 

@@ -25,8 +25,10 @@ _CONFIG_CLASSES = {
     "CLIPTextModel": "CLIPTextConfig",
     "CLIPTextModelWithProjection": "CLIPTextConfig",
     "T5EncoderModel": "T5Config",
+    "Qwen3Model": "Qwen3Config",
 }
-_MODEL_TYPES = {"CLIPTextConfig": (None, "clip_text_model", "clip"), "T5Config": (None, "t5", "umt5")}
+_MODEL_TYPES = {"CLIPTextConfig": (None, "clip_text_model", "clip"), "T5Config": (None, "t5", "umt5"),
+                "Qwen3Config": ("qwen3",)}
 _WARN_CHARS = 60  # dropped text quoted in a truncation warning
 
 
@@ -41,17 +43,23 @@ def build_text_encoder(cls_name: str, config: dict):
     model_type = config.get("model_type")
     if model_type not in _MODEL_TYPES[_CONFIG_CLASSES[cls_name]]:
         raise CheckpointError(f"text encoder config: model_type {model_type!r} does not fit class {cls_name}")
-    allowed = set(config_cls().to_dict())
+    # legacy RoPE keys (Qwen3 configs saved before transformers 5 keep rope_theta at the top; the
+    # config class folds them into rope_parameters)
+    allowed = set(config_cls().to_dict()) | {"rope_theta", "rope_scaling"}
     cfg = config_cls(**{k: v for k, v in config.items() if k in allowed and k != "transformers_version"})
     return getattr(transformers, cls_name)(cfg)
 
 
 def load_tokenizer(folder: Path, cls_name: str = "CLIPTokenizer"):
-    """A CLIP (vocab.json + merges.txt) or T5 (tokenizer.json / spiece.model) tokenizer from a
+    """A CLIP (vocab.json + merges.txt), T5 (tokenizer.json / spiece.model) or Qwen2 (tokenizer.json) tokenizer from a
     local folder; never downloads."""
     import transformers
 
-    if cls_name.startswith("CLIP"):
+    if cls_name.startswith("Qwen2"):  # Qwen3 text encoders (Z-Image) ship a Qwen2 byte-level BPE tokenizer
+        if not (folder / "tokenizer.json").is_file():
+            raise CheckpointError(f"{folder}: missing component file 'tokenizer.json' (a {cls_name})")
+        cls = transformers.Qwen2Tokenizer
+    elif cls_name.startswith("CLIP"):
         for name in ("vocab.json", "merges.txt"):
             if not (folder / name).is_file():
                 raise CheckpointError(f"{folder}: missing component file '{name}'")

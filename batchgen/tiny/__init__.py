@@ -35,6 +35,7 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "dit": ("dit", "DiTPipeline"),
     "flux-schnell": ("flux", "FluxPipeline"),
     "flux-dev": ("flux", "FluxPipeline"),
+    "zimage": ("zimage", "ZImagePipeline"),
     # a ControlNet folder (config.json + weights, no model_index.json) for the tiny sd1 / sdxl UNet
     "sd1-controlnet": ("controlnet", "ControlNetModel"),
     "sdxl-controlnet": ("controlnet", "ControlNetModel"),

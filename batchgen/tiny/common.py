@@ -27,9 +27,9 @@ CORPUS = (
 DIFFUSERS_VERSION = "0.42.1"  # written into model_index.json / config.json, as diffusers does
 
 
-def _learn_merges(words: list[str], count: int) -> list[tuple[str, str]]:
-    """Greedy BPE over ``words`` (characters with a ``</w>`` end marker), at most ``count`` merges."""
-    vocab = Counter(tuple(w[:-1]) + (w[-1] + "</w>",) for w in words)
+def _learn_merges(words: list[str], count: int, end: str = "</w>") -> list[tuple[str, str]]:
+    """Greedy BPE over ``words`` (characters, the last with an ``end`` marker), at most ``count`` merges."""
+    vocab = Counter(tuple(w[:-1]) + (w[-1] + end,) for w in words)
     merges: list[tuple[str, str]] = []
     for _ in range(count):
         pairs: Counter = Counter()
