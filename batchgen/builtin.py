@@ -32,6 +32,8 @@ BUILTINS.update({"tiny-flux-schnell": ("flux-schnell", 0), "tiny-flux-dev": ("fl
                  "tiny-flux-fill": ("flux-fill", 0)})
 # ControlNets for builtin:tiny and builtin:tiny-sdxl: load_pipeline(..., controlnets=["builtin:..."])
 BUILTINS.update({"tiny-sd1-controlnet": ("sd1-controlnet", 0), "tiny-sdxl-controlnet": ("sdxl-controlnet", 0)})
+# ... and for builtin:tiny-sd3 and builtin:tiny-flux-dev
+BUILTINS.update({"tiny-sd3-controlnet": ("sd3-controlnet", 0), "tiny-flux-controlnet": ("flux-controlnet", 0)})
 BUILTINS[NULL_NAME] = (None, 0)  # no weights: jobs render seeded noise (batchgen.nullmodel)
 
 

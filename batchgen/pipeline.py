@@ -324,7 +324,8 @@ class Pipeline:
                               options=req.options, **fam.schedule(settings, req.sampler))
         cond = texts.conditioning(indices)
         if req.control is not None:
-            cond = req.control.bind(cond, indices, size, sampler.plan.calls, batch.guided, fam.device, fam.dtype)
+            cond = req.control.bind(cond, indices, size, sampler.plan.calls, batch.guided, fam.device, fam.dtype,
+                                    generators[:real], [req.seeds[i] for i in indices])
         shape = fam.noise_shape(settings["width"], settings["height"])
         model, after_step = fam.denoiser(cond, batch), None
         # Each generator's draw order is diffusers': img2img's VAE posterior sample, then the noise.

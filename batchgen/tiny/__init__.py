@@ -38,6 +38,8 @@ VARIANTS: dict[str, tuple[str, str]] = {
     # a ControlNet folder (config.json + weights, no model_index.json) for the tiny sd1 / sdxl UNet
     "sd1-controlnet": ("controlnet", "ControlNetModel"),
     "sdxl-controlnet": ("controlnet", "ControlNetModel"),
+    "sd3-controlnet": ("controlnet", "SD3ControlNetModel"),
+    "flux-controlnet": ("controlnet", "FluxControlNetModel"),
     "flux-fill": ("flux", "FluxFillPipeline"),
 }
 def make_tiny_model(directory: str | os.PathLike, variant: str = "sd1", seed: int = 0) -> Path:
