@@ -92,6 +92,18 @@ class LatentControlBatch(ControlBatch):
             return self._sd3(stack, run, x, t, cond, row_scales)
         return self._flux(stack, run, x, t, cond, row_scales)
 
+    @staticmethod
+    def _merged(total, counts: list[int]):
+        """diffusers' Multi-ControlNet sums every ControlNet's residual list with ``zip`` (a
+        ControlNet without residuals of a kind leaves the sum as it is), so the sum is as long as
+        the shortest list of *all* ControlNets, also those whose scale is 0 in this call and which
+        are therefore not run here: cut to that length (the cut entries' values are unchanged, as
+        adding a zero-scaled residual changes none)."""
+        if total is None or counts[0] == 0:
+            return None
+        length = min(c for c in counts if c > 0)
+        return total[:length]
+
     def _sd3(self, stack, run, x, t, cond, row_scales) -> dict[str, Any]:
         total = None
         zeros = stack.nets[0].config["force_zeros_for_pooled_projection"]  # the first ControlNet's, for all
@@ -99,7 +111,7 @@ class LatentControlBatch(ControlBatch):
         for j in run:
             out = stack.nets[j](x, self.images[j], row_scales[j], cond.context, pooled, t)
             total = out if total is None else [a + b for a, b in zip(total, out)]
-        return {"block_controlnet_hidden_states": total}
+        return {"block_controlnet_hidden_states": self._merged(total, [n.config["num_layers"] for n in stack.nets])}
 
     def _flux(self, stack, run, x, t, cond, row_scales) -> dict[str, Any]:
         n = self.rows
@@ -114,6 +126,8 @@ class LatentControlBatch(ControlBatch):
                                  cond.extra["img_ids"], cond.extra["txt_ids"], guidance)
             double = d if double is None else _add(double, d)
             single = s if single is None else _add(single, s)
+        double = self._merged(double, [net.config["num_layers"] for net in stack.nets])
+        single = self._merged(single, [net.config["num_single_layers"] for net in stack.nets])
         if rows != n:
             double = None if double is None else [torch.cat([r] * (rows // n)) for r in double]
             single = None if single is None else [torch.cat([r] * (rows // n)) for r in single]
