@@ -143,16 +143,22 @@ def dit_controlnet_config(source: ControlNetFile, family) -> dict:
     return config
 
 
+def dit_controlnet_class(family):
+    """The ControlNet module class of ``family`` (an SD3 or FLUX model)."""
+    from ..models.controlnet_flux import FluxControlNetModel
+    from ..models.controlnet_sd3 import SD3ControlNetModel
+
+    return SD3ControlNetModel if family.name == "sd3" else FluxControlNetModel
+
+
 def load_dit_controlnet(source: ControlNetFile, family, dtype: torch.dtype | None = None):
     """Build and strictly load the ControlNet at ``source`` for ``family``; returns (module, what
     it is for in words, for ``model_info``)."""
-    from ..models.controlnet_flux import FluxControlNetModel
-    from ..models.controlnet_sd3 import SD3ControlNetModel
     from .components import ModelClass
 
     where = str(source.path)
     config = dit_controlnet_config(source, family)
-    cls = SD3ControlNetModel if family.name == "sd3" else FluxControlNetModel
+    cls = dit_controlnet_class(family)
     module = ModelClass(cls).checked_build(config, where)
     if next(module.buffers(), None) is not None:  # buffers are computed at build: build for real
         module = ModelClass(cls).checked_build(config, where, meta=False)
@@ -174,4 +180,4 @@ def load_dit_controlnet(source: ControlNetFile, family, dtype: torch.dtype | Non
     return module.eval().requires_grad_(False), FAMILY_OF_CLASS[source.model_class]
 
 
-__all__ = ["dit_controlnet_config", "load_dit_controlnet", "sd3_config_from_shapes", "flux_config_from_shapes"]
+__all__ = ["dit_controlnet_class", "dit_controlnet_config", "load_dit_controlnet", "sd3_config_from_shapes", "flux_config_from_shapes"]
