@@ -177,3 +177,35 @@ def test_refusals(folders, tmp_path):
         (folders["cn"] / "diffusion_pytorch_model.safetensors").read_bytes())
     with pytest.raises(CheckpointError, match=r"xlabs.*config key 'conditioning_embedding_channels'"):
         load_pipeline(folders["dev"], device="cpu", dtype=torch.float32, controlnets=[str(bad)])
+    union = write_controlnet(tmp_path / "union", "flux-dev", 1, {"num_mode": 3})
+    with pytest.raises(CheckpointError, match=r"union: config key 'num_mode': 3 \(a union ControlNet"):
+        load_pipeline(folders["dev"], device="cpu", dtype=torch.float32, controlnets=[str(union)])
+
+
+def test_union_controlnet_module_matches_diffusers(folders, tmp_path):
+    """The union ControlNet module (mode embedding in front of the text tokens) equals diffusers'
+    FluxControlNetModel; the pipeline refuses union ControlNets until a control_mode setting exists."""
+    from batchgen.checkpoints.folder import load_weights_into
+    from batchgen.models.controlnet_flux import FluxControlNetModel
+    from batchgen.tiny.controlnet import write_controlnet
+
+    path = write_controlnet(tmp_path / "union", "flux-dev", 4, {"num_mode": 3})
+    config = json.loads((path / "config.json").read_text())
+    ref = aligned_module(diffusers.FluxControlNetModel.from_pretrained(str(path)))
+    from safetensors.torch import load_file
+
+    ours = FluxControlNetModel(config)
+    load_weights_into(ours, load_file(str(path / "diffusion_pytorch_model.safetensors")), str(path))
+    g = torch.Generator().manual_seed(0)
+    x, cond = torch.randn(2, 16, 64, generator=g), torch.randn(2, 16, 64, generator=g)
+    ctx, pooled = torch.randn(2, 8, 32, generator=g), torch.randn(2, 32, generator=g)
+    img_ids, txt_ids = torch.randn(16, 3, generator=g), torch.zeros(8, 3)
+    mode = torch.tensor([[0], [2]])
+    t, guidance = torch.tensor([0.5, 0.5]), torch.tensor([3.5, 3.5])
+    with torch.no_grad():
+        a = ours(x, cond, 0.7, ctx, pooled, t, img_ids, txt_ids, guidance, controlnet_mode=mode)
+        b = ref(hidden_states=x, controlnet_cond=cond, controlnet_mode=mode, conditioning_scale=0.7,
+                encoder_hidden_states=ctx, pooled_projections=pooled, timestep=t, img_ids=img_ids, txt_ids=txt_ids,
+                guidance=guidance, return_dict=False)
+    for mine, theirs in zip(a, b):
+        assert all(torch.equal(p, q) for p, q in zip(mine, theirs))

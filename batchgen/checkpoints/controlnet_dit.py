@@ -133,6 +133,10 @@ def dit_controlnet_config(source: ControlNetFile, family) -> dict:
         resolved = resolve(config)
     except CheckpointError as exc:
         raise CheckpointError(f"{where}: {exc}") from None
+    if resolved.get("num_mode") is not None:
+        raise CheckpointError(f"{where}: config key 'num_mode': {resolved['num_mode']} (a union ControlNet, which "
+                              f"needs a control mode per item) is not supported yet: batchgen has no control_mode "
+                              f"setting; use a single-purpose FLUX ControlNet")
     inner = (resolved["num_attention_heads"] * resolved["attention_head_dim"],
              transformer["num_attention_heads"] * transformer["attention_head_dim"])
     if family.name == "sd3":
