@@ -156,7 +156,7 @@ def check_control(family, control_images, settings: dict, n: int, width: int, he
                   img2img: bool = False) -> ControlRequest | None:
     """Validate ``generate()``'s control arguments (``settings``: the given entries of
     :data:`CONTROL_SETTINGS`); None when neither ControlNets nor control arguments are present.
-    The default scale is diffusers': 1.0, and 0.8 for img2img (``img2img``)."""
+    The default scale is diffusers': 1.0, and 0.8 for SD/SDXL img2img (``img2img``)."""
     k = controlnet_count(family)
     given = {name: v for name, v in settings.items() if v is not None}
     if k == 0:
@@ -194,7 +194,10 @@ def check_control(family, control_images, settings: dict, n: int, width: int, he
                                      f"got a list of {len(entry)}")
                 entry = entry[0]
             pixels.append([control_pixels(entry, width, height, f"control_images[{i}]")])
-    defaults = {**DEFAULTS, **({"controlnet_conditioning_scale": IMG2IMG_SCALE} if img2img else {})}
+    dit = family.name in DIT_CONTROL_FAMILIES
+    # FluxControlNetImg2ImgPipeline keeps 1.0; the UNet families' img2img pipelines default to 0.8
+    img2img_scale = img2img and not dit
+    defaults = {**DEFAULTS, **({"controlnet_conditioning_scale": IMG2IMG_SCALE} if img2img_scale else {})}
     values = {name: _per_item_per_net(name, given.get(name, defaults[name]), n, k) for name in CONTROL_SETTINGS}
     starts, ends = values["control_guidance_start"], values["control_guidance_end"]
     for i in range(n):
@@ -203,10 +206,10 @@ def check_control(family, control_images, settings: dict, n: int, width: int, he
                 where = f"[{i}]" + (f"[{j}]" if k > 1 else "")
                 raise ValueError(f"control_guidance_start{where}: {starts[i][j]} is not below control_guidance_end "
                                  f"{ends[i][j]}; the window [start, end] must be non-empty")
-    dit = family.name in DIT_CONTROL_FAMILIES
-    if dit and img2img:
-        raise ValueError(f"control_images: ControlNet with init_images (img2img) is not supported for {family.name} "
-                         f"models yet; render text-to-image with control images, or img2img without them")
+    if family.name == "sd3" and img2img:
+        raise ValueError("control_images: ControlNet with init_images (img2img) is not supported for sd3 models "
+                         "(diffusers has no SD3 ControlNet img2img pipeline); render text-to-image with control "
+                         "images, or img2img without them")
     return ControlRequest(pixels, values["controlnet_conditioning_scale"], starts, ends,
                           family=family if dit else None)
 

@@ -34,8 +34,10 @@ calls, a ControlNet no row keeps is not run, residuals per row scaled in float32
   CFG the ControlNet runs once on the positive rows (diffusers computes its residuals from the
   positive prompt and hands the same residuals to both transformer calls), so the residuals are
   repeated for the negative rows. The ControlNet's guidance input is the transformer's.
-- SD3 has no ControlNet img2img pipeline in diffusers, and the FLUX one is not built here: with
-  ``init_images`` the request is refused (:func:`batchgen.control.check_control`).
+- FLUX img2img with a ControlNet is FluxControlNetImg2ImgPipeline: per item the control image's
+  draw, then the init image's, then the noise (the pipeline's order), default scale 1.0. SD3 has
+  no ControlNet img2img pipeline in diffusers: with ``init_images`` the request is refused
+  (:func:`batchgen.control.check_control`).
 """
 
 from __future__ import annotations

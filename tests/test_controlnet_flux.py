@@ -104,6 +104,25 @@ def test_flux_controlnet_matches_diffusers(pipes, true_cfg):
     assert not np.array_equal(plain[0], got[0])  # the ControlNet changed the image
 
 
+def test_flux_controlnet_img2img_matches_diffusers(folders, pipes):
+    """FluxControlNetImg2ImgPipeline: the control image's draw, the init image's, then the noise."""
+    from PIL import Image
+
+    ours, ref = pipes(["cn"])
+    img2img = diffusers.FluxControlNetImg2ImgPipeline(
+        **{k: v for k, v in ref.components.items() if k not in ("image_encoder", "feature_extractor")})
+    img2img.set_progress_bar_config(disable=True)
+    images, inits = control_images(2, seed=37), control_images(2, seed=38)
+    inits = [np.clip(i.astype(np.int16) + 60, 0, 255).astype(np.uint8) for i in inits]
+    expected = img2img(PROMPTS, image=[Image.fromarray(i) for i in inits],
+                       control_image=[Image.fromarray(i) for i in images], strength=0.7, num_inference_steps=4,
+                       guidance_scale=3.5, width=SIZE, height=SIZE, max_sequence_length=MSL, output_type="np",
+                       generator=[torch.Generator().manual_seed(s) for s in SEEDS]).images
+    got = ours.generate(PROMPTS, SEEDS, init_images=inits, strength=0.7, steps=4, guidance_scale=3.5, width=SIZE,
+                        height=SIZE, max_sequence_length=MSL, control_images=images)  # default scale 1.0
+    assert _levels(got, [(e * 255).round().astype(np.uint8) for e in expected]) <= 1
+
+
 def test_multi_controlnet_window_and_per_item_scales_match_diffusers(pipes):
     ours, ref = pipes(["cn", "cn-small"])
     a, b = control_images(2, seed=32), control_images(2, seed=33)

@@ -182,5 +182,5 @@ def test_refusals(folders, tiny_sd1, tmp_path):
 def test_img2img_with_controlnet_is_refused(pipes):
     ours, _ = pipes("sd3", ["cn"])
     image = control_images(1)[0]
-    with pytest.raises(ValueError, match="control_images: ControlNet with init_images .* sd3"):
+    with pytest.raises(ValueError, match="control_images: ControlNet with init_images .* sd3 models"):
         ours.generate(["x"], [1], steps=2, width=SIZE, height=SIZE, control_images=[image], init_images=[image])
