@@ -127,14 +127,14 @@ def test_multi_controlnet_window_and_per_item_scales_match_diffusers(pipes):
 
 def test_item_alone_equals_item_among_conditioned_batch_mates(pipes):
     ours, _ = pipes("sd3", ["cn-plain", "cn"])
-    a, b = control_images(4, seed=24), control_images(4, seed=25)
+    a, b = control_images(3, seed=24), control_images(3, seed=25)
     per_item = [[x, y] for x, y in zip(a, b)]
-    scales = [[1.0, 0.5], [0.0, 2.0], [1.5, 1.5], [0.7, 0.0]]
-    starts = [[0.0, 0.3], [0.5, 0.0], [0.0, 0.0], [0.2, 0.0]]
-    kwargs = dict(steps=2, width=SIZE, height=SIZE, max_sequence_length=MSL, micro_batch=3)
-    mixed = ours.generate(["p0", "p1", "p2", "p3"], [10, 11, 12, 13], control_images=per_item,
+    scales = [[1.0, 0.5], [0.0, 2.0], [0.7, 0.0]]
+    starts = [[0.0, 0.3], [0.5, 0.0], [0.2, 0.0]]
+    kwargs = dict(steps=2, width=SIZE, height=SIZE, max_sequence_length=MSL, micro_batch=2)
+    mixed = ours.generate(["p0", "p1", "p2"], [10, 11, 12], control_images=per_item,
                           controlnet_conditioning_scale=scales, control_guidance_start=starts, **kwargs)
-    for i in (0, 3):
+    for i in (0, 1):  # alone: padding as batch-mate; item 1 alone: its zero-scale ControlNet is not run
         alone = ours.generate([f"p{i}"], [10 + i], control_images=[per_item[i]],
                               controlnet_conditioning_scale=[scales[i]], control_guidance_start=[starts[i]], **kwargs)
         assert np.array_equal(alone[0], mixed[i]), i
