@@ -32,6 +32,8 @@ BUILTINS.update({"tiny-flux-schnell": ("flux-schnell", 0), "tiny-flux-dev": ("fl
                  "tiny-flux-fill": ("flux-fill", 0)})
 # ControlNets for builtin:tiny and builtin:tiny-sdxl: load_pipeline(..., controlnets=["builtin:..."])
 BUILTINS.update({"tiny-sd1-controlnet": ("sd1-controlnet", 0), "tiny-sdxl-controlnet": ("sdxl-controlnet", 0)})
+# IP-Adapters (weight file + image_encoder/) for them: load_pipeline(..., ip_adapter="builtin:...")
+BUILTINS.update({"tiny-sd1-ip-adapter": ("sd1-ip-adapter", 0), "tiny-sdxl-ip-adapter": ("sdxl-ip-adapter", 0)})
 # ... and for builtin:tiny-sd3 and builtin:tiny-flux-dev
 BUILTINS.update({"tiny-sd3-controlnet": ("sd3-controlnet", 0), "tiny-flux-controlnet": ("flux-controlnet", 0)})
 BUILTINS[NULL_NAME] = (None, 0)  # no weights: jobs render seeded noise (batchgen.nullmodel)
@@ -51,8 +53,10 @@ def builtin_model_path(name: str) -> Path:
         raise ValueError(f"model: builtin:{name} has no weights to load: it renders seeded noise in jobs "
                          "(batchgen run, dry runs); use builtin:tiny for a loadable pipeline")
     target = cache_root() / "builtin" / f"tiny-{variant}-seed{seed}-f{TINY_FORMAT}"
-    # a pipeline folder has model_index.json, a component folder (a ControlNet) config.json
-    built = target / ("config.json" if variant.endswith("-controlnet") else "model_index.json")
+    # a pipeline folder has model_index.json, a component folder (a ControlNet) config.json, an
+    # IP-Adapter folder its weight file and image_encoder/
+    built = target / ("config.json" if variant.endswith("-controlnet") else
+                      "image_encoder/config.json" if variant.endswith("-ip-adapter") else "model_index.json")
     if built.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,8 @@ from .settings import BY_NAME
 CONTROL_SETTINGS = ("controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end")
 DEFAULTS = {"controlnet_conditioning_scale": 1.0, "control_guidance_start": 0.0, "control_guidance_end": 1.0}
 IMG2IMG_SCALE = 0.8  # StableDiffusion(XL)ControlNetImg2ImgPipeline's default conditioning scale
+# StableDiffusionControlNetInpaintPipeline's default scale is 0.5; the SDXL one keeps 1.0
+INPAINT_SCALE = {"sd": 0.5}
 CONTROL_FAMILIES = ("sd", "sdxl", "sd3", "flux")
 DIT_CONTROL_FAMILIES = ("sd3", "flux")  # transformer ControlNets on VAE latents (batchgen.control_dit)
 
@@ -152,11 +154,19 @@ class ControlRequest:
         return dataclasses.replace(cond, control=batch)
 
 
+def default_scale(family: str | None, img2img: bool, inpaint: bool) -> float:
+    """diffusers' default ``controlnet_conditioning_scale`` for a call of this kind."""
+    if inpaint:
+        return INPAINT_SCALE.get(family, DEFAULTS["controlnet_conditioning_scale"])
+    return IMG2IMG_SCALE if img2img else DEFAULTS["controlnet_conditioning_scale"]
+
+
 def check_control(family, control_images, settings: dict, n: int, width: int, height: int,
-                  img2img: bool = False) -> ControlRequest | None:
+                  img2img: bool = False, inpaint: bool = False) -> ControlRequest | None:
     """Validate ``generate()``'s control arguments (``settings``: the given entries of
     :data:`CONTROL_SETTINGS`); None when neither ControlNets nor control arguments are present.
-    The default scale is diffusers': 1.0, and 0.8 for SD/SDXL img2img (``img2img``)."""
+    The default scale is diffusers': 1.0, 0.8 for SD/SDXL img2img (``img2img``; FLUX keeps 1.0),
+    0.5 for SD 1.x/2.x inpainting (``inpaint``: a mask)."""
     k = controlnet_count(family)
     given = {name: v for name, v in settings.items() if v is not None}
     if k == 0:
@@ -195,9 +205,12 @@ def check_control(family, control_images, settings: dict, n: int, width: int, he
                 entry = entry[0]
             pixels.append([control_pixels(entry, width, height, f"control_images[{i}]")])
     dit = family.name in DIT_CONTROL_FAMILIES
+    if dit and inpaint:
+        raise ValueError(f"control_images: ControlNet together with inpainting/outpainting (mask_images, outpaint_*) "
+                         f"is not supported for {family.name} models; render the items with one or the other")
     # FluxControlNetImg2ImgPipeline keeps 1.0; the UNet families' img2img pipelines default to 0.8
-    img2img_scale = img2img and not dit
-    defaults = {**DEFAULTS, **({"controlnet_conditioning_scale": IMG2IMG_SCALE} if img2img_scale else {})}
+    scale = default_scale(family.name, img2img and not dit, inpaint)
+    defaults = {**DEFAULTS, "controlnet_conditioning_scale": scale}
     values = {name: _per_item_per_net(name, given.get(name, defaults[name]), n, k) for name in CONTROL_SETTINGS}
     starts, ends = values["control_guidance_start"], values["control_guidance_end"]
     for i in range(n):
@@ -281,7 +294,9 @@ class ControlBatch:
             added = {}
             if net.uses_added_conditioning:
                 added = {"text_embeds": cond.pooled, "time_ids": cond.extra["time_ids"]}
-            d, m = net(x, t, cond.context, self.images[j], row_scales[j], **added)
+            # an inpainting UNet's input is the latents + mask + masked-image latents: a ControlNet
+            # sees the latents only (diffusers' ControlNet inpaint pipelines do the same)
+            d, m = net(x[:, :net.config["in_channels"]], t, cond.context, self.images[j], row_scales[j], **added)
             down = d if down is None else [a + b for a, b in zip(down, d)]
             mid = m if mid is None else mid + m
         if down is None:
@@ -297,5 +312,5 @@ def controlnet_residuals(stack, x: torch.Tensor, t: torch.Tensor, cond) -> dict[
     return control.residuals(stack, x, t, cond)
 
 
-__all__ = ["CONTROL_SETTINGS", "attach_controlnets", "check_control", "controlnet_residuals", "ControlBatch",
+__all__ = ["CONTROL_SETTINGS", "attach_controlnets", "check_control", "default_scale", "controlnet_residuals", "ControlBatch",
            "ControlRequest", "control_pixels", "keeps"]

@@ -17,6 +17,13 @@ parquet
     each: ``image`` struct<bytes: binary, path: string>, ``text`` (the prompt) and the manifest
     columns, with the ``huggingface`` schema metadata declaring ``image`` an ``Image`` feature.
 
+``with_conditioning``: each conditioned item also carries the images it was conditioned on, at
+its size, as the model used them (a Canny map derived again, a mask blurred and binarized), read
+again from the recorded files (a file whose sha256 is not the manifest's is an error naming it):
+WebDataset ``<key>.control.png`` (``control.0.png``, ... with several ControlNets) and
+``<key>.mask.png``; Parquet Image columns ``conditioning_image`` (``conditioning_image_0``, ...;
+the name diffusers' ControlNet training scripts read) and ``mask``, null where an item has none.
+
 Both write ``export.json`` (counts). One shard is held in memory at a time.
 
 Filters (``where=``, ``min_score=``): only ok items for which a :mod:`batchgen.where` expression
@@ -488,12 +495,12 @@ _HF_DTYPES = {"string": "string", "large_string": "large_string", "bool": "bool"
               "float": "float32", "double": "float64", "binary": "binary", "large_binary": "large_binary"}
 
 
-def hf_features(schema, class_names: list[str] | None = None) -> dict:
-    """The ``huggingface`` metadata: ``image`` as an Image feature, ``label`` as a ClassLabel when
-    ``class_names`` are given, other columns as Values."""
-    features = {"image": {"_type": "Image"}}
+def hf_features(schema, class_names: list[str] | None = None, image_columns: tuple[str, ...] = ()) -> dict:
+    """The ``huggingface`` metadata: ``image`` (and ``image_columns``) as Image features, ``label``
+    as a ClassLabel when ``class_names`` are given, other columns as Values."""
+    features = {name: {"_type": "Image"} for name in ("image", *image_columns)}
     for f in schema:
-        if f.name == "image":
+        if f.name in features:
             continue
         if f.name == "label" and class_names is not None:
             features["label"] = {"names": list(class_names), "_type": "ClassLabel"}
@@ -508,8 +515,10 @@ def hf_features(schema, class_names: list[str] | None = None) -> dict:
 def export_parquet(output: str, to: str, shard_size: int = 1000, storage_config=None,
                    overwrite: bool = False, provenance: str = "keep", where: str | None = None,
                    min_score: float | None = None, label_column: str | None = "auto",
-                   label_names_column: str | None = "auto") -> dict:
-    """Write Hugging Face datasets Parquet files of a job output's selected ok items; returns the counts."""
+                   label_names_column: str | None = "auto", with_conditioning: bool = False) -> dict:
+    """Write Hugging Face datasets Parquet files of a job output's selected ok items; returns the counts.
+    ``with_conditioning``: Image columns beside ``image`` with what each item was conditioned on, at
+    its size (see :func:`_conditioning_columns`); null where an item has none."""
     import pyarrow as pa
 
     from .manifest import EXPORT_FIELDS
@@ -519,18 +528,25 @@ def export_parquet(output: str, to: str, shard_size: int = 1000, storage_config=
                                    label_column, label_names_column)
     ok = sel.rows
     dest = Location.parse(str(to), storage_config)
-    existing = _prepare_destination(dest, overwrite)
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     fields = [pa.field("image", image_type), pa.field("text", pa.string())]
     ours = set(EXPORT_FIELDS["parquet"])
     if labels is not None:  # HF's convention: the class is the column "label"
         fields.append(pa.field("label", pa.int64()))
         ours.add("label")
+    cond_columns = _conditioning_columns(sel) if with_conditioning else {}
+    for name in cond_columns.values():
+        if name in ok.schema.names or name in ours:
+            raise InputError(f"export --with-conditioning: the manifest already has a column {name!r}, the name "
+                             "of a conditioning image column; rename that input column")
+        fields.append(pa.field(name, image_type))
+        ours.add(name)
+    existing = _prepare_destination(dest, overwrite)
     fields += [f for f in ok.schema if f.name not in ours
                and (provenance != "drop" or f.name not in PROVENANCE_COLUMNS)]
     schema = pa.schema(fields)
     schema = schema.with_metadata({"huggingface": json.dumps(hf_features(
-        schema, labels.names if labels is not None else None))})
+        schema, labels.names if labels is not None else None, tuple(cond_columns.values())))})
     n_files = max(1, -(-ok.num_rows // shard_size))
     written: set[str] = set()
     t0 = time.monotonic()
@@ -542,6 +558,9 @@ def export_parquet(output: str, to: str, shard_size: int = 1000, storage_config=
             row = {"image": {"bytes": data, "path": f"{r['item_id']}.{ext}"}, "text": r.get("prompt")}
             if labels is not None:
                 row["label"] = r[labels.column]
+            if cond_columns:
+                for fname, cdata in _conditioning(sel, r, storage_config).items():
+                    row[cond_columns[fname]] = {"bytes": cdata, "path": f"{r['item_id']}.{fname}"}
             row.update({k: v for k, v in pub.items() if k not in ours})
             out_rows.append(row)
         name = f"data/train-{shard:05d}-of-{n_files:05d}.parquet"
@@ -556,6 +575,20 @@ def export_parquet(output: str, to: str, shard_size: int = 1000, storage_config=
     return counts
 
 
+def _conditioning_columns(sel: Selection) -> dict[str, str]:
+    """The Parquet export's conditioning image columns, by the file name
+    :func:`batchgen.job.conditioning.conditioning_pngs` gives: ``conditioning_image`` (diffusers'
+    ControlNet training scripts read that name; with several ControlNets ``conditioning_image_0``,
+    ``conditioning_image_1`` ...) and ``mask`` — only those the job can have."""
+    model = (((sel.output.job or {}).get("spec") or {}).get("model") or {})
+    nets = len(model.get("controlnets") or [])
+    columns = {"control.png": "conditioning_image"} if nets == 1 else {
+        f"control.{j}.png": f"conditioning_image_{j}" for j in range(nets)}
+    if "mask_image" in sel.rows.schema.names and sel.rows.column("mask_image").null_count < sel.rows.num_rows:
+        columns["mask.png"] = "mask"
+    return columns
+
+
 def _check_shard_size(shard_size) -> None:
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"shard_size must be a positive integer, got {shard_size!r}")
@@ -568,15 +601,10 @@ def export_output(output: str, fmt: str, to: str, shard_size: int = 1000, storag
     """Export a job output in ``fmt`` ("webdataset" or "parquet") to ``to``."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    extra = {}
-    if with_conditioning:
-        if fmt != "webdataset":
-            raise ValueError("with_conditioning: the conditioning images are exported with --format webdataset only")
-        extra["with_conditioning"] = True
     fn = export_webdataset if fmt == "webdataset" else export_parquet
     return fn(output, to, shard_size=shard_size, storage_config=storage_config, overwrite=overwrite,
               provenance=provenance, where=where, min_score=min_score, label_column=label_column,
-              label_names_column=label_names_column, **extra)
+              label_names_column=label_names_column, with_conditioning=with_conditioning)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -605,8 +633,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="class-name column that makes the HF 'label' a ClassLabel (default auto: "
                              "'class_name'; none: a plain integer)")
     parser.add_argument("--with-conditioning", action="store_true",
-                        help="webdataset: add each conditioned sample's control image (<key>.control.png) and "
-                             "mask (<key>.mask.png) as the model used them, at the image's size")
+                        help="add each conditioned sample's control image and mask as the model used them, at "
+                             "the image's size: webdataset <key>.control.png / <key>.mask.png; parquet Image "
+                             "columns conditioning_image (several ControlNets: conditioning_image_0, ...) and mask")
 
 
 def run(args) -> int:

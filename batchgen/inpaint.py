@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from .sampling import Sampler
 
 # generate() settings (entries of batchgen.settings) that only apply to inpainting items.
-MASK_SETTINGS = ("mask_blur",)
+MASK_SETTINGS = ("mask_blur", "padding_mask_crop")
 
 
 def mask_to_pil(mask, where: str):
@@ -87,10 +87,15 @@ def check_mask_fits(mask_size: tuple[int, int], image_size: tuple[int, int], whe
 
 
 def prepare_inpaint_inputs(init_images, mask_images, n: int, width: int, height: int,
-                           settings: dict[str, list], to_rgb: Callable) -> tuple[list[np.ndarray], list[np.ndarray]]:
+                           settings: dict[str, list], to_rgb: Callable):
     """Validate and prepare generate()'s ``init_images`` + ``mask_images`` (or outpainting
-    settings): (init images as HxWx3 uint8 of width x height, masks as HxW float32 0/1).
-    ``to_rgb(image, width, height, where)`` is the pipeline's init-image conversion."""
+    settings): (init images as HxWx3 uint8 of width x height, masks as HxW float32 0/1, and per
+    item the :class:`batchgen.mask_crop.Overlay` that pastes a ``padding_mask_crop`` render back
+    into its original, else None). ``to_rgb(image, width, height, where)`` is the pipeline's
+    init-image conversion."""
+    from PIL import ImageFilter
+
+    from .mask_crop import crop_item
     from .outpaint import OUTPAINT_SETTINGS, outpaint_image
 
     if init_images is None:
@@ -101,6 +106,7 @@ def prepare_inpaint_inputs(init_images, mask_images, n: int, width: int, height:
         raise ValueError(f"init_images: expected {n} images (one per prompt), got {len(images)}")
     pads = {k: settings.pop(k) for k in OUTPAINT_SETTINGS if k in settings}
     blur = settings.pop("mask_blur", [None] * n)
+    crop = settings.pop("padding_mask_crop", [None] * n)
     if mask_images is not None:
         if pads:
             raise ValueError(f"{next(iter(pads))}: outpainting makes its own masks; pass either mask_images or the "
@@ -114,14 +120,24 @@ def prepare_inpaint_inputs(init_images, mask_images, n: int, width: int, height:
             box = tuple(pads.get(k, [None] * n)[i] or 0 for k in OUTPAINT_SETTINGS)
             images[i], mask = outpaint_image(_as_pil_rgb(images[i], f"init_images[{i}]"), *box)
             masks.append(mask)
-    out_images, out_masks = [], []
+    out_images, out_masks, overlays = [], [], []
     for i, (image, mask) in enumerate(zip(images, masks)):
         where = f"mask_images[{i}]" if mask_images is not None else f"outpaint mask of item {i}"
         pil_mask = mask_to_pil(mask, where)
         check_mask_fits(pil_mask.size, _size(image), where, f"init_images[{i}]")
-        out_images.append(to_rgb(image, width, height, f"init_images[{i}]"))
-        out_masks.append(prepare_mask(pil_mask, width, height, blur[i], where))
-    return out_images, out_masks
+        if crop[i] is None:
+            out_images.append(to_rgb(image, width, height, f"init_images[{i}]"))
+            out_masks.append(prepare_mask(pil_mask, width, height, blur[i], where))
+            overlays.append(None)
+            continue
+        if blur[i]:
+            pil_mask = pil_mask.filter(ImageFilter.GaussianBlur(blur[i]))
+        pixels, small, overlay = crop_item(_as_pil_rgb(image, f"init_images[{i}]"), pil_mask, width, height,
+                                           crop[i], where)
+        out_images.append(pixels)
+        out_masks.append(small)
+        overlays.append(overlay)
+    return out_images, out_masks, overlays
 
 
 def _size(image) -> tuple[int, int]:

@@ -25,6 +25,7 @@ from .control import CONTROL_SETTINGS, attach_controlnets, check_control
 from .families import family_for
 from .families.base import Batch, Conditioning, Family, pad_rows
 from .inpaint import MASK_SETTINGS
+from .ip_adapter import attach_ip_adapter, check_ip_adapter
 from .inpaint import start as inpaint_start
 from .noise import check_seeds, item_generators, randn_items
 from .outpaint import OUTPAINT_SETTINGS
@@ -65,6 +66,8 @@ class _Request:
     labels: list[str] | None
     masks: list[np.ndarray] | None = None  # inpainting: (H, W) float32, 1 = repaint (batchgen.inpaint)
     control: Any = None  # batchgen.control.ControlRequest when ControlNets are loaded
+    ip: Any = None  # batchgen.ip_adapter.IPRequest when an IP-Adapter is loaded
+    overlays: list | None = None  # padding_mask_crop: per item a batchgen.mask_crop.Overlay or None
 
 
 class Pipeline:
@@ -129,6 +132,8 @@ class Pipeline:
             w, h = kwargs.get("width") or self.default_size[0], kwargs.get("height") or self.default_size[1]
             gray = np.full((h, w, 3), 128, dtype=np.uint8)
             kwargs["control_images"] = [[gray] * nets] * micro_batch
+        if "ip_adapter" in self.family.parts and kwargs.get("ip_adapter_images") is None:
+            kwargs["ip_adapter_images"] = [np.full((64, 64, 3), 128, dtype=np.uint8)] * micro_batch
         self.generate([""] * micro_batch, list(range(micro_batch)), micro_batch=micro_batch, progress=False,
                       **kwargs)
         return time.perf_counter() - start
@@ -138,7 +143,7 @@ class Pipeline:
                  init_images=None, strength: float | None = None, micro_batch: int | None = None,
                  sampler_options: dict | None = None,
                  progress: Callable[[int, int], None] | bool | None = None, item_ids=None, mask_images=None,
-                 control_images=None, **settings) -> list[np.ndarray]:
+                 control_images=None, ip_adapter_images=None, **settings) -> list[np.ndarray]:
         """Render ``prompts`` with ``seeds``; returns one HxWx3 uint8 array per prompt.
 
         None picks the family's default (sampler, steps, guidance, size). ``micro_batch=B`` runs
@@ -153,16 +158,22 @@ class Pipeline:
         ``init_images`` (one per prompt) start img2img at ``strength`` (default 0.8). With
         ``mask_images`` too (one per prompt, white = repaint) the items are inpainted
         (:mod:`batchgen.inpaint`; ``strength`` default 1.0); the ``outpaint_*`` settings instead
-        make the masks (:mod:`batchgen.outpaint`).
+        make the masks (:mod:`batchgen.outpaint`). ``padding_mask_crop=P`` renders an item from
+        the mask's region grown by P pixels and pastes it back: that item's image has its init
+        image's size (:mod:`batchgen.mask_crop`).
 
         With ControlNets loaded (``load_pipeline(..., controlnets=[...])``), ``control_images`` gives
         one image per prompt (several ControlNets: a list of one per ControlNet), and the settings
         ``controlnet_conditioning_scale``, ``control_guidance_start`` and ``control_guidance_end``
         take one value, one per prompt, and per ControlNet (see :mod:`batchgen.control`).
+
+        With an IP-Adapter loaded (``load_pipeline(..., ip_adapter=...)``), ``ip_adapter_images`` gives
+        one reference image per prompt and the setting ``ip_adapter_scale`` one value or one per
+        prompt (default 1; 0: the image does not steer that item). See :mod:`batchgen.ip_adapter`.
         """
         req = self.validate(prompts, seeds, negative_prompts, sampler, steps, guidance_scale, width, height,
                             init_images, strength, sampler_options, item_ids, mask_images=mask_images,
-                            control_images=control_images, **settings)
+                            control_images=control_images, ip_adapter_images=ip_adapter_images, **settings)
         total = len(req.prompts)
         size = total if micro_batch is None else micro_batch
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
@@ -176,7 +187,8 @@ class Pipeline:
                 for start in range(0, len(members), size):
                     indices = members[start:start + size]
                     for i, image in zip(indices, self._render_batch(req, indices, size, settings, texts)):
-                        images[i] = image
+                        images[i] = image if req.overlays is None or req.overlays[i] is None else \
+                            req.overlays[i].apply(image)
                     done += len(indices)
                     report(done, total)
         finally:
@@ -198,7 +210,7 @@ class Pipeline:
     # ------------------------------------------------------------------------------- validation
     def validate(self, prompts, seeds, negative_prompts=None, sampler=None, steps=None, guidance_scale=None,
                  width=None, height=None, init_images=None, strength=None, sampler_options=None, item_ids=None,
-                 mask_images=None, control_images=None, **extra) -> _Request:
+                 mask_images=None, control_images=None, ip_adapter_images=None, **extra) -> _Request:
         """Check a generate() request and resolve it (family defaults filled in) without rendering:
         every error generate() would raise before its first model call is raised here. Works on a
         pipeline built on the meta device (the job's pre-flight)."""
@@ -239,6 +251,7 @@ class Pipeline:
 
         check_family(fam.name, [k for k, v in extra.items() if v is not None])
         control_settings = {name: extra.pop(name) for name in CONTROL_SETTINGS if name in extra}
+        ip_scale = extra.pop("ip_adapter_scale", None)
         for name in extra:
             if name in GENERATE_ARGUMENTS:
                 raise ValueError(f"{name}: pass it as generate()'s own argument")
@@ -248,11 +261,11 @@ class Pipeline:
                  "steps": defaults["steps"] if steps is None else steps,
                  "guidance_scale": defaults["guidance_scale"] if guidance_scale is None else guidance_scale}
         group = {k: BY_NAME[k].check(v, k) for k, v in named.items()}
-        images = masks = None
+        images = masks = overlays = None
         inpaint = {k: extra.pop(k) for k in (*MASK_SETTINGS, *OUTPAINT_SETTINGS) if k in extra}
         inpaint = {k: v for k, v in inpaint.items() if v is not None}
         if mask_images is not None or inpaint:
-            images, masks = self._inpaint_inputs(init_images, mask_images, strength, inpaint, n, group)
+            images, masks, overlays = self._inpaint_inputs(init_images, mask_images, strength, inpaint, n, group)
         elif init_images is not None:
             group["strength"] = BY_NAME["strength"].check(0.8 if strength is None else strength, "strength")
             images = list(init_images)
@@ -277,16 +290,15 @@ class Pipeline:
             raise ValueError("mask_images: this is an inpainting model (its denoiser takes a mask and a masked image); "
                              "pass init_images and mask_images (diffusers' inpainting pipelines require them too)")
         control = check_control(fam, control_images, control_settings, n, group["width"], group["height"],
-                                img2img=images is not None)
-        if control is not None and masks is not None:
-            raise ValueError("control_images: ControlNet together with inpainting/outpainting (mask_images, "
-                             "outpaint_*) is not supported yet; render the items with one or the other")
+                                img2img=images is not None, inpaint=masks is not None)
+        ip = check_ip_adapter(fam, ip_adapter_images, ip_scale, n)
         options = dict(sampler_options or {})
         name = sampler or fam.default_sampler
         # Fail on a bad sampler name, option or step count before any work is done.
         get_sampler(name, fam.scheduler_config, group["steps"], strength=group.get("strength"), options=options,
                     **fam.schedule(group, name))
-        return _Request(prompts, negatives, seeds, name, options, group, items, images, labels, masks, control)
+        return _Request(prompts, negatives, seeds, name, options, group, items, images, labels, masks, control, ip,
+                        overlays if overlays and any(o is not None for o in overlays) else None)
 
     def _inpaint_inputs(self, init_images, mask_images, strength, settings: dict, n: int, group: dict):
         """Inpainting's validation: the model can inpaint, settings per item, masks prepared."""
@@ -326,6 +338,8 @@ class Pipeline:
         if req.control is not None:
             cond = req.control.bind(cond, indices, size, sampler.plan.calls, batch.guided, fam.device, fam.dtype,
                                     generators[:real], [req.seeds[i] for i in indices])
+        if req.ip is not None:
+            cond = req.ip.bind(cond, fam, indices, size, batch.guided)
         shape = fam.noise_shape(settings["width"], settings["height"])
         model, after_step = fam.denoiser(cond, batch), None
         # Each generator's draw order is diffusers': img2img's VAE posterior sample, then the noise.
@@ -463,7 +477,8 @@ COMPILE_MODES = ("none", "default", "max")
 def load_pipeline(path, device=None, dtype=None, variant: str | None = None, allow_pickle: bool = False,
                   storage_config=None, compile: str = "none", loras=None, text_encoder_device=None,
                   fp8=(), *, vae=None, text_encoders=None, tokenizers=None,
-                  prediction_type: str | None = None, controlnets=None) -> Pipeline:
+                  prediction_type: str | None = None, controlnets=None, ip_adapter=None,
+                  ip_adapter_image_encoder=None) -> Pipeline:
     """Load a checkpoint of any known family: a diffusers folder or a single-file checkpoint
     (``.safetensors`` in the A1111 / ComfyUI layout), local, file://, s3:// or ``builtin:``.
 
@@ -473,7 +488,11 @@ def load_pipeline(path, device=None, dtype=None, variant: str | None = None, all
     files fused into the weights (see :meth:`Pipeline.set_loras`). ``controlnets``: ControlNet
     folders or single files (local, file://, s3://, builtin:), several for multi-ControlNet; they
     take ``generate(control_images=...)`` (see :mod:`batchgen.control`) and are listed in
-    ``model_info["controlnets"]`` with their sha256.
+    ``model_info["controlnets"]`` with their sha256. ``ip_adapter``: one IP-Adapter weight file (plain
+    or Plus, h94 layout; local, file://, s3://, builtin:) for SD 1.x / SDXL, taking
+    ``generate(ip_adapter_images=...)``; its CLIP image encoder is ``ip_adapter_image_encoder`` (a
+    folder), else found beside the file as diffusers finds it (see :mod:`batchgen.ip_adapter`); both
+    are in ``model_info["ip_adapter"]`` with their sha256.
 
     Component overrides (folders and single files alike; see :mod:`batchgen.checkpoints.sources`):
     ``vae`` a VAE file (LDM or diffusers keys) or folder; ``text_encoders`` ``{"text_encoder_2":
@@ -499,6 +518,9 @@ def load_pipeline(path, device=None, dtype=None, variant: str | None = None, all
     family = family_cls.load(source, variant, allow_pickle, dtype=dtype)
     controls = attach_controlnets(family, controlnets or [], lambda uri: resolve_model_uri(uri, storage_config),
                                   dtype=dtype, allow_pickle=allow_pickle)
+    ip_info = attach_ip_adapter(family, ip_adapter, ip_adapter_image_encoder,
+                                lambda uri: resolve_model_uri(uri, storage_config), dtype=dtype,
+                                allow_pickle=allow_pickle)
     family.quantize_fp8(fp8).to(device, dtype, text_device=text_encoder_device)
     if compile != "none":
         _inductor_cache()
@@ -514,6 +536,8 @@ def load_pipeline(path, device=None, dtype=None, variant: str | None = None, all
     }
     if controls:
         info["controlnets"] = controls
+    if ip_info:
+        info["ip_adapter"] = ip_info
     if family.text_device != device:
         info["text_encoder_device"] = str(family.text_device)
     log.info("loaded %s (%s, fingerprint %s) on %s/%s", path, info["variant"], info["fingerprint"][:12],

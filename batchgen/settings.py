@@ -104,6 +104,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("mask_blur", "int", None, "inpainting: Gaussian blur radius in pixels of the mask as given, applied "
             "before it is resized and binarized (diffusers' mask_processor.blur); None or 0 = none", lo=0, hi=1024,
             img2img=True),
+    Setting("padding_mask_crop", "int", None, "inpainting: render only the mask's region grown by this many "
+            "pixels (widened to the render's aspect ratio) and paste it back into the init image, whose size the "
+            "output then has (diffusers' padding_mask_crop); None = the whole image", lo=0, hi=65536, img2img=True),
     *(Setting(f"outpaint_{side}", "int", None, f"outpainting: pixels added on the {side} of the init image and "
               "painted (generate() makes the mask; see batchgen.outpaint)", lo=0, hi=4096, img2img=True)
       for side in ("left", "top", "right", "bottom")),
@@ -135,6 +138,8 @@ SETTINGS: tuple[Setting, ...] = (
             "starts acting (0 when a ControlNet is loaded)", lo=0, hi=1),
     Setting("control_guidance_end", "float", None, "ControlNet: fraction of the model calls after which it "
             "stops acting (1 when a ControlNet is loaded)", lo=0, hi=1),
+    Setting("ip_adapter_scale", "float", None, "IP-Adapter: how strongly the reference image steers (1 when an "
+            "IP-Adapter is loaded, as diffusers' set_ip_adapter_scale; 0 = not at all)", lo=0, hi=10),
     Setting("true_cfg_scale", "float", 1.0, "FLUX: true classifier-free guidance with the negative prompt "
             "(1 = off)", lo=1, hi=100, group=True, families=("flux",)),
 )

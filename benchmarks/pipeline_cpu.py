@@ -1,13 +1,15 @@
 """images/s of batchgen's pipeline vs diffusers on the same tiny checkpoint and settings (CPU, fp32).
 
     python benchmarks/pipeline_cpu.py [--variant sd1] [--images 16] [--batch 4] [--steps 20] [--size 128]
-                                      [--sampler NAME] [--controlnet]
+                                      [--sampler NAME] [--controlnet] [--inpaint concat|blend]
 
 Prints both throughputs and their ratio (batchgen / diffusers), plus the max pixel difference.
 Every tiny variant (``make-tiny-model --variant``) with an entry in REFERENCES can be measured:
 the entry names the diffusers pipeline class and how to call it. ``--controlnet`` (sd1, sdxl) adds
 the variant's tiny ControlNet and one control image per item on both sides (diffusers'
-``StableDiffusion(XL)ControlNetPipeline``).
+``StableDiffusion(XL)ControlNetPipeline``). ``--inpaint`` (sd1, sdxl) renders with an init image and
+a mask per item on both sides (``StableDiffusion(XL)InpaintPipeline``, strength 1.0, guidance
+7.5): ``concat`` with the variant's 9-channel inpainting UNet, ``blend`` with the ordinary one.
 """
 
 from __future__ import annotations
@@ -51,6 +53,13 @@ def _call_control(pipe, prompts, generators, args):
                 width=args.size, height=args.size, generator=generators, output_type="np").images
 
 
+def _call_inpaint(pipe, prompts, generators, args):
+    """An inpainting pipeline: the batch's init images and masks as PIL images, strength 1.0."""
+    return pipe(prompts, image=args.init_images[args.batch_slice], mask_image=args.mask_images[args.batch_slice],
+                strength=1.0, guidance_scale=7.5, num_inference_steps=args.steps, width=args.size,
+                height=args.size, generator=generators, output_type="np").images
+
+
 def _text_prompts(n):
     return [f"benchmark prompt number {i}, a detailed painting" for i in range(n)]
 
@@ -74,6 +83,7 @@ REFERENCES = {
 }
 
 CONTROLNET_PIPELINES = {"sd1": "StableDiffusionControlNetPipeline", "sdxl": "StableDiffusionXLControlNetPipeline"}
+INPAINT_PIPELINES = {"sd1": "StableDiffusionInpaintPipeline", "sdxl": "StableDiffusionXLInpaintPipeline"}
 
 
 def main() -> None:
@@ -87,9 +97,14 @@ def main() -> None:
     parser.add_argument("--variant", default="sd1", choices=sorted(REFERENCES))
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats; the best is reported")
     parser.add_argument("--controlnet", action="store_true", help="sd1, sdxl: with a tiny ControlNet")
+    parser.add_argument("--inpaint", choices=("concat", "blend"), default=None,
+                        help="sd1, sdxl: inpaint (init image + mask per item) with the 9-channel inpainting UNet "
+                             "(concat) or the ordinary one (blend)")
     args = parser.parse_args()
     if args.controlnet and args.variant not in CONTROLNET_PIPELINES:
         parser.error(f"--controlnet: for {', '.join(CONTROLNET_PIPELINES)} only")
+    if args.inpaint and (args.variant not in INPAINT_PIPELINES or args.controlnet):
+        parser.error(f"--inpaint: for {', '.join(INPAINT_PIPELINES)} only, without --controlnet")
 
     import diffusers
 
@@ -97,7 +112,7 @@ def main() -> None:
     from batchgen.tiny import make_tiny_model
 
     path = Path(tempfile.mkdtemp()) / "tiny"
-    make_tiny_model(path, variant=args.variant, seed=0)
+    make_tiny_model(path, variant=f"{args.variant}-inpaint" if args.inpaint == "concat" else args.variant, seed=0)
     ref_class, call, default_sampler, *extra = REFERENCES[args.variant]
     options = extra[0] if extra else {}
     prompts = options.get("prompts", _text_prompts)(args.images)
@@ -116,6 +131,23 @@ def main() -> None:
         edges = np.zeros((args.size or 128, args.size or 128, 3), dtype=np.uint8)
         edges[::8] = 255
         args.control_images = [Image.fromarray(np.roll(edges, i, axis=0)) for i in range(args.images)]
+    inpaint = {}
+    if args.inpaint:
+        from PIL import Image
+
+        ref_class, call = INPAINT_PIPELINES[args.variant], _call_inpaint
+        size = args.size or 128
+        ramp = np.linspace(0, 255, size, dtype=np.float32)
+        photos = [np.stack([np.add.outer(ramp, ramp * (i % 3 + 1)) % 256, np.roll(np.add.outer(ramp, ramp) / 2, i, 0),
+                            np.add.outer(ramp[::-1], ramp) / 2], axis=-1).astype(np.uint8) for i in range(args.images)]
+        masks = []
+        for i in range(args.images):
+            m = np.zeros((size, size), np.uint8)
+            m[size // 8 + i % 5: size // 2 + i % 7, size // 4: 3 * size // 4] = 255
+            masks.append(m)
+        args.init_images = [Image.fromarray(p) for p in photos]
+        args.mask_images = [Image.fromarray(m) for m in masks]
+        inpaint = {"init_images": photos, "mask_images": masks, "strength": 1.0, "guidance_scale": 7.5}
     ours = load_pipeline(path, device="cpu", dtype=torch.float32, controlnets=control.get("controlnets"))
     if options.get("fixed_size"):
         if args.size not in (None, ours.default_size[0]):
@@ -130,7 +162,7 @@ def main() -> None:
     def run_ours():
         images = {"control_images": args.control_images} if control else {}
         return ours.generate(prompts, seeds, sampler=args.sampler, steps=args.steps, width=args.size,
-                             height=args.size, micro_batch=args.batch, **images)
+                             height=args.size, micro_batch=args.batch, **images, **inpaint)
 
     def run_ref():
         out = []
@@ -157,7 +189,8 @@ def main() -> None:
     rate_ref, rate_ours = args.images / min(times_ref), args.images / min(times_ours)
     diff = max(int(np.abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(imgs_ours, imgs_ref))
     print(f"settings: {args.images} images, {args.size}x{args.size}, {args.steps} steps, {args.sampler}, "
-          f"micro-batch {args.batch}, tiny {args.variant}{' + ControlNet' if control else ''}, "
+          f"micro-batch {args.batch}, tiny {args.variant}{' + ControlNet' if control else ''}"
+          f"{f' inpainting ({args.inpaint})' if args.inpaint else ''}, "
           f"torch threads {torch.get_num_threads()}")
     print(f"diffusers: {rate_ref:.2f} images/s")
     print(f"batchgen:  {rate_ours:.2f} images/s")

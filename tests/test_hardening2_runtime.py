@@ -1,7 +1,9 @@
 """Issue 19 (hardening, part 2), the runtime items, on real runs:
 
 - 2: a LoRA file replaced between the pre-flight (which records its sha256 in job.json) and the
-  workers' load: the items that would fuse the other bytes fail, naming the file.
+  workers' load: the items that would fuse the other bytes fail, naming the file; a base model
+  replaced before a resume: the workers refuse it before rendering (its fingerprint is not the one
+  job.json recorded) and the driver stops naming model.uri, nothing written.
 - 14: the pre-flight is cheapest first: a bad input row is reported before the model is checked
   (without even importing torch), with one line per phase.
 - 15: `batchgen run` into a pipe: no ANSI colour codes; the raylet's retry / dead-worker chatter only with -v.
@@ -74,6 +76,40 @@ def test_a_lora_replaced_after_the_preflight_fails_its_items_naming_the_file(tmp
     for row in rows:
         assert f"LoRA {lora} changed since the pre-flight (sha256 {recorded[:12]}" in row["error"], row["error"]
     assert not (out / "images").is_dir() or not any((out / "images").iterdir())
+
+
+def test_a_base_model_replaced_before_a_resume_renders_nothing(tmp_path, ray_local, builtin_tiny):
+    from safetensors.torch import load_file, save_file
+
+    from batchgen.errors import BatchgenError
+
+    model = tmp_path / "model"
+    shutil.copytree(builtin_tiny, model)
+    inp, out = write_prompts(tmp_path / "p.parquet", 3), tmp_path / "out"
+    spec = spec_from_dict(job_dict(inp, out, model={"uri": str(model)}))
+    plan = prepare(spec)
+    try:
+        assert execute(plan).all_ok
+    finally:
+        plan.release()
+    recorded = json.loads((out / "job.json").read_text())["model_fingerprint"]
+    lost = sorted((out / "images").iterdir())[0]
+    lost.unlink()
+    weights = next((model / "unet").glob("*.safetensors"))
+    state = load_file(str(weights))
+    key = sorted(state)[0]
+    state[key] = state[key] + 1.0
+    save_file(state, str(weights))
+    before = sorted(p.name for p in out.rglob("*"))
+    plan = prepare(spec, max_failures=10)
+    try:
+        with pytest.raises(BatchgenError, match="the checkpoint changed"):
+            execute(plan)
+    finally:
+        plan.release()
+    assert not lost.exists()  # the worker refused to render with the other weights
+    assert sorted(p.name for p in out.rglob("*")) == before  # no manifest part, no image
+    assert json.loads((out / "job.json").read_text())["model_fingerprint"] == recorded
 
 
 # ----------------------------------------------------------------------------- item 14

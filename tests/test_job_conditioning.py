@@ -7,6 +7,9 @@ Canny), masks and outpainting, with files on a moto S3 server.
   survives a generator actor killed mid-job, records every conditioning file with its sha256,
   re-renders a missing image byte-identically on resume, rerenders items byte-identically,
   refuses a changed control image on resume naming it; an inpainting job with masks from S3 too;
+- two ControlNets with a JSON list of control images per row: a driver SIGKILLed mid-job and run
+  again gives every item exactly once, byte-equal to a clean run; a control image or ControlNet
+  replaced after the pre-flight fails the items (or the worker's items) naming the file;
 - compare names a changed control image even when the pixels are equal; the WebDataset export
   carries control images and masks beside the generated image.
 """
@@ -95,6 +98,10 @@ def test_preflight_refuses_bad_conditioning_inputs(tmp_path):
     msg = _refused(tmp_path, dict(id=ids, init_image=[good, good], mask_image=[mask, str(tmp_path / "nomask.png")]),
                    controlnets=())
     assert "row 1, column 'mask_image'" in msg and "nomask.png" in msg
+    half = _mask(tmp_path / "half.png", size=(32, 32))
+    msg = _refused(tmp_path, dict(id=ids, init_image=[good, good], mask_image=[mask, half], padding_mask_crop=[None, 8]),
+                   controlnets=())
+    assert "row 1, column 'mask_image'" in msg and "padding_mask_crop finds its region on the mask" in msg
     msg = _refused(tmp_path, dict(id=ids, control_image=[good, good]), controlnets=("builtin:tiny-sdxl-controlnet",))
     assert "model.controlnets[0] 'builtin:tiny-sdxl-controlnet'" in msg and "does not fit the model" in msg
 
@@ -159,6 +166,15 @@ def test_conditioned_jobs_from_s3(tmp_path, s3_server, s3_bucket, ray_local, bui
         edges = np.asarray(Image.open(io.BytesIO(tar.extractfile("i3.control.png").read())))
     assert {"i0.png", "i0.control.png", "i3.control.png"} <= names
     assert edges.shape == (64, 64, 3) and set(np.unique(edges)) <= {0, 255}
+    # the Parquet export: an Image column named as diffusers' ControlNet training scripts read it
+    hf = tmp_path / "hf"
+    export_output(str(out), "parquet", str(hf), storage_config=cfg, with_conditioning=True)
+    table = pq.read_table(hf / "data" / "train-00000-of-00001.parquet")
+    features = json.loads(table.schema.metadata[b"huggingface"])["info"]["features"]
+    assert features["conditioning_image"] == {"_type": "Image"} and "mask" not in table.column_names
+    by_id = {r["item_id"]: r for r in table.to_pylist()}
+    with tarfile.open(wds / "000000.tar") as tar:
+        assert by_id["i3"]["conditioning_image"]["bytes"] == tar.extractfile("i3.control.png").read()
 
     # compare: a copy whose manifest records another control image sha (equal pixels) names it
     import shutil
@@ -196,6 +212,12 @@ def test_conditioned_jobs_from_s3(tmp_path, s3_server, s3_bucket, ray_local, bui
     assert rows["o0"]["mask_image"] is None and rows["o0"]["strength"] == 1.0
     data, _ = rerender_item(str(out2), "m1", s3_server)
     assert data == (out2 / "images" / "m1.png").read_bytes()
+    export_output(str(out2), "parquet", str(tmp_path / "hf2"), storage_config=cfg, with_conditioning=True)
+    table = pq.read_table(tmp_path / "hf2" / "data" / "train-00000-of-00001.parquet")
+    masks = {r["item_id"]: r["mask"] for r in table.to_pylist()}
+    assert "conditioning_image" not in table.column_names and masks["p0"] is None and masks["o0"] is None
+    m1 = np.asarray(Image.open(io.BytesIO(masks["m1"]["bytes"])))
+    assert m1.shape == (64, 64) and set(np.unique(m1)) <= {0, 255}  # binarized after the blur, as used
 
 
 def test_controlnet_synthetic_walkthrough(tmp_path, ray_local, monkeypatch):
@@ -224,3 +246,151 @@ def test_controlnet_synthetic_walkthrough(tmp_path, ray_local, monkeypatch):
         sample = json.loads(tar.extractfile("cat-0-3.json").read())
     assert {"cat-0-3.png", "cat-0-3.control.png", "dog-1-0.control.png"} <= set(names)
     assert sample["class_name"] == "cat" and sample["control_preprocess"] == "canny" and sample["source"] == "0.png"
+
+
+# ---- multi-ControlNet: a driver killed mid-job, resumed; files changed under running workers --------
+
+
+def _two_net_job(tmp_path, n: int):
+    """A job with two ControlNets (a local copy of the builtin beside the builtin itself) and a
+    JSON list of two control images per row."""
+    import shutil
+
+    from batchgen.builtin import builtin_model_path
+
+    local_cn = tmp_path / "cn-copy"
+    shutil.copytree(builtin_model_path("tiny-sd1-controlnet"), local_cn)
+    src = tmp_path / "src"
+    src.mkdir()
+    controls = [_png(src / f"c{i}.png", seed=20 + i) for i in range(3)]
+    ids = [f"m{k:02d}" for k in range(n)]
+    lists = [json.dumps([controls[k % 3], controls[(k + 1) % 3]]) for k in range(n)]
+    scales = [0.5 if k % 2 else None for k in range(n)]  # a row's value applies to each of its nets
+    inp = write_prompts(tmp_path / "in" / "multi.parquet", n, id=ids, control_image=lists,
+                        controlnet_conditioning_scale=scales)
+    return inp, (CN, str(local_cn)), ids, controls
+
+
+def test_multi_controlnet_driver_sigkill_then_resume(tmp_path, ray_local, ray_tmpdir, builtin_tiny):
+    """A conditioned job whose driver is SIGKILLed mid-job and run again renders every item exactly
+    once, each image byte-equal to a clean run of the same job."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import yaml
+
+    from .faults import cli as faults_cli
+    from .fixtures_jobs import image_digests
+    from .fixtures_ray import subprocess_env
+
+    n = 8
+    inp, nets, ids, _ = _two_net_job(tmp_path, n)
+    clean = _spec(inp, tmp_path / "clean", nets, compute={"batches_per_call": 1})
+    result = run_job(clean)
+    assert result.all_ok and result.total == n
+    reference = image_digests(tmp_path / "clean")
+    rows = {r["item_id"]: r for r in pq.read_table(tmp_path / "clean" / "manifest.parquet").to_pylist()}
+    assert json.loads(rows["m01"]["control_image"]) == json.loads(pq.read_table(inp).column("control_image")[1].as_py())
+    assert len(set(reference.values())) == n  # every item drew its own image
+
+    out = tmp_path / "out"
+    spec = job_dict(inp, out, input={"id_column": "id"}, compute={"batches_per_call": 1},
+                    model={"uri": "builtin:tiny", "controlnets": [{"uri": u} for u in nets]})
+    spec_path = tmp_path / "job.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    env = subprocess_env(ray_tmpdir, BATCHGEN_TEST_FAULTS=json.dumps({"sleep_per_call_s": 1.0, "part_max_rows": 2}))
+    proc = subprocess.Popen(faults_cli("run", str(spec_path), "--num-cpus", "2"), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    parts = out / "manifest"
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            if parts.is_dir() and len([p for p in parts.iterdir() if p.name.startswith("part-")]) >= 1:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the job ended before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        proc.wait()
+    assert not (out / "manifest.parquet").exists()
+    done_before = sum(pq.read_table(p).num_rows for p in parts.iterdir() if p.name.startswith("part-"))
+    assert 0 < done_before < n
+    again = run_job(spec_from_dict(spec))
+    assert again.skipped >= done_before and again.rendered_this_run == n - again.skipped
+    table = pq.read_table(out / "manifest.parquet")
+    assert sorted(table.column("item_id").to_pylist()) == ids and set(table.column("status").to_pylist()) == {"ok"}
+    assert image_digests(out) == reference
+    from batchgen.export import export_output
+
+    export_output(str(out), "parquet", str(tmp_path / "hf"), with_conditioning=True)
+    table = pq.read_table(tmp_path / "hf" / "data" / "train-00000-of-00001.parquet")
+    assert {"conditioning_image_0", "conditioning_image_1"} <= set(table.column_names)
+    row = table.slice(1, 1).to_pylist()[0]
+    assert row["conditioning_image_0"]["bytes"] != row["conditioning_image_1"]["bytes"]
+
+
+def test_workers_refuse_files_changed_after_the_preflight(tmp_path, ray_local, builtin_tiny):
+    """Bytes that change between the pre-flight and the worker's read are never rendered: a control
+    image fails its items naming the file; a ControlNet fails every item naming it. Nothing else is
+    lost: the other items are written."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from batchgen.job.preflight import prepare as prepare_plain
+    from batchgen.job.run import execute
+
+    inp, nets, ids, controls = _two_net_job(tmp_path, 6)
+    out = tmp_path / "out"
+    plan = prepare_plain(_spec(inp, out, nets, compute={"batches_per_call": 1}), max_failures=6)
+    try:
+        shutil.copy(_png(tmp_path / "other.png", seed=99), controls[2])  # used by rows 1, 2, 4, 5
+        result = execute(plan)
+    finally:
+        plan.release()
+    rows = {r["item_id"]: r for r in pq.read_table(out / "manifest.parquet").to_pylist()}
+    failed = sorted(k for k, r in rows.items() if r["status"] == "failed")
+    assert failed == ["m01", "m02", "m04", "m05"] and result.failed == 4
+    assert f"control_image {controls[2]} changed since the pre-flight" in rows["m01"]["error"]
+    assert (out / "images" / "m00.png").exists() and (out / "images" / "m03.png").exists()
+
+    out2 = tmp_path / "out2"
+    plan = prepare_plain(_spec(inp, out2, nets, compute={"batches_per_call": 1}), max_failures=6)
+    try:
+        weights = next(Path(nets[1]).rglob("*.safetensors"))
+        state = load_file(str(weights))
+        key = next(iter(state))
+        state[key] = state[key] + 1.0
+        save_file(state, str(weights))
+        result = execute(plan)
+    finally:
+        plan.release()
+    rows = pq.read_table(out2 / "manifest.parquet").to_pylist()
+    assert result.failed == 6 and {r["status"] for r in rows} == {"failed"}
+    assert f"ControlNet {nets[1]} changed since the pre-flight" in rows[0]["error"]
+
+
+def test_controlnet_and_mask_in_one_row(tmp_path, ray_local, builtin_tiny):
+    """Rows with a control image and a mask (ControlNet inpainting), beside rows with a control
+    image only: they render in their own model calls, and rerender byte-identically."""
+    from batchgen.jobcli import rerender_item
+
+    init, mask = _png(tmp_path / "init.png", seed=3), _mask(tmp_path / "mask.png")
+    photo, photo_mask = _png(tmp_path / "photo.png", size=(96, 72), seed=5), _mask(tmp_path / "pm.png", (96, 72))
+    control = _png(tmp_path / "control.png", seed=4)
+    inp = write_prompts(tmp_path / "in.parquet", 4, id=["cm0", "cm1", "c2", "cp3"], control_image=[control] * 4,
+                        init_image=[init, init, None, photo], mask_image=[mask, mask, None, photo_mask],
+                        controlnet_conditioning_scale=[None, 1.2, None, None],
+                        padding_mask_crop=[None, None, None, 4])
+    out = tmp_path / "out"
+    result = run_job(_spec(inp, out, (CN,)))
+    assert result.all_ok and result.total == 4
+    rows = {r["item_id"]: r for r in pq.read_table(out / "manifest.parquet").to_pylist()}
+    assert rows["cm0"]["mask_image_sha256"] and rows["cm0"]["control_image_sha256"] == rows["c2"]["control_image_sha256"]
+    # padding_mask_crop: rendered from the mask's region, pasted back: the photo's size
+    assert Image.open(out / "images" / "cp3.png").size == (96, 72) and rows["cp3"]["padding_mask_crop"] == 4
+    for item in ("cm0", "cm1", "cp3"):
+        data, _ = rerender_item(str(out), item)
+        assert data == (out / "images" / f"{item}.png").read_bytes()

@@ -41,6 +41,7 @@ class Conditioning:
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # time ids, text ids, class labels ...
     shared: tuple[str, ...] = ()
     control: Any = None  # the micro-batch's ControlNet inputs (batchgen.control.ControlBatch), set per batch
+    ip: Any = None  # the micro-batch's IP-Adapter image keys / values and row scales (batchgen.ip_adapter)
 
     def _per_row(self) -> dict[str, torch.Tensor]:
         fields = {"context": self.context, "pooled": self.pooled}

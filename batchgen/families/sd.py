@@ -56,4 +56,5 @@ class StableDiffusion(Family):
         return Conditioning(context=context)
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        return self.unet(x, t, cond.context, **controlnet_residuals(self.parts.get("controlnet"), x, t, cond))
+        return self.unet(x, t, cond.context, ip_adapter=cond.ip,
+                         **controlnet_residuals(self.parts.get("controlnet"), x, t, cond))

@@ -135,4 +135,4 @@ class StableDiffusionXL(Family):
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         return self.unet(x, t, cond.context, text_embeds=cond.pooled, time_ids=cond.extra["time_ids"],
-                         **controlnet_residuals(self.parts.get("controlnet"), x, t, cond))
+                         ip_adapter=cond.ip, **controlnet_residuals(self.parts.get("controlnet"), x, t, cond))

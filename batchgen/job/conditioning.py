@@ -297,20 +297,22 @@ class ConditionFiles:
 
     def __init__(self):
         self.first: dict[str, tuple[str, int, str]] = {}  # uri -> (input file, row, column)
-        self.pairs: dict[tuple[str, str], tuple[str, int]] = {}  # (mask, init) -> (input file, row)
+        self.pairs: dict[tuple[str, str, bool], tuple[str, int]] = {}  # (mask, init, crop) -> (input file, row)
 
     def add(self, rows, file_uri: str) -> None:
         cols = [c for c in ("control_image", "mask_image") if c in rows.column_names]
         if not cols:
             return
-        data = rows.select(["source_row", "init_image", *cols]).to_pylist()
+        crop = ["padding_mask_crop"] if "padding_mask_crop" in rows.column_names else []
+        data = rows.select(["source_row", "init_image", *cols, *crop]).to_pylist()
         for r in data:
             for uri in control_uris(r.get("control_image")):
                 self.first.setdefault(uri, (file_uri, r["source_row"], "control_image"))
             if r.get("mask_image"):
                 self.first.setdefault(r["mask_image"], (file_uri, r["source_row"], "mask_image"))
                 self.first.setdefault(r["init_image"], (file_uri, r["source_row"], "init_image"))
-                self.pairs.setdefault((r["mask_image"], r["init_image"]), (file_uri, r["source_row"]))
+                self.pairs.setdefault((r["mask_image"], r["init_image"], r.get("padding_mask_crop") is not None),
+                                      (file_uri, r["source_row"]))
 
     def __len__(self) -> int:
         return len(self.first)
@@ -339,9 +341,13 @@ class ConditionFiles:
         with ThreadPoolExecutor(max_workers=max(1, min(workers, len(uris)))) as pool:
             results = list(pool.map(one, uris))
         sizes = {uri: size for uri, _, size in results}
-        for (mask, init), (file_uri, row) in sorted(self.pairs.items(), key=lambda kv: kv[1]):
+        for (mask, init, crop), (file_uri, row) in sorted(self.pairs.items(), key=lambda kv: kv[1]):
             try:
                 check_mask_fits(sizes[mask], sizes[init], f"mask {mask}", f"its init image {init}")
+                if crop and sizes[mask] != sizes[init]:
+                    raise ValueError(f"mask {mask} is {sizes[mask][0]}x{sizes[mask][1]} but its init image {init} is "
+                                     f"{sizes[init][0]}x{sizes[init][1]}; padding_mask_crop finds its region on the "
+                                     f"mask, so both must have one size")
             except ValueError as exc:
                 raise InputError(f"input file {file_uri}, row {row}, column 'mask_image': {exc}") from None
         return {uri: sha for uri, sha, _ in results}

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import socket
+import struct
 import time
 from typing import Any
 
@@ -120,12 +121,26 @@ def set_deterministic() -> None:
 
 
 
+def pixels_to_bytes(arr: np.ndarray) -> bytes:
+    """A rendered HxWx3 uint8 image as it travels from the generator to the encoder: its height and
+    width (two little-endian uint32) then the raw pixels. The size rides along because it is not
+    always the row's width x height (``padding_mask_crop`` gives the init image's size)."""
+    arr = np.ascontiguousarray(arr, dtype=np.uint8)
+    return struct.pack("<II", arr.shape[0], arr.shape[1]) + arr.tobytes()
+
+
+def bytes_to_pixels(data: bytes) -> np.ndarray:
+    height, width = struct.unpack_from("<II", data)
+    return np.frombuffer(data, np.uint8, offset=8).reshape(height, width, 3)
+
+
 def generate_kwargs(rows: list[dict], family: str | None) -> dict[str, Any]:
     """The generate() arguments for one settings group's rows (normalized input rows): group
     settings from the first row, per-item settings as lists, settings the rows leave null (family
     defaults) left out. The pre-flight validates every group with exactly this."""
     from ..control import DEFAULTS as CONTROL_DEFAULTS
-    from ..control import IMG2IMG_SCALE
+    from ..control import default_scale
+    from ..outpaint import OUTPAINT_SETTINGS
     from ..settings import GENERATE_ARGUMENTS, ROW_SETTINGS
 
     first = rows[0]
@@ -146,8 +161,10 @@ def generate_kwargs(rows: list[dict], family: str | None) -> dict[str, Any]:
             continue
         if setting.name in CONTROL_DEFAULTS:  # generate() takes no None inside a list of ControlNet values
             default = CONTROL_DEFAULTS[setting.name]
-            if setting.name == "controlnet_conditioning_scale" and first.get("init_image") is not None:
-                default = IMG2IMG_SCALE
+            if setting.name == "controlnet_conditioning_scale":
+                inpaint = first.get("mask_image") is not None or any(first.get(k) is not None
+                                                                     for k in OUTPAINT_SETTINGS)
+                default = default_scale(family, first.get("init_image") is not None, inpaint)
             values = [default if v is None else v for v in values]
         kwargs[setting.name] = values[0] if setting.group else values
     return kwargs
@@ -250,7 +267,7 @@ class GeneratorActor:
                  torch_threads: int = 1, max_init_pixels: int | None = None,
                  quiet: bool = False, compile: str = "none", deterministic: bool = False, scoring: dict | None = None,
                  lora_sha256: dict[str, str] | None = None, controlnet_sha256: dict[str, str] | None = None,
-                 condition_sha256: dict[str, str] | None = None):
+                 condition_sha256: dict[str, str] | None = None, model_fingerprint: str | None = None):
         self.lora_sha256 = dict(lora_sha256 or {})  # the pre-flight's digests (job.json's lora_sha256)
         self.condition_sha256 = dict(condition_sha256 or {})  # conditioning file uri -> sha256 (pre-flight)
         self.batch_size = batch_size
@@ -265,9 +282,11 @@ class GeneratorActor:
                                       deterministic=deterministic)
         self.family = getattr(getattr(self.renderer, "family", None), "name", None)
         self.nets = len(self.renderer.model_info.get("controlnets") or [])
-        self.load_error = None  # a ControlNet whose bytes changed: every item fails, naming it
+        self.load_error = None  # a model or ControlNet whose bytes changed: every item fails, naming it
         try:
             verify_digests(self.renderer.model_info.get("controlnets"), dict(controlnet_sha256 or {}), "ControlNet")
+            verify_digests([{"uri": model["uri"], "sha256": self.renderer.model_info["fingerprint"]}],
+                           {model["uri"]: model_fingerprint} if model_fingerprint else {}, "model")
         except FileChanged as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
         self.job_loras = json.dumps([{"uri": x["uri"], "scale": float(x.get("scale", 1.0))}
@@ -360,7 +379,7 @@ class GeneratorActor:
                 errors[i] = f"render failed: {type(exc).__name__}: {exc}"
             return
         for k, (i, arr) in enumerate(zip(members, arrays)):
-            out["image"][i] = np.ascontiguousarray(arr, dtype=np.uint8).tobytes()
+            out["image"][i] = pixels_to_bytes(arr)
             out["render_ms"][i] = per_item
             out["applied_loras"][i] = applied
             for name, values in labels.items():
@@ -445,7 +464,7 @@ class EncodeAndStore:
             sha = size = None
             if status[i] == "ok":
                 try:
-                    arr = np.frombuffer(images[i], np.uint8).reshape(row["height"], row["width"], 3)
+                    arr = bytes_to_pixels(images[i])
                     data = self.encode_and_put(arr, row, loc)
                     sha, size = hashlib.sha256(data).hexdigest(), len(data)
                 except Exception as exc:  # noqa: BLE001 - e.g. storage failure: a failed row

@@ -185,7 +185,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, upc
 
 
 class Attention(nn.Module):
-    """Self- or cross-attention (keys ``to_q``, ``to_k``, ``to_v``, ``to_out.0``)."""
+    """Self- or cross-attention (keys ``to_q``, ``to_k``, ``to_v``, ``to_out.0``).
+
+    A UNet's cross-attention layers also take IP-Adapter image tokens (decoupled cross-attention,
+    :mod:`batchgen.models.ip_adapter`): ``context`` is then ``(text states, (keys_values, scales))``
+    with each layer's precomputed image keys / values (picked by ``ip_slot``, which the UNet sets)
+    and per-row scales (rows, 1, 1), and the image attention, times its row's scale, is added to
+    the text attention before ``to_out`` (diffusers' ``IPAdapterAttnProcessor2_0``).
+    """
+
+    ip_slot: int | None = None  # this layer's index among the UNet's cross-attention layers
 
     def __init__(
         self,
@@ -205,9 +214,18 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim, inner, bias=bias)
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim, bias=True)])
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context=None) -> torch.Tensor:
+        image = None
+        if isinstance(context, tuple):
+            context, image = context
         context = x if context is None else context
-        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, self.upcast)
+        q = self.to_q(x)
+        out = attention(q, self.to_k(context), self.to_v(context), self.heads, self.upcast)
+        if image is not None and self.ip_slot is not None:
+            keys_values, scales = image
+            k, v = keys_values[self.ip_slot]
+            # a float32 scale x the image attention, rounded once: diffusers' python-float multiply
+            out = out + (scales * attention(q, k, v, self.heads, self.upcast)).to(out.dtype)
         return self.to_out[0](out)
 
 

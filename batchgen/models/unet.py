@@ -619,6 +619,22 @@ class UNet2DConditionModel(TimeConditioning, ModelModule):
         self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(channels[0], cfg["out_channels"], cfg["conv_out_kernel"],
                                   padding=(cfg["conv_out_kernel"] - 1) // 2)
+        for slot, (_name, attn) in enumerate(self.cross_attentions()):
+            attn.ip_slot = slot
+
+    def cross_attentions(self) -> list[tuple[str, nn.Module]]:
+        """The cross-attention layers (``attn2``) in the order diffusers lists its attention
+        processors (down blocks, up blocks, then the mid block): the order IP-Adapter files number
+        their ``to_k_ip`` / ``to_v_ip`` weights in. Returns (qualified name, module) pairs."""
+        blocks = [("down_blocks", self.down_blocks), ("up_blocks", self.up_blocks)]
+        if self.mid_block is not None:
+            blocks.append(("mid_block", self.mid_block))
+        out = []
+        for prefix, module in blocks:
+            for name, sub in module.named_modules(prefix=prefix):
+                if name.endswith(".attn2"):
+                    out.append((name, sub))
+        return out
 
     def forward(
         self,
@@ -629,6 +645,7 @@ class UNet2DConditionModel(TimeConditioning, ModelModule):
         time_ids: torch.Tensor | None = None,
         down_block_additional_residuals: list[torch.Tensor] | None = None,
         mid_block_additional_residual: torch.Tensor | None = None,
+        ip_adapter: tuple | None = None,
     ) -> torch.Tensor:
         """Noise (or v) prediction (B, out, H, W).
 
@@ -636,7 +653,8 @@ class UNet2DConditionModel(TimeConditioning, ModelModule):
         required when the config has ``addition_embed_type: text_time``, refused otherwise.
         ``down_block_additional_residuals`` (one per skip connection) and
         ``mid_block_additional_residual`` are a ControlNet's outputs, added to the skips and to the
-        mid block's output as diffusers adds them.
+        mid block's output as diffusers adds them. ``ip_adapter``: an IP-Adapter's image keys / values
+        per cross-attention layer and per-row scales (:class:`batchgen.models.blocks.Attention`).
         """
         if sample.ndim != 4:
             raise ValueError(f"sample: expected (B, C, H, W), got shape {tuple(sample.shape)}")
@@ -651,7 +669,7 @@ class UNet2DConditionModel(TimeConditioning, ModelModule):
         if self.config["center_input_sample"]:
             sample = 2 * sample - 1.0
         temb = self._embed_time(sample, timestep, text_embeds, time_ids)
-        context = encoder_hidden_states
+        context = encoder_hidden_states if ip_adapter is None else (encoder_hidden_states, ip_adapter)
 
         x = self.conv_in(sample)
         skips = [x]

@@ -41,6 +41,9 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "sd3-controlnet": ("controlnet", "SD3ControlNetModel"),
     "flux-controlnet": ("controlnet", "FluxControlNetModel"),
     "flux-fill": ("flux", "FluxFillPipeline"),
+    # an IP-Adapter in the h94 layout (weight file + image_encoder/) for the tiny sd1 / sdxl UNet
+    "sd1-ip-adapter": ("ip_adapter", "IPAdapter"),
+    "sdxl-ip-adapter": ("ip_adapter", "IPAdapter"),
 }
 def make_tiny_model(directory: str | os.PathLike, variant: str = "sd1", seed: int = 0) -> Path:
     """Write a tiny random-weight checkpoint of ``variant`` in the diffusers folder layout."""
@@ -73,6 +76,12 @@ def make_tiny_single_file(path: str | os.PathLike, variant: str = "sd1", seed: i
             from .controlnet import write_ldm_single_file
 
             return write_ldm_single_file(folder, out, dtype=dtype)
+        if variant.endswith("-ip-adapter"):  # the weight file itself (its encoder is a folder)
+            import shutil
+
+            weights = next(p for p in folder.iterdir() if p.suffix == ".safetensors")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            return Path(shutil.copyfile(weights, out))
         return write_single_file(folder, out, dtype=dtype)
 
 
