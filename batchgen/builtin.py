@@ -35,6 +35,8 @@ BUILTINS["tiny-zimage"] = ("zimage", 0)
 BUILTINS.update({"tiny-sd1-controlnet": ("sd1-controlnet", 0), "tiny-sdxl-controlnet": ("sdxl-controlnet", 0)})
 # IP-Adapters (weight file + image_encoder/) for them: load_pipeline(..., ip_adapter="builtin:...")
 BUILTINS.update({"tiny-sd1-ip-adapter": ("sd1-ip-adapter", 0), "tiny-sdxl-ip-adapter": ("sdxl-ip-adapter", 0)})
+# ... and for builtin:tiny-sd3 and builtin:tiny-flux-dev
+BUILTINS.update({"tiny-sd3-controlnet": ("sd3-controlnet", 0), "tiny-flux-controlnet": ("flux-controlnet", 0)})
 BUILTINS[NULL_NAME] = (None, 0)  # no weights: jobs render seeded noise (batchgen.nullmodel)
 
 

@@ -37,7 +37,8 @@ DEFAULTS = {"controlnet_conditioning_scale": 1.0, "control_guidance_start": 0.0,
 IMG2IMG_SCALE = 0.8  # StableDiffusion(XL)ControlNetImg2ImgPipeline's default conditioning scale
 # StableDiffusionControlNetInpaintPipeline's default scale is 0.5; the SDXL one keeps 1.0
 INPAINT_SCALE = {"sd": 0.5}
-CONTROL_FAMILIES = ("sd", "sdxl")
+CONTROL_FAMILIES = ("sd", "sdxl", "sd3", "flux")
+DIT_CONTROL_FAMILIES = ("sd3", "flux")  # transformer ControlNets on VAE latents (batchgen.control_dit)
 
 
 # ---- loading -------------------------------------------------------------------------------------
@@ -56,17 +57,23 @@ def attach_controlnets(family, uris: Sequence, resolve: Callable[[str], Any], dt
         raise ValueError(f"controlnets: expected a list of ControlNet URIs or paths, got {uris!r}")
     if not uris:
         return []
-    if family.name not in CONTROL_FAMILIES or not hasattr(family, "unet"):
-        raise CheckpointError(f"controlnets: this is a {family.name} model; batchgen loads ControlNets for SD 1.x/2.x "
-                              f"and SDXL models")
+    if family.name not in CONTROL_FAMILIES:
+        raise CheckpointError(f"controlnets: this is a {family.name} model; batchgen loads ControlNets for SD 1.x/2.x, "
+                              f"SDXL, SD3/SD3.5 and FLUX.1 models")
     nets, info = [], []
     for i, uri in enumerate(uris):
         if not isinstance(uri, (str, bytes)) and not hasattr(uri, "__fspath__"):
             raise ValueError(f"controlnets[{i}]: expected a URI or path, got {type(uri).__name__}")
         source = open_controlnet(resolve(str(uri)), allow_pickle=allow_pickle)
-        net, config = load_controlnet(source, family.unet.config, family.latent_channels, dtype=dtype)
+        if family.name in DIT_CONTROL_FAMILIES:
+            from .checkpoints.controlnet_dit import load_dit_controlnet
+
+            net, base = load_dit_controlnet(source, family, dtype=dtype)
+        else:
+            net, config = load_controlnet(source, family.unet.config, family.latent_channels, dtype=dtype)
+            base = describe(config)
         nets.append(net)
-        info.append({"uri": str(uri), "sha256": source.sha256, "format": source.layout, "base": describe(config)})
+        info.append({"uri": str(uri), "sha256": source.sha256, "format": source.layout, "base": base})
     family.parts["controlnet"] = MultiControlNet(nets)
     return info
 
@@ -132,10 +139,19 @@ class ControlRequest:
     starts: list[list[float]]
     ends: list[list[float]]
 
-    def bind(self, cond, indices: list[int], size: int, calls: int, guided: bool, device, dtype):
+    family: Any = None  # SD3 / FLUX: the family, whose control_batch() builds from VAE latents (control_dit.py)
+
+    def bind(self, cond, indices: list[int], size: int, calls: int, guided: bool, device, dtype,
+             generators: Sequence[torch.Generator] = (), seeds: Sequence[int] = ()):
         """``cond`` with the :class:`ControlBatch` of the micro-batch ``indices`` (padded to
-        ``size``) for a sampler that calls the model ``calls`` times."""
-        return dataclasses.replace(cond, control=ControlBatch.build(self, indices, size, calls, guided, device, dtype))
+        ``size``) for a sampler that calls the model ``calls`` times. ``generators`` (the items'
+        noise generators, before the noise is drawn) and ``seeds``: for the families whose control
+        images are VAE-encoded (:mod:`batchgen.control_dit`)."""
+        if self.family is not None:
+            batch = self.family.control_batch(self, indices, size, calls, guided, generators, seeds)
+        else:
+            batch = ControlBatch.build(self, indices, size, calls, guided, device, dtype)
+        return dataclasses.replace(cond, control=batch)
 
 
 def default_scale(family: str | None, img2img: bool, inpaint: bool) -> float:
@@ -149,8 +165,8 @@ def check_control(family, control_images, settings: dict, n: int, width: int, he
                   img2img: bool = False, inpaint: bool = False) -> ControlRequest | None:
     """Validate ``generate()``'s control arguments (``settings``: the given entries of
     :data:`CONTROL_SETTINGS`); None when neither ControlNets nor control arguments are present.
-    The default scale is diffusers': 1.0, 0.8 for img2img (``img2img``), 0.5 for SD 1.x/2.x
-    inpainting (``inpaint``: a mask)."""
+    The default scale is diffusers': 1.0, 0.8 for SD/SDXL img2img (``img2img``; FLUX keeps 1.0),
+    0.5 for SD 1.x/2.x inpainting (``inpaint``: a mask)."""
     k = controlnet_count(family)
     given = {name: v for name, v in settings.items() if v is not None}
     if k == 0:
@@ -188,7 +204,13 @@ def check_control(family, control_images, settings: dict, n: int, width: int, he
                                      f"got a list of {len(entry)}")
                 entry = entry[0]
             pixels.append([control_pixels(entry, width, height, f"control_images[{i}]")])
-    defaults = {**DEFAULTS, "controlnet_conditioning_scale": default_scale(family.name, img2img, inpaint)}
+    dit = family.name in DIT_CONTROL_FAMILIES
+    if dit and inpaint:
+        raise ValueError(f"control_images: ControlNet together with inpainting/outpainting (mask_images, outpaint_*) "
+                         f"is not supported for {family.name} models; render the items with one or the other")
+    # FluxControlNetImg2ImgPipeline keeps 1.0; the UNet families' img2img pipelines default to 0.8
+    scale = default_scale(family.name, img2img and not dit, inpaint)
+    defaults = {**DEFAULTS, "controlnet_conditioning_scale": scale}
     values = {name: _per_item_per_net(name, given.get(name, defaults[name]), n, k) for name in CONTROL_SETTINGS}
     starts, ends = values["control_guidance_start"], values["control_guidance_end"]
     for i in range(n):
@@ -197,7 +219,12 @@ def check_control(family, control_images, settings: dict, n: int, width: int, he
                 where = f"[{i}]" + (f"[{j}]" if k > 1 else "")
                 raise ValueError(f"control_guidance_start{where}: {starts[i][j]} is not below control_guidance_end "
                                  f"{ends[i][j]}; the window [start, end] must be non-empty")
-    return ControlRequest(pixels, values["controlnet_conditioning_scale"], starts, ends)
+    if family.name == "sd3" and img2img:
+        raise ValueError("control_images: ControlNet with init_images (img2img) is not supported for sd3 models "
+                         "(diffusers has no SD3 ControlNet img2img pipeline); render text-to-image with control "
+                         "images, or img2img without them")
+    return ControlRequest(pixels, values["controlnet_conditioning_scale"], starts, ends,
+                          family=family if dit else None)
 
 
 def keeps(calls: int, start: float, end: float) -> np.ndarray:
@@ -208,6 +235,18 @@ def keeps(calls: int, start: float, end: float) -> np.ndarray:
 
 
 # ---- a micro-batch -------------------------------------------------------------------------------
+
+
+def scale_table(req: ControlRequest, indices: list[int], size: int, calls: int, guided: bool) -> torch.Tensor:
+    """(calls, nets, rows) float32: per model call, ControlNet and row, the row's scale x keep
+    (padding rows 0; with ``guided`` the rows of both guidance halves)."""
+    k = len(req.pixels[indices[0]])
+    table = np.zeros((calls, k, size), dtype=np.float32)
+    for row, i in enumerate(indices):
+        for j in range(k):
+            table[:, j, row] = req.scales[i][j] * keeps(calls, req.starts[i][j], req.ends[i][j])
+    scales = torch.from_numpy(table)
+    return torch.cat([scales, scales], dim=2) if guided else scales
 
 
 class ControlBatch:
@@ -237,14 +276,7 @@ class ControlBatch:
             batch = np.stack([r.astype(np.float32) / 255.0 for r in rows]).transpose(0, 3, 1, 2)
             image = torch.from_numpy(np.ascontiguousarray(batch)).to(device=device, dtype=dtype)
             images.append(torch.cat([image] * 2) if guided else image)
-        table = np.zeros((calls, k, size), dtype=np.float32)
-        for row, i in enumerate(indices):
-            for j in range(k):
-                table[:, j, row] = req.scales[i][j] * keeps(calls, req.starts[i][j], req.ends[i][j])
-        scales = torch.from_numpy(table)
-        if guided:
-            scales = torch.cat([scales, scales], dim=2)
-        return cls(images, scales)
+        return cls(images, scale_table(req, indices, size, calls, guided))
 
     def residuals(self, stack, x: torch.Tensor, t: torch.Tensor, cond) -> dict[str, Any]:
         """The UNet's extra keyword arguments for the next model call ({} when no ControlNet acts)."""

@@ -338,7 +338,8 @@ class Pipeline:
                               options=req.options, **fam.schedule(settings, req.sampler))
         cond = texts.conditioning(indices)
         if req.control is not None:
-            cond = req.control.bind(cond, indices, size, sampler.plan.calls, batch.guided, fam.device, fam.dtype)
+            cond = req.control.bind(cond, indices, size, sampler.plan.calls, batch.guided, fam.device, fam.dtype,
+                                    generators[:real], [req.seeds[i] for i in indices])
         if req.ip is not None:
             cond = req.ip.bind(cond, fam, indices, size, batch.guided)
         shape = fam.noise_shape(settings["width"], settings["height"])

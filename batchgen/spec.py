@@ -115,7 +115,7 @@ class ModelSpec(_Section):
     fp8: list[str] = Field(default_factory=list, description="components stored in float8 e4m3 (e.g. "
                                                              "[transformer]); upcast at each matmul")
     controlnets: list[ControlNetSpec] = Field(
-        default_factory=list, description="ControlNets (SD 1.x/2.x, SDXL); every row then needs a control_image "
+        default_factory=list, description="ControlNets (SD 1.x/2.x, SDXL, SD3/SD3.5, FLUX.1); every row then needs a control_image "
                                           "(a JSON list of URIs, one per ControlNet, when there are several)")
     ip_adapter: Optional[IPAdapterSpec] = Field(
         None, description="an IP-Adapter (SD 1.x, SDXL); every row then needs an ip_adapter_image")

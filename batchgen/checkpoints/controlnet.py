@@ -45,6 +45,11 @@ from .single_file import (
     read_header,
 )
 
+CONTROLNET_CLASSES = ("ControlNetModel", "SD3ControlNetModel", "FluxControlNetModel")
+# A key only that class's diffusers-named single files have.
+DIT_KEYS = {"SD3ControlNetModel": "pos_embed_input.proj.weight", "FluxControlNetModel": "controlnet_x_embedder.weight"}
+FAMILY_OF_CLASS = {"ControlNetModel": "SD 1.x/2.x or SDXL", "SD3ControlNetModel": "SD3/SD3.5",
+                   "FluxControlNetModel": "FLUX.1"}
 LDM_PREFIX = "control_model."
 HINT = "input_hint_block"
 # UNet config keys a ControlNet takes from its UNet when its own config is read off shapes.
@@ -61,6 +66,7 @@ class ControlNetFile:
     layout: str  # "diffusers" (folder) | "ldm-single-file" | "diffusers-single-file"
     files: list[Path] = field(default_factory=list)
     config: dict | None = None  # config.json (folders only)
+    model_class: str = "ControlNetModel"  # or SD3ControlNetModel / FluxControlNetModel (controlnet_dit.py)
 
     @property
     def sha256(self) -> str:
@@ -91,12 +97,12 @@ def open_controlnet(path: str | Path, allow_pickle: bool = False) -> ControlNetF
         if not isinstance(config, dict):
             raise CheckpointError(f"{config_path}: expected a JSON object")
         cls = config.get("_class_name", "ControlNetModel")
-        if cls != "ControlNetModel":
-            raise CheckpointError(f"{config_path}: _class_name is {cls!r}; batchgen loads ControlNetModel "
-                                  f"ControlNets (SD 1.x/2.x, SDXL) here")
+        if cls not in CONTROLNET_CLASSES:
+            raise CheckpointError(f"{config_path}: _class_name is {cls!r}; batchgen loads "
+                                  f"{', '.join(CONTROLNET_CLASSES)} ControlNets")
         weights = find_weight_files(path, "diffusion_pytorch_model", None, allow_pickle)
         files = [config_path] + ([weights.index] if weights.index else []) + weights.files
-        return ControlNetFile(path, "diffusers", files, config)
+        return ControlNetFile(path, "diffusers", files, config, cls)
     if path.suffix.lower() != ".safetensors":
         raise CheckpointError(f"{path}: a ControlNet single file must be .safetensors (pickle files are not read)")
     keys = set(read_header(path))
@@ -104,6 +110,9 @@ def open_controlnet(path: str | Path, allow_pickle: bool = False) -> ControlNetF
         return ControlNetFile(path, "ldm-single-file", [path])
     if "controlnet_cond_embedding.conv_in.weight" in keys:
         return ControlNetFile(path, "diffusers-single-file", [path])
+    for cls, key in DIT_KEYS.items():
+        if key in keys:
+            return ControlNetFile(path, "diffusers-single-file", [path], model_class=cls)
     raise CheckpointError(f"{path}: not a ControlNet checkpoint (no '{HINT}.0.weight' or "
                           f"'controlnet_cond_embedding.conv_in.weight' key); is it a base model or a LoRA?")
 
@@ -242,6 +251,10 @@ def controlnet_config(source: ControlNetFile, unet_config: dict, latent_channels
     from ..models.controlnet import resolve_controlnet_config
 
     where = str(source.path)
+    if source.model_class != "ControlNetModel":
+        raise CheckpointError(f"{where}: this is a {FAMILY_OF_CLASS[source.model_class]} ControlNet "
+                              f"({source.model_class}); the model is {describe(unet_config)}: use a ControlNet "
+                              f"trained for this base model")
     if source.layout == "diffusers":
         config = source.config
     else:

@@ -39,6 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..control import controlnet_residuals
+from ..control_dit import LatentControlBatch
 from ..errors import CheckpointError
 from ..models.flux import latent_image_ids, pack_latents, unpack_latents
 from ..models.fp8 import FLUX_TRANSFORMER_KEEP
@@ -244,12 +246,17 @@ class Flux(Family):
                                            dtype=torch.float32)
         return Conditioning(context=context, pooled=pooled, extra=extra, shared=("txt_ids", "img_ids"))
 
+    def control_batch(self, req, indices, size, calls, guided, generators, seeds):
+        """The ControlNet inputs of one micro-batch: control images as VAE latents (batchgen.control_dit)."""
+        return LatentControlBatch.build(req, self, indices, size, calls, guided, generators, seeds)
+
     def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """FluxPipeline's transformer call: ``timestep = t.expand(rows).to(dtype) / 1000`` (the module
         multiplies by 1000 again), guidance the raw scale."""
         timestep = t.expand(x.shape[0]).to(x.dtype) / 1000
         return self.transformer(x, cond.context, cond.pooled, timestep, cond.extra["img_ids"], cond.extra["txt_ids"],
-                                guidance=cond.extra.get("guidance"))
+                                guidance=cond.extra.get("guidance"),
+                                **controlnet_residuals(self.parts.get("controlnet"), x, t, cond))
 
     def denoiser(self, cond: Conditioning, batch: Batch):
         """One call per step; under true CFG one call over [negative rows, positive rows] and

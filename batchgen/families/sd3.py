@@ -35,6 +35,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..control import controlnet_residuals
+from ..control_dit import LatentControlBatch
 from ..errors import CheckpointError
 from ..models.text import ClipEncoder, T5Encoder
 from ..sampling import flux_mu
@@ -160,5 +162,10 @@ class StableDiffusion3(Family):
             context, pooled = torch.cat([neg_context, context]), torch.cat([neg_pooled, pooled])
         return Conditioning(context=context, pooled=pooled)
 
+    def control_batch(self, req, indices, size, calls, guided, generators, seeds):
+        """The ControlNet inputs of one micro-batch: control images as VAE latents (batchgen.control_dit)."""
+        return LatentControlBatch.build(req, self, indices, size, calls, guided, generators, seeds)
+
     def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        return self.transformer(x, cond.context, cond.pooled, t)
+        return self.transformer(x, cond.context, cond.pooled, t,
+                                **controlnet_residuals(self.parts.get("controlnet"), x, t, cond))

@@ -297,19 +297,23 @@ def check_controlnets(spec, model, cfg) -> dict[str, str]:
     from ..builtin import resolve_model_uri
     from ..checkpoints.components import ModelClass
     from ..checkpoints.controlnet import controlnet_config, open_controlnet
-    from ..control import CONTROL_FAMILIES
+    from ..checkpoints.controlnet_dit import dit_controlnet_class, dit_controlnet_config
+    from ..control import CONTROL_FAMILIES, DIT_CONTROL_FAMILIES
     from ..models.controlnet import ControlNetModel, MultiControlNet
 
     fam = model.pipeline.family
-    if fam.name not in CONTROL_FAMILIES or not hasattr(fam, "unet"):
+    if fam.name not in CONTROL_FAMILIES:
         raise CheckpointError(f"model.controlnets: the model {spec.model.uri} is a {fam.name} model; batchgen "
-                              f"loads ControlNets for SD 1.x/2.x and SDXL models")
+                              f"loads ControlNets for SD 1.x/2.x, SDXL, SD3/SD3.5 and FLUX.1 models")
     nets, hashes = [], {}
     for i, uri in enumerate(uris):
         try:
             source = open_controlnet(resolve_model_uri(uri, cfg), allow_pickle=spec.model.allow_pickle)
-            config = controlnet_config(source, fam.unet.config, fam.latent_channels)
-            nets.append(ModelClass(ControlNetModel).checked_build(config, str(source.path)))
+            if fam.name in DIT_CONTROL_FAMILIES:
+                config, cls = dit_controlnet_config(source, fam), dit_controlnet_class(fam)
+            else:
+                config, cls = controlnet_config(source, fam.unet.config, fam.latent_channels), ControlNetModel
+            nets.append(ModelClass(cls).checked_build(config, str(source.path)))
             hashes[uri] = source.sha256
         except (CheckpointError, StorageError, OSError) as exc:
             raise CheckpointError(f"model.controlnets[{i}] {uri!r}: {exc}") from None

@@ -31,6 +31,7 @@ scale (e.g. 3.5), which becomes 3500 inside.
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -550,7 +551,11 @@ class FluxTransformer2DModel(ModelModule):
         img_ids: torch.Tensor,
         txt_ids: torch.Tensor,
         guidance: torch.Tensor | None = None,
+        controlnet_block_samples: list[torch.Tensor] | None = None,
+        controlnet_single_block_samples: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """``controlnet_*_samples``: a FLUX ControlNet's residuals; double block ``i`` adds residual
+        ``i // ceil(blocks / residuals)`` to its image tokens, single blocks likewise (diffusers)."""
         cfg = self.config
         if hidden_states.ndim != 3 or hidden_states.shape[-1] != cfg["in_channels"]:
             raise ValueError(
@@ -568,12 +573,18 @@ class FluxTransformer2DModel(ModelModule):
         txt = self.context_embedder(encoder_hidden_states)
         rope = rope_frequencies(torch.cat((txt_ids, img_ids), dim=0), self.axes_dims_rope)
 
-        for block in self.transformer_blocks:
+        double, single = controlnet_block_samples, controlnet_single_block_samples
+        for i, block in enumerate(self.transformer_blocks):
             img, txt = block(img, txt, temb, rope)
+            if double is not None:
+                img = img + double[i // math.ceil(len(self.transformer_blocks) / len(double))]
         if self.single_transformer_blocks:
             joint = torch.cat([txt, img], dim=1)
-            for block in self.single_transformer_blocks:
+            for i, block in enumerate(self.single_transformer_blocks):
                 joint = block(joint, temb, rope)
+                if single is not None:
+                    step = math.ceil(len(self.single_transformer_blocks) / len(single))
+                    joint = torch.cat([joint[:, :txt_len], joint[:, txt_len:] + single[i // step]], dim=1)
             img = joint[:, txt_len:]
 
         return self.proj_out(self.norm_out(img, temb))

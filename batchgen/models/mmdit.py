@@ -358,9 +358,13 @@ class SD3Transformer2DModel(ModelModule):
         encoder_hidden_states: torch.Tensor,
         pooled_projections: torch.Tensor,
         timestep,
+        block_controlnet_hidden_states: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """``(B, C, H, W)`` latent, ``(B, T, joint_attention_dim)`` text tokens, ``(B, pooled)`` pooled
-        text, timestep (``(B,)`` tensor, or one value for all) -> ``(B, out_channels, H, W)``."""
+        text, timestep (``(B,)`` tensor, or one value for all) -> ``(B, out_channels, H, W)``.
+
+        ``block_controlnet_hidden_states``: an SD3 ControlNet's residuals; block ``i`` (all but the
+        last) adds residual ``int(i / (blocks / residuals))`` to its image tokens, as diffusers does."""
         cfg = self.config
         if hidden_states.ndim != 4:
             raise ValueError(f"hidden_states: expected (B, C, H, W), got shape {tuple(hidden_states.shape)}")
@@ -372,7 +376,10 @@ class SD3Transformer2DModel(ModelModule):
         x = self.pos_embed(hidden_states).contiguous()
         temb = self.time_text_embed(timesteps, pooled_projections)
         context = self.context_embedder(encoder_hidden_states)
-        for block in self.transformer_blocks:
+        residuals = block_controlnet_hidden_states
+        for i, block in enumerate(self.transformer_blocks):
             context, x = block(x, context, temb)
+            if residuals is not None and not block.context_pre_only:
+                x = x + residuals[int(i / (len(self.transformer_blocks) / len(residuals)))]
         x = self.proj_out(self.norm_out(x, temb))
         return unpatchify(x, gh, gw, self.patch_size, self.out_channels)

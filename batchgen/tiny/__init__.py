@@ -39,6 +39,8 @@ VARIANTS: dict[str, tuple[str, str]] = {
     # a ControlNet folder (config.json + weights, no model_index.json) for the tiny sd1 / sdxl UNet
     "sd1-controlnet": ("controlnet", "ControlNetModel"),
     "sdxl-controlnet": ("controlnet", "ControlNetModel"),
+    "sd3-controlnet": ("controlnet", "SD3ControlNetModel"),
+    "flux-controlnet": ("controlnet", "FluxControlNetModel"),
     "flux-fill": ("flux", "FluxFillPipeline"),
     # an IP-Adapter in the h94 layout (weight file + image_encoder/) for the tiny sd1 / sdxl UNet
     "sd1-ip-adapter": ("ip_adapter", "IPAdapter"),
