@@ -221,3 +221,23 @@ def test_lcm_lora_layout_loads_and_matches_diffusers(sd1, tiny_sd1, tmp_path, la
         pipe.set_loras([])
     print(f"LCM-LoRA ({layout}): {assert_match(ours, expected)} levels; {_max_level_diff(ours, base)} from the base")
     assert _max_level_diff(ours, base) > 8  # the LoRA acts
+
+
+def test_a_job_with_explicit_timesteps_takes_its_step_count_from_them(tmp_path):
+    """Pre-flight (no Ray): a spec with sampler_options.timesteps and no sampling.steps resolves
+    steps to the list's length, as generate() does; a steps that differs is refused naming a row."""
+    from batchgen.errors import BatchgenError
+    from batchgen.spec import spec_from_dict
+    from tests.faults import prepare
+    from tests.fixtures_jobs import job_dict, write_prompts
+
+    inp = write_prompts(tmp_path / "p.parquet", 2)
+    sampling = {"sampler": "lcm", "sampler_options": {"timesteps": [999, 759, 499, 259]}, "guidance_scale": 1.0,
+                "steps": None}
+    plan = prepare(spec_from_dict(job_dict(inp, tmp_path / "out", sampling=sampling)))
+    try:
+        assert plan.resolved["settings"]["steps"] == 4
+    finally:
+        plan.release()
+    with pytest.raises(BatchgenError, match="timesteps"):
+        prepare(spec_from_dict(job_dict(inp, tmp_path / "out2", sampling={**sampling, "steps": 6})))
