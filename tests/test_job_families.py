@@ -114,6 +114,29 @@ def test_flux_job_from_a_single_file_checkpoint(tmp_path, ray_local):
     _rerenders_identically(out, sorted(rows)[1])
 
 
+def test_zimage_job_with_cfg_rows_and_rerender(tmp_path, ray_local):
+    """Z-Image end to end: the family's defaults (its flow sampler, guidance 0 = one model row per
+    item), a per-row guidance that turns CFG on (its own settings group), a per-job Qwen3 length,
+    img2img rows, and rerender byte-identical for each kind of item."""
+    from PIL import Image
+
+    Image.new("RGB", (40, 24), (200, 90, 30)).save(tmp_path / "init.png")
+    inp = write_prompts(tmp_path / "p.parquet", 4, id=["a", "b", "c", "d"],
+                        guidance_scale=[None, 3.0, None, None],
+                        init_image=[None, None, str(tmp_path / "init.png"), None])
+    out = tmp_path / "out"
+    data = job_dict(inp, out, model={"uri": "builtin:tiny-zimage"}, input={"id_column": "id"},
+                    sampling={"steps": None, "guidance_scale": None, "width": 32, "height": 32,
+                              "max_sequence_length": 48})
+    assert run_job(spec_from_dict(data)).all_ok
+    rows = _manifest(out)
+    assert {r["model_family"] for r in rows.values()} == {"zimage"}
+    assert (rows["a"]["guidance_scale"], rows["b"]["guidance_scale"]) == (0.0, 3.0)
+    assert rows["c"]["init_image"] and rows["a"]["max_sequence_length"] == 48
+    for item in ("a", "b", "c"):
+        _rerenders_identically(out, item)
+
+
 def test_sd3_job_rerender_compare_and_exports(tmp_path, ray_local):
     """SD3 end to end: family defaults, a per-job T5 length, rerender, compare of two runs that
     differ in one setting, and both exports, with nothing family-specific in the job tools."""
