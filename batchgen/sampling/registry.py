@@ -438,8 +438,9 @@ def get_sampler(name: str, scheduler_config: dict, steps: int, strength: Optiona
     ``strength`` (img2img) cuts the schedule like diffusers' img2img pipelines; ``options`` are the
     sampler's own options (``eta`` for ddim and tcd, ``shift`` for the flow samplers,
     ``timestep_spacing`` for the samplers whose diffusers scheduler reads it,
-    ``original_inference_steps`` for lcm, ``timesteps`` for lcm and tcd: an explicit descending
-    list of training timesteps, one per step, as ``set_timesteps(timesteps=...)`` takes it).
+    ``original_inference_steps`` for lcm, ``timesteps`` for lcm, tcd, euler, heun, dpmpp_2m(_sde)
+    and flow_euler: an explicit descending list of training timesteps, one per step, as the
+    diffusers scheduler's ``set_timesteps(timesteps=...)`` takes it; not with ``sigmas``).
     ``sigmas`` and ``mu`` mirror the flow schedulers' ``set_timesteps(sigmas=..., mu=...)``:
     ``sigmas`` (one per step, flow_euler only) replaces the evenly spaced schedule before shifting,
     ``mu`` (flow_euler, flow_dpmpp_2m) is the dynamic shift and is required exactly when the
