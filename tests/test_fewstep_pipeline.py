@@ -124,7 +124,8 @@ def test_steps_must_agree_with_timesteps(sd1):
         sd1[0].generate(["x"], [1], sampler="ddim", sampler_options={"timesteps": DMD2}, width=SIZE, height=SIZE)
 
 
-@pytest.mark.parametrize("sampler,options", [("lcm", {}), ("tcd", {"eta": 0.6})])
+@pytest.mark.parametrize("sampler,options", [("lcm", {}), ("tcd", {"eta": 0.6}),
+                                             ("dpmpp_2m_sde", {"timesteps": [999, 700, 301, 40]})])
 def test_item_alone_equals_item_among_others(sd1, sampler, options):
     """Per-step noise comes from each item's generator: an item rendered alone equals the same item
     rendered among other conditioned items at the same micro-batch size."""
