@@ -257,7 +257,7 @@ class Pipeline:
                 raise ValueError(f"{name}: pass it as generate()'s own argument")
         defaults = fam.defaults()
         default_w, default_h = fam.default_size()
-        if steps is None:  # an explicit timestep list sets the step count (lcm/tcd's sampler_options)
+        if steps is None:  # an explicit timestep list (sampler_options.timesteps) sets the step count
             steps = explicit_steps(sampler_options, defaults["steps"])
         named = {"width": default_w if width is None else width, "height": default_h if height is None else height,
                  "steps": defaults["steps"] if steps is None else steps,

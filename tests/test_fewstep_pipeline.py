@@ -107,6 +107,15 @@ def test_explicit_timesteps_match_diffusers(sd1, sampler, img2img):
                               negatives=None))
 
 
+@pytest.mark.parametrize("sampler,img2img", [("euler", False), ("dpmpp_2m", True)], ids=["euler-txt2img",
+                                                                                       "dpmpp_2m-img2img"])
+def test_explicit_timesteps_of_other_samplers_match_diffusers(sd1, sampler, img2img):
+    """euler / dpmpp_2m with sampler_options.timesteps == the pipeline's timesteps=... (with CFG;
+    img2img cuts the list: strength 0.5 of 4 timesteps starts at the third)."""
+    assert_match(*render_both(sd1, sampler, guidance=3.0, sampler_options={"timesteps": [999, 700, 301, 40]},
+                              img2img=img2img, strength=0.5))
+
+
 def test_steps_must_agree_with_timesteps(sd1):
     with pytest.raises(ValueError, match="4 timesteps for steps=3; set steps=4"):
         sd1[0].generate(["x"], [1], sampler="lcm", steps=3, sampler_options={"timesteps": DMD2}, width=SIZE,
@@ -115,7 +124,8 @@ def test_steps_must_agree_with_timesteps(sd1):
         sd1[0].generate(["x"], [1], sampler="ddim", sampler_options={"timesteps": DMD2}, width=SIZE, height=SIZE)
 
 
-@pytest.mark.parametrize("sampler,options", [("lcm", {}), ("tcd", {"eta": 0.6})])
+@pytest.mark.parametrize("sampler,options", [("lcm", {}), ("tcd", {"eta": 0.6}),
+                                             ("dpmpp_2m_sde", {"timesteps": [999, 700, 301, 40]})])
 def test_item_alone_equals_item_among_others(sd1, sampler, options):
     """Per-step noise comes from each item's generator: an item rendered alone equals the same item
     rendered among other conditioned items at the same micro-batch size."""

@@ -185,16 +185,18 @@ def test_integral_floats_are_timesteps():
 @pytest.mark.parametrize("name,why", [
     ("ddim", "its diffusers scheduler's set_timesteps takes no timesteps list"),
     ("euler_a", "its diffusers scheduler's set_timesteps takes no timesteps list"),
-    ("euler", "diffusers' EulerDiscreteScheduler accepts a timesteps list but batchgen does not reproduce"),
-    ("dpmpp_2m_karras", "DPMSolverMultistepScheduler accepts a timesteps list"),
-    ("heun", "HeunDiscreteScheduler accepts"),
-    ("flow_euler", "FlowMatchEulerDiscreteScheduler accepts"),
+    ("unipc", "its diffusers scheduler's set_timesteps takes no timesteps list"),
+    ("flow_heun", "its diffusers scheduler's set_timesteps takes no timesteps list"),
+    ("flow_dpmpp_2m", "use_flow_sigmas=True) computes its flow sigmas from the step count"),
 ])
 def test_timesteps_refused_by_other_samplers_naming_them(name, why):
+    """lcm, tcd, euler, heun, dpmpp_2m(_sde) and flow_euler take a list (test_sampling_timesteps;
+    the Karras variants are refused there, as diffusers refuses them)."""
     cfg = dict(_class_name="FlowMatchEulerDiscreteScheduler", shift=3.0) if name.startswith("flow") else dict(SD1)
     with pytest.raises(ValueError, match=f"sampler option 'timesteps' is not accepted by sampler '{name}'") as err:
         get_sampler(name, cfg, 2, options={"timesteps": [999, 499]})
-    assert why in str(err.value) and "use lcm, tcd" in str(err.value)
+    assert why in str(err.value)
+    assert "use one of euler, heun, dpmpp_2m, dpmpp_2m_sde, lcm, tcd, flow_euler" in str(err.value)
 
 
 # --- sampler_options.timestep_spacing ---------------------------------------------------------------

@@ -60,7 +60,10 @@ def diffusers_scheduler(name: str, cfg: dict, options: dict):
 
 def run_diffusers(name, cfg, steps, strength, noise, clean, seeds, options):
     sched, sigma_source = diffusers_scheduler(name, cfg, options)
-    sched.set_timesteps(steps)
+    if options.get("timesteps") is not None:  # the pipelines' retrieve_timesteps(timesteps=...)
+        sched.set_timesteps(timesteps=list(options["timesteps"]))
+    else:
+        sched.set_timesteps(steps)
     if sigma_source is not None:
         sigma_source.set_timesteps(steps)
         sched.sigmas, sched.timesteps = sigma_source.sigmas.clone(), sigma_source.timesteps.clone()

@@ -139,9 +139,15 @@ SPECS: dict[str, Spec] = {
 # overrides the config's, as ``Scheduler.from_config(config, timestep_spacing=...)`` does (the
 # step-distilled recipes: SDXL-Lightning's euler and Hyper-SD's ddim with "trailing").
 _SPACED = ("ddim", "plms", "euler", "euler_a", "heun", "lms", "dpm", "unipc")
+# Samplers whose diffusers scheduler takes ``set_timesteps(timesteps=[...])``: LCM/TCD, and
+# Euler, Heun, DPM-Solver and FlowMatchEuler without Karras sigmas (those raise "Cannot set
+# `timesteps` with `config.use_karras_sigmas = True`").
+_TAKE_TIMESTEPS = ("lcm", "tcd", "euler", "heun", "dpm", "flow")
 for _spec in SPECS.values():
     if _spec.family in _SPACED:
         _spec.options["timestep_spacing"] = None
+    if _spec.family in _TAKE_TIMESTEPS and not _spec.karras:
+        _spec.options["timesteps"] = None
 del _spec
 SAMPLER_NAMES: tuple[str, ...] = tuple(SPECS)
 FLOW_SAMPLER_NAMES: tuple[str, ...] = tuple(n for n, spec in SPECS.items() if spec.family.startswith("flow"))
@@ -293,22 +299,28 @@ def _check_options(name: str, spec: Spec, options: Optional[dict]) -> dict:
     return out
 
 
-# diffusers schedulers whose set_timesteps takes an explicit `timesteps` list that batchgen does not
-# reproduce yet (the others take none at all).
-_TIMESTEPS_NOT_YET = {"euler": "EulerDiscreteScheduler", "heun": "HeunDiscreteScheduler",
-                      "dpm": "DPMSolverMultistepScheduler", "flow": "FlowMatchEulerDiscreteScheduler"}
+# Why a sampler takes no `timesteps` list although its diffusers scheduler class has the argument.
+_TIMESTEPS_REFUSED = {
+    "euler": "EulerDiscreteScheduler(use_karras_sigmas=True).set_timesteps raises 'Cannot set `timesteps` with "
+             "`config.use_karras_sigmas = True`'",
+    "heun": "HeunDiscreteScheduler(use_karras_sigmas=True).set_timesteps raises 'Cannot use `timesteps` with "
+            "`config.use_karras_sigmas = True`'",
+    "dpm": "DPMSolverMultistepScheduler(use_karras_sigmas=True).set_timesteps raises 'Cannot use `timesteps` with "
+           "`config.use_karras_sigmas = True`'",
+    "flow_dpm": "DPMSolverMultistepScheduler(use_flow_sigmas=True) computes its flow sigmas from the step count "
+                "and fails on a timesteps list",
+}
 
 
 def timesteps_refusal(name: str) -> str:
     """Why sampler ``name`` takes no ``timesteps`` option, and which samplers do."""
     takers = ", ".join(n for n, spec in SPECS.items() if "timesteps" in spec.options)
-    family = SPECS[name].family
-    if family in _TIMESTEPS_NOT_YET:
-        why = (f"diffusers' {_TIMESTEPS_NOT_YET[family]} accepts a timesteps list but batchgen does not reproduce "
-               f"that path yet")
+    why = _TIMESTEPS_REFUSED.get(SPECS[name].family, "its diffusers scheduler's set_timesteps takes no timesteps list")
+    if SPECS[name].karras:
+        use = f"use {name.removesuffix('_karras')!r} (the same sampler without Karras sigmas)"
     else:
-        why = "its diffusers scheduler's set_timesteps takes no timesteps list"
-    return f"sampler option 'timesteps' is not accepted by sampler {name!r} ({why}); use {takers}, or drop the option"
+        use = f"use one of {takers}"
+    return f"sampler option 'timesteps' is not accepted by sampler {name!r} ({why}); {use}, or drop the option"
 
 
 def _check_int_option(name: str, key: str, value):
@@ -345,7 +357,7 @@ def explicit_steps(options, default: int):
     return len(ts) if isinstance(ts, (list, tuple)) and ts else default
 
 
-def _check_timesteps(name: str, cfg: dict, steps: int, opts: dict) -> None:
+def _check_timesteps(name: str, cfg: dict, steps: int, opts: dict, sigmas=None) -> None:
     """An explicit timestep list: within the training schedule, one per step."""
     ts = opts.get("timesteps")
     if ts is None:
@@ -357,6 +369,11 @@ def _check_timesteps(name: str, cfg: dict, steps: int, opts: dict) -> None:
     if len(ts) != steps:
         raise ValueError(f"sampler option 'timesteps' of {name!r}: {len(ts)} timesteps for steps={steps}; set "
                          f"steps={len(ts)} (generate() infers it from the list when steps is left unset)")
+    if sigmas is not None:
+        raise ValueError(f"sampler option 'timesteps' of {name!r}: this model's pipeline passes explicit sigmas "
+                         f"(FLUX.1, Z-Image: sigmas = linspace(1, 1/steps, steps)), and diffusers' pipelines take "
+                         f"timesteps or sigmas, not both; drop the option (or use a model whose pipeline passes "
+                         f"neither, e.g. SD3)")
     if opts.get("original_inference_steps") is not None:
         raise ValueError(f"sampler options of {name!r}: original_inference_steps has no effect with an explicit "
                          f"timesteps list; pass one of them")
@@ -421,8 +438,9 @@ def get_sampler(name: str, scheduler_config: dict, steps: int, strength: Optiona
     ``strength`` (img2img) cuts the schedule like diffusers' img2img pipelines; ``options`` are the
     sampler's own options (``eta`` for ddim and tcd, ``shift`` for the flow samplers,
     ``timestep_spacing`` for the samplers whose diffusers scheduler reads it,
-    ``original_inference_steps`` for lcm, ``timesteps`` for lcm and tcd: an explicit descending
-    list of training timesteps, one per step, as ``set_timesteps(timesteps=...)`` takes it).
+    ``original_inference_steps`` for lcm, ``timesteps`` for lcm, tcd, euler, heun, dpmpp_2m(_sde)
+    and flow_euler: an explicit descending list of training timesteps, one per step, as the
+    diffusers scheduler's ``set_timesteps(timesteps=...)`` takes it; not with ``sigmas``).
     ``sigmas`` and ``mu`` mirror the flow schedulers' ``set_timesteps(sigmas=..., mu=...)``:
     ``sigmas`` (one per step, flow_euler only) replaces the evenly spaced schedule before shifting,
     ``mu`` (flow_euler, flow_dpmpp_2m) is the dynamic shift and is required exactly when the
@@ -439,7 +457,7 @@ def get_sampler(name: str, scheduler_config: dict, steps: int, strength: Optiona
     if opts.get("timestep_spacing") is not None:
         cfg["timestep_spacing"] = opts["timestep_spacing"]
     sigmas, mu = _check_schedule_args(name, spec.family, cfg, steps, opts, sigmas, mu)
-    _check_timesteps(name, cfg, steps, opts)
+    _check_timesteps(name, cfg, steps, opts, sigmas)
     num_train = int(cfg["num_train_timesteps"])
     if steps > num_train:
         raise ValueError(f"steps: {steps} is more than the checkpoint's num_train_timesteps ({num_train})")
@@ -509,7 +527,10 @@ def _build_sigma(cfg, steps, spec, opts, name):
     """Euler, Euler ancestral, Heun, LMS: sigmas interpolated at the spaced timesteps (+ Karras)."""
     family = spec.family
     ac = S.alphas_cumprod(cfg, zero_snr=cfg.get("rescale_betas_zero_snr", False), clamp_last=True)
-    ts = S.spaced_timesteps(cfg["num_train_timesteps"], steps, cfg["timestep_spacing"], cfg["steps_offset"])
+    if opts.get("timesteps") is not None:  # set_timesteps(timesteps=[...]): as given, spacing ignored
+        ts = np.asarray(opts["timesteps"], dtype=np.float32)
+    else:
+        ts = S.spaced_timesteps(cfg["num_train_timesteps"], steps, cfg["timestep_spacing"], cfg["steps_offset"])
     train = S.train_sigmas(ac)
     log_sigmas = np.log(train)
     sigmas = S.interp_sigmas(ts.astype(np.float32), train)
@@ -540,8 +561,11 @@ def _build_sigma(cfg, steps, spec, opts, name):
 def _build_multistep(cfg, steps, spec, opts, name):
     """DPM-Solver++ and UniPC: timesteps over steps + 1 points, sigmas in VP form."""
     ac = S.alphas_cumprod(cfg, zero_snr=cfg["rescale_betas_zero_snr"], clamp_last=True)
-    ts = S.spaced_timesteps(cfg["num_train_timesteps"], steps, cfg["timestep_spacing"], cfg["steps_offset"], extra=1)
-    ts = ts.astype(np.int64)
+    if opts.get("timesteps") is not None:  # DPM-Solver's set_timesteps(timesteps=[...]): int64, as given
+        ts = np.asarray(opts["timesteps"], dtype=np.int64)
+    else:
+        ts = S.spaced_timesteps(cfg["num_train_timesteps"], steps, cfg["timestep_spacing"], cfg["steps_offset"],
+                                extra=1).astype(np.int64)
     train = S.train_sigmas(ac)
     if spec.karras:
         sigmas = S.karras_sigmas(train[0].item(), train[-1].item(), steps)
@@ -594,7 +618,8 @@ def _build_flow(cfg, steps, spec, opts, name, sigmas=None, mu=None):
     """FlowMatchEulerDiscreteScheduler.set_timesteps(steps, sigmas=sigmas, mu=mu)."""
     dynamic = bool(cfg["use_dynamic_shifting"])
     sig, timesteps = S.flow_sigmas(int(cfg["num_train_timesteps"]), steps, _flow_shift(cfg, opts), sigmas=sigmas,
-                                   mu=mu if dynamic else None, time_shift_type=cfg["time_shift_type"])
+                                   mu=mu if dynamic else None, time_shift_type=cfg["time_shift_type"],
+                                   timesteps=opts.get("timesteps"))
     plan = Plan(timesteps, "flow", sigmas=sig)
     return plan, 1.0, _flow_noiser(plan)
 

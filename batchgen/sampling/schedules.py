@@ -202,14 +202,21 @@ def flux_mu(image_seq_len: int, scheduler_config: dict) -> float:
 
 
 def flow_sigmas(num_train: int, steps: int, shift: float, sigmas=None, mu=None,
-                time_shift_type: str = "exponential") -> tuple[torch.Tensor, torch.Tensor]:
+                time_shift_type: str = "exponential", timesteps=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(sigmas with a trailing 0, timesteps) of FlowMatchEulerDiscreteScheduler.set_timesteps, float32.
 
     ``sigmas``: explicit sigmas (FluxPipeline passes ``linspace(1, 1/steps, steps)``), shifted in
     float32; otherwise ``steps`` points spaced evenly in t between the training schedule's ends,
     shifted in float64. ``mu`` (dynamic shifting): the time shift by ``mu`` replaces ``shift``,
-    and the training schedule's ends are the unshifted 1 and 1/num_train.
+    and the training schedule's ends are the unshifted 1 and 1/num_train. ``timesteps`` (not with
+    ``sigmas``): an explicit list, returned as given (float32) while the sigmas ``timesteps /
+    num_train`` are shifted, so with a shift other than 1 the two disagree, as in diffusers.
     """
+    if timesteps is not None:
+        given = np.asarray(timesteps).astype(np.float32)
+        s = given / num_train
+        s = shift_sigmas(s, shift) if mu is None else time_shift(mu, s, time_shift_type)
+        return torch.cat([torch.from_numpy(np.asarray(s)).to(torch.float32), torch.zeros(1)]), torch.from_numpy(given)
     if sigmas is None:
         train = torch.from_numpy(np.linspace(1, num_train, num_train, dtype=np.float32)[::-1].copy()) / num_train
         if mu is None:
