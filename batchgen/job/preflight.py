@@ -144,7 +144,7 @@ def resolve(spec, model) -> dict[str, Any]:
         defaults = GENERIC_DEFAULTS
     timesteps = (spec.sampling.sampler_options or {}).get("timesteps")
     if values.get("steps") is None and isinstance(timesteps, list) and timesteps:
-        values["steps"] = len(timesteps)  # explicit timesteps (lcm, tcd): as generate() infers it
+        values["steps"] = len(timesteps)  # explicit timesteps: as generate() infers it
     for key in ("width", "height", "steps", "guidance_scale"):
         if values.get(key) is None:
             values[key] = defaults[key]
