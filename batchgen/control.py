@@ -278,15 +278,20 @@ class ControlBatch:
             images.append(torch.cat([image] * 2) if guided else image)
         return cls(images, scale_table(req, indices, size, calls, guided))
 
-    def residuals(self, stack, x: torch.Tensor, t: torch.Tensor, cond) -> dict[str, Any]:
-        """The UNet's extra keyword arguments for the next model call ({} when no ControlNet acts)."""
+    def next_call(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Advance to the next model call: its (nets, rows) scales on the CPU (which nets act) and
+        on ``device`` (what multiplies the residuals)."""
         if self.call >= self.scales.shape[0]:
             raise RuntimeError(f"ControlNet: model call {self.call + 1} of a sampler planned for "
                                f"{self.scales.shape[0]} calls")
         scales, self.call = self.scales[self.call], self.call + 1
         if self._device_scales is None:
-            self._device_scales = self.scales.to(x.device)
-        row_scales = self._device_scales[self.call - 1]
+            self._device_scales = self.scales.to(device)
+        return scales, self._device_scales[self.call - 1]
+
+    def residuals(self, stack, x: torch.Tensor, t: torch.Tensor, cond) -> dict[str, Any]:
+        """The UNet's extra keyword arguments for the next model call ({} when no ControlNet acts)."""
+        scales, row_scales = self.next_call(x.device)
         down = mid = None
         for j, net in enumerate(stack.nets):
             if not bool(scales[j].any()):

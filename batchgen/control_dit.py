@@ -80,13 +80,7 @@ class LatentControlBatch(ControlBatch):
         return cls(images, scale_table(req, indices, size, calls, False), "flux", size)
 
     def residuals(self, stack, x: torch.Tensor, t: torch.Tensor, cond) -> dict[str, Any]:
-        if self.call >= self.scales.shape[0]:
-            raise RuntimeError(f"ControlNet: model call {self.call + 1} of a sampler planned for "
-                               f"{self.scales.shape[0]} calls")
-        scales, self.call = self.scales[self.call], self.call + 1
-        if self._device_scales is None:
-            self._device_scales = self.scales.to(x.device)
-        row_scales = self._device_scales[self.call - 1]
+        scales, row_scales = self.next_call(x.device)
         run = [j for j in range(len(stack.nets)) if bool(scales[j].any())]
         if not run:
             return {}

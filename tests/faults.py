@@ -34,6 +34,36 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "tests.faults", *args]
 
 
+def run_and_kill_driver(spec_path, out, env: dict, parts: int = 1, timeout_s: float = 180) -> int:
+    """``batchgen run spec_path`` in a subprocess (``env``: its environment, with the faults that
+    slow it down), SIGKILLed with the local Ray it started once ``out/manifest`` holds ``parts``
+    committed parts. Returns how many rows those parts hold (asserting the job did not finish)."""
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    proc = subprocess.Popen(cli("run", str(spec_path), "--num-cpus", "2"), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    folder = Path(out) / "manifest"
+
+    def committed() -> list[Path]:
+        return [p for p in folder.iterdir() if p.name.startswith("part-")] if folder.is_dir() else []
+
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and proc.poll() is None and len(committed()) < parts:
+            time.sleep(0.2)
+        assert proc.poll() is None, "the job ended before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        proc.wait()
+    assert not (Path(out) / "manifest.parquet").exists()
+    return sum(pq.read_table(p).num_rows for p in committed())
+
+
 def null_model(spec):
     """``spec`` with its model replaced by ``builtin:null`` (the rest of the model block kept, and
     which keys the spec set explicitly: a copy, not a re-validated dump)."""

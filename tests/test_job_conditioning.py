@@ -274,14 +274,9 @@ def _two_net_job(tmp_path, n: int):
 def test_multi_controlnet_driver_sigkill_then_resume(tmp_path, ray_local, ray_tmpdir, builtin_tiny):
     """A conditioned job whose driver is SIGKILLed mid-job and run again renders every item exactly
     once, each image byte-equal to a clean run of the same job."""
-    import os
-    import signal
-    import subprocess
-    import time
-
     import yaml
 
-    from .faults import cli as faults_cli
+    from .faults import run_and_kill_driver
     from .fixtures_jobs import image_digests
     from .fixtures_ray import subprocess_env
 
@@ -301,21 +296,7 @@ def test_multi_controlnet_driver_sigkill_then_resume(tmp_path, ray_local, ray_tm
     spec_path = tmp_path / "job.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
     env = subprocess_env(ray_tmpdir, BATCHGEN_TEST_FAULTS=json.dumps({"sleep_per_call_s": 1.0, "part_max_rows": 2}))
-    proc = subprocess.Popen(faults_cli("run", str(spec_path), "--num-cpus", "2"), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    parts = out / "manifest"
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and proc.poll() is None:
-            if parts.is_dir() and len([p for p in parts.iterdir() if p.name.startswith("part-")]) >= 1:
-                break
-            time.sleep(0.2)
-        assert proc.poll() is None, "the job ended before it could be killed"
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
-        proc.wait()
-    assert not (out / "manifest.parquet").exists()
-    done_before = sum(pq.read_table(p).num_rows for p in parts.iterdir() if p.name.startswith("part-"))
+    done_before = run_and_kill_driver(spec_path, out, env, parts=1)
     assert 0 < done_before < n
     again = run_job(spec_from_dict(spec))
     assert again.skipped >= done_before and again.rendered_this_run == n - again.skipped

@@ -6,12 +6,7 @@
 """
 
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -20,8 +15,7 @@ import yaml
 
 from batchgen.spec import spec_from_dict
 
-from .faults import cli as faults_cli
-from .faults import run_job
+from .faults import run_and_kill_driver, run_job
 from .fixtures_jobs import image_digests, job_dict, write_prompts
 from .fixtures_ray import subprocess_env
 
@@ -90,21 +84,7 @@ def test_driver_sigkill_then_resume(tmp_path, clean, ray_tmpdir):
     spec_path = tmp_path / "job.yaml"
     spec_path.write_text(yaml.safe_dump(_job(inp, out)))
     env = subprocess_env(ray_tmpdir, BATCHGEN_TEST_FAULTS=json.dumps({"sleep_per_call_s": 1.0, "part_max_rows": 2}))
-    proc = subprocess.Popen(faults_cli("run", str(spec_path), "--num-cpus", "2"),
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    parts = out / "manifest"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            if parts.is_dir() and len([p for p in parts.iterdir() if p.name.startswith("part-")]) >= 2:
-                break
-            time.sleep(0.2)
-        assert proc.poll() is None, "the job ended before it could be killed"
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
-        proc.wait()
-    assert not (out / "manifest.parquet").exists()
-    done_before = sum(pq.read_table(p).num_rows for p in parts.iterdir() if p.name.startswith("part-"))
+    done_before = run_and_kill_driver(spec_path, out, env, parts=2, timeout_s=120)
     assert 0 < done_before < N
     result = run_job(spec_from_dict(_job(inp, out)))
     assert result.skipped >= done_before and result.rendered_this_run == N - result.skipped

@@ -282,22 +282,28 @@ def load_controlnet(source: ControlNetFile, unet_config: dict, latent_channels: 
     config = controlnet_config(source, unet_config, latent_channels)
     module = ModelClass(ControlNetModel).checked_build(config, where)
     module = (module if dtype is None else module.to(dtype)).to_empty(device="cpu")
-    if source.layout == "diffusers":
-        weights = find_weight_files(source.path, "diffusion_pytorch_model", None, True)
-        state = read_state_dict(weights)
-        where = ", ".join(str(p) for p in ([weights.index] if weights.index else weights.files))
-    else:
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(str(source.path), device="cpu")
-        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type
-            raise CheckpointError(f"{where}: cannot read weights ({exc})") from None
-        if source.layout == "ldm-single-file":
-            state = from_ldm_controlnet(state, where)
+    state, where = read_controlnet_weights(source)
+    if source.layout == "ldm-single-file":
+        state = from_ldm_controlnet(state, where)
     load_weights_into(module, state, where)
     return module.eval().requires_grad_(False), config
 
 
-__all__ = ["ControlNetFile", "open_controlnet", "controlnet_config", "load_controlnet", "check_controlnet_fits", "config_from_shapes",
+def read_controlnet_weights(source: ControlNetFile) -> tuple[dict[str, torch.Tensor], str]:
+    """The tensors of a ControlNet folder (its diffusion_pytorch_model weights, sharded or not) or
+    single .safetensors file, as stored (no key conversion), and where they came from for errors."""
+    if source.layout == "diffusers":
+        weights = find_weight_files(source.path, "diffusion_pytorch_model", None, True)
+        return read_state_dict(weights), ", ".join(str(p) for p in ([weights.index] if weights.index
+                                                                    else weights.files))
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(source.path), device="cpu"), str(source.path)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type
+        raise CheckpointError(f"{source.path}: cannot read weights ({exc})") from None
+
+
+__all__ = ["ControlNetFile", "open_controlnet", "controlnet_config", "load_controlnet", "read_controlnet_weights",
+           "check_controlnet_fits", "config_from_shapes",
            "from_ldm_controlnet", "to_ldm_controlnet", "describe"]

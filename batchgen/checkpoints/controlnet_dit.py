@@ -24,8 +24,8 @@ from typing import Mapping
 import torch
 
 from ..errors import CheckpointError
-from .controlnet import FAMILY_OF_CLASS, ControlNetFile
-from .folder import find_weight_files, load_weights_into, read_state_dict
+from .controlnet import FAMILY_OF_CLASS, ControlNetFile, read_controlnet_weights
+from .folder import load_weights_into
 from .single_file import _indices, read_header
 
 CLASS_OF_FAMILY = {"sd3": "SD3ControlNetModel", "flux": "FluxControlNetModel"}
@@ -169,17 +169,7 @@ def load_dit_controlnet(source: ControlNetFile, family, dtype: torch.dtype | Non
         module = module if dtype is None else module.to(dtype)
     else:
         module = (module if dtype is None else module.to(dtype)).to_empty(device="cpu")
-    if source.layout == "diffusers":
-        weights = find_weight_files(source.path, "diffusion_pytorch_model", None, True)
-        state = read_state_dict(weights)
-        where = ", ".join(str(p) for p in ([weights.index] if weights.index else weights.files))
-    else:
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(str(source.path), device="cpu")
-        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type
-            raise CheckpointError(f"{where}: cannot read weights ({exc})") from None
+    state, where = read_controlnet_weights(source)
     load_weights_into(module, state, where)
     return module.eval().requires_grad_(False), FAMILY_OF_CLASS[source.model_class]
 
