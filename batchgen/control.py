@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .settings import BY_NAME
+from .settings import BY_NAME, one_per_prompt
 
 # The settings-table entries (batchgen.settings) this module reads: per item, and per ControlNet.
 CONTROL_SETTINGS = ("controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end")
@@ -181,11 +181,7 @@ def check_control(family, control_images, settings: dict, n: int, width: int, he
     if control_images is None:
         raise ValueError(f"control_images: this pipeline has {nets} loaded; pass one control image per prompt"
                          + (f" (a list of {k} images per prompt)" if k > 1 else ""))
-    if isinstance(control_images, (str, bytes)) or not isinstance(control_images, Sequence):
-        raise ValueError(f"control_images: expected a list of {n} images (one per prompt), got "
-                         f"{type(control_images).__name__}")
-    if len(control_images) != n:
-        raise ValueError(f"control_images: expected {n} entries (one per prompt), got {len(control_images)}")
+    control_images = one_per_prompt("control_images", control_images, n, "entries")
     pixels = []
     for i, entry in enumerate(control_images):
         if entry is None:

@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-from .settings import BY_NAME
+from .settings import BY_NAME, one_per_prompt
 
 IP_SETTINGS = ("ip_adapter_scale",)
 DEFAULT_SCALE = 1.0  # load_ip_adapter's scale until set_ip_adapter_scale is called
@@ -188,11 +188,7 @@ def check_ip_adapter(family, images, scale, n: int) -> IPRequest | None:
     if images is None:
         raise ValueError("ip_adapter_images: this pipeline has an IP-Adapter loaded; pass one reference image per "
                          "prompt (with ip_adapter_scale=0 for items it should not steer)")
-    if isinstance(images, (str, bytes)) or not isinstance(images, Sequence):
-        raise ValueError(f"ip_adapter_images: expected a list of {n} images (one per prompt), got "
-                         f"{type(images).__name__}")
-    if len(images) != n:
-        raise ValueError(f"ip_adapter_images: expected {n} images (one per prompt), got {len(images)}")
+    images = one_per_prompt("ip_adapter_images", images, n)
     pixels = []
     for i, image in enumerate(images):
         if image is None:

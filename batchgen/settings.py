@@ -170,6 +170,16 @@ def per_item_values(name: str, value: Any, n: int) -> list:
     return [one] * n
 
 
+def one_per_prompt(name: str, values: Any, n: int, what: str = "images") -> list:
+    """A generate() argument that must be a list of one entry per prompt (reference images, control
+    images ...) -> that list; ValueError naming ``name`` otherwise."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise ValueError(f"{name}: expected a list of {n} images (one per prompt), got {type(values).__name__}")
+    if len(values) != n:
+        raise ValueError(f"{name}: expected {n} {what} (one per prompt), got {len(values)}")
+    return list(values)
+
+
 def check_family(family: str, given: Sequence[str]) -> None:
     """A setting that another family owns is an error naming the setting and its families."""
     for name in given:
