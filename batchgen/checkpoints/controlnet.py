@@ -33,7 +33,7 @@ from typing import Mapping
 import torch
 
 from ..errors import CheckpointError
-from .folder import file_digest, find_weight_files, fingerprint, load_weights_into, read_state_dict
+from .folder import file_digest, find_weight_files, fingerprint, load_weights_into, read_json_file, read_state_dict
 from .single_file import (
     _apply_forward,
     _apply_inverse,
@@ -88,12 +88,7 @@ def open_controlnet(path: str | Path, allow_pickle: bool = False) -> ControlNetF
                     else "")
             raise CheckpointError(f"{path}: missing 'config.json': a ControlNet folder holds config.json and "
                                   f"diffusion_pytorch_model.safetensors{hint}")
-        import json
-
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from None
+        config = read_json_file(config_path)
         if not isinstance(config, dict):
             raise CheckpointError(f"{config_path}: expected a JSON object")
         cls = config.get("_class_name", "ControlNetModel")

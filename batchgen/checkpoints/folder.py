@@ -107,12 +107,17 @@ class CheckpointFolder:
         path = self.root / relpath
         if not path.is_file():
             raise CheckpointError(f"{path}: missing component file '{relpath}'")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+        data = read_json_file(path)
         self.loaded_files.append(path)
         return data
+
+
+def read_json_file(path: Path, where: str | None = None):
+    """The parsed JSON of ``path``; a CheckpointError naming it (or ``where``) when it is not JSON."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{where or path}: not valid JSON ({exc})") from None
 
 
 def find_weight_files(component_dir: Path, basename: str, variant: str | None, allow_pickle: bool = False) -> WeightFiles:

@@ -21,7 +21,6 @@ has one, else CLIP's standard one at the encoder's image size, which is what dif
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Callable, Mapping
 import torch
 
 from ..errors import CheckpointError
-from .folder import file_digest, find_weight_files, fingerprint, load_weights_into, read_state_dict
+from .folder import file_digest, find_weight_files, fingerprint, load_weights_into, read_json_file, read_state_dict
 
 KINDS = ("plain", "plus")
 _LAYER_KEY = re.compile(r"^ip_adapter\.(\d+)\.(to_k_ip|to_v_ip)\.weight$")
@@ -262,10 +261,7 @@ def open_image_encoder(path: str | Path, allow_pickle: bool = False) -> ImageEnc
     if not path.is_dir() or not config_path.is_file():
         raise CheckpointError(f"{path}: not an image encoder folder (a CLIPVisionModelWithProjection folder holds "
                               f"config.json and model.safetensors)")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from None
+    config = read_json_file(config_path)
     if not isinstance(config, dict) or config.get("model_type") != "clip_vision_model":
         got = config.get("model_type") if isinstance(config, dict) else type(config).__name__
         raise CheckpointError(f"{config_path}: model_type is {got!r}; an IP-Adapter image encoder is a "

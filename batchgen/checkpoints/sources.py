@@ -54,6 +54,7 @@ from .folder import (
     header_dtypes,
     load_weights_into,
     local_model_path,
+    read_json_file,
 )
 
 log = logging.getLogger(__name__)
@@ -391,10 +392,7 @@ class _Override:
             raise CheckpointError(f"{path}: override '{name}' does not exist")
 
     def folder_config(self) -> dict:
-        try:
-            config = json.loads((self.folder / "config.json").read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{self.folder}/config.json: not valid JSON ({exc})") from None
+        config = read_json_file(self.folder / "config.json", f"{self.folder}/config.json")
         if not isinstance(config, dict):
             raise CheckpointError(f"{self.folder}/config.json: expected a JSON object")
         return config
